@@ -1,0 +1,32 @@
+"""The logit transform of SPEC §1, shared by every op that reads the LM head.
+
+u = s * (W h + b) / tau, then z = c * tanh(u / c) with a soft cap c, else z = u.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitParams:
+    """temperature tau > 0, logit_scale s > 0, softcap c > 0 or None."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def scale(self) -> float:
+        """The factor s / tau applied to W h + b."""
+        return float(self.logit_scale) / float(self.temperature)
+
+    def apply_(self, u: torch.Tensor) -> torch.Tensor:
+        """In place: scale raw ``W h + b`` and apply the soft cap. Returns ``u``."""
+        if self.scale != 1.0:
+            u.mul_(self.scale)
+        if self.softcap is not None:
+            u.div_(self.softcap).tanh_().mul_(self.softcap)
+        return u

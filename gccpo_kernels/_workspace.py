@@ -1,0 +1,42 @@
+"""Bounded workspaces: how many rows of a [rows, V] tile fit the budget.
+
+SPEC §0 allows a logits-sized tile whose size does not grow with N. The budget is
+``GCCPO_WORKSPACE_MB`` (MiB) when set, else 256 MiB on CUDA and 8 MiB on the CPU, where a tile that
+stays in the last-level cache is faster than a large one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV_VAR = "GCCPO_WORKSPACE_MB"
+DEFAULT_BYTES = {"cuda": 256 << 20, "cpu": 8 << 20}
+
+
+def workspace_bytes(device: torch.device) -> int:
+    """The workspace budget in bytes for ``device``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            mb = float(env)
+        except ValueError as exc:
+            raise ValueError(f"${ENV_VAR} must be a number of MiB, got {env!r}") from exc
+        if mb <= 0:
+            raise ValueError(f"${ENV_VAR} must be > 0, got {env!r}")
+        return int(mb * (1 << 20))
+    return DEFAULT_BYTES.get(device.type, DEFAULT_BYTES["cuda"])
+
+
+def rows_per_chunk(vocab: int, bytes_per_row_elem: int, device: torch.device, *,
+                   multiple: int = 1, budget: int | None = None) -> int:
+    """Rows of a [rows, vocab] workspace that fit the budget; at least ``multiple``, a multiple of it.
+
+    ``bytes_per_row_elem`` counts every [rows, vocab]-shaped buffer alive at once (e.g. two float32
+    buffers -> 8).
+    """
+    budget = workspace_bytes(device) if budget is None else budget
+    rows = budget // max(1, vocab * bytes_per_row_elem)
+    rows = (rows // multiple) * multiple
+    return max(multiple, rows)

@@ -1,0 +1,67 @@
+"""Every Triton kernel, at every configuration the dispatchers can pick, compiles for sm_90 and
+sm_80 without a GPU, fits the shared-memory limit, does not spill, and (for the configurations used
+at large shapes) lowers its 16-bit dots to wgmma on Hopper.
+
+Compilation runs in a subprocess with TRITON_INTERPRET unset (tests/conftest.py sets it for this
+process when there is no GPU, and interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gccpo_kernels._backend import triton_unavailable_reason
+
+pytestmark = pytest.mark.skipif(triton_unavailable_reason() is not None,
+                                reason=f"{triton_unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "gccpo_kernels.triton._aot", "--json"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout)
+    assert rows, "no kernel was compiled"
+    return rows
+
+
+def test_every_kernel_module_has_cases(compiled):
+    from gccpo_kernels.triton._aot import kernel_modules
+
+    seen = {r["module"] for r in compiled}
+    assert seen == set(kernel_modules())
+    assert {r["arch"] for r in compiled} == {"sm90", "sm80"}
+
+
+def test_shared_memory_within_limit(compiled):
+    over = [r for r in compiled if r["shared_bytes"] > r["shared_limit"]]
+    assert not over, over
+
+
+def test_no_spills(compiled):
+    spilled = [(r["module"], r["case"], r["arch"], r["local"], r["stack"]) for r in compiled
+               if r["local"] != 0 or r["stack"] != 0]
+    assert not spilled, f"local memory / stack in use (spills): {spilled}"
+
+
+def test_large_shape_dots_use_wgmma_on_hopper(compiled):
+    rows = [r for r in compiled if r["arch"] == "sm90" and r["large_shape_config"]
+            and r["uses_dot"] and r["dtype"] in ("bf16", "fp16")]
+    assert rows, "no large-shape 16-bit configuration was compiled"
+    missing = [(r["module"], r["case"]) for r in rows if not r["wgmma"]]
+    assert not missing, f"16-bit dots not lowered to wgmma on sm_90: {missing}"
+
+
+def test_ampere_dots_use_tensor_cores(compiled):
+    rows = [r for r in compiled if r["arch"] == "sm80" and r["uses_dot"]
+            and r["dtype"] in ("bf16", "fp16")]
+    missing = [(r["module"], r["case"]) for r in rows if not r["mma"]]
+    assert not missing, missing
