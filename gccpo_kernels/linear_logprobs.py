@@ -66,7 +66,9 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             if g is None:
                 return None
             g = g.to(cd)
-            return g if rows is None else g.index_select(0, rows)
+            # autograd hands out expanded (stride-0) gradients, e.g. for logp.sum(); kernels
+            # index rows directly, so they get a dense copy
+            return g.contiguous() if rows is None else g.index_select(0, rows)
 
         h = hidden if rows is None else hidden.index_select(0, rows)
         y = targets if rows is None else targets.index_select(0, rows)

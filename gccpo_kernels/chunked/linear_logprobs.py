@@ -99,6 +99,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         gbuf = torch.empty_like(zbuf)
         dbuf = torch.empty_like(zbuf) if params.softcap is not None else None
         scale = params.scale
+        one = torch.ones((), dtype=cd, device=device)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             rows = stop - start
@@ -106,25 +107,25 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             z = _chunk_logits(h, w, b, params, zbuf)
             if params.softcap is not None:
                 # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, taken before z is overwritten
-                dcap = torch.div(z, params.softcap, out=dbuf[:rows]).square_().neg_().add_(1.0)
+                dcap = torch.addcmul(one, z, z, value=-1.0 / params.softcap ** 2, out=dbuf[:rows])
             g = torch.sub(z, lse[start:stop, None], out=gbuf[:rows]).exp_()  # p
-            gl = grad_logp[start:stop, None] if grad_logp is not None else None
+            # g_u = scale * (g_logp onehot - p * (g_logp + g_ent (z - mu))): the row constants fold
+            # into one addcmul, coef = z * (-s g_ent) + s (g_ent mu - g_logp), then g = p * coef
+            gl = grad_logp[start:stop] if grad_logp is not None else None
             if grad_entropy is not None:
-                mu = (lse[start:stop] - entropy[start:stop])[:, None]
-                coef = z.sub_(mu).mul_(grad_entropy[start:stop, None])  # g_ent (z - mu)
-                if gl is not None:
-                    coef.add_(gl)
-                g.mul_(coef).neg_()
+                ge = grad_entropy[start:stop]
+                mu = lse[start:stop] - entropy[start:stop]
+                const = ge * mu if gl is None else ge * mu - gl
+                coef = torch.addcmul((const * scale)[:, None], z, (ge * -scale)[:, None], out=z)
+                g.mul_(coef)
             elif gl is not None:
-                g.mul_(gl).neg_()
+                g.mul_((gl * -scale)[:, None])
             else:
                 g.zero_()
             if gl is not None:
-                g.scatter_add_(1, targets[start:stop, None].long(), gl)
+                g.scatter_add_(1, targets[start:stop, None].long(), (gl * scale)[:, None])
             if dbuf is not None:
                 g.mul_(dcap)
-            if scale != 1.0:
-                g.mul_(scale)
             if need_h:
                 torch.mm(g, w, out=dh[start:stop])
             if need_w:

@@ -200,8 +200,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if n == 0:
         empty = part[0, 0]
         return empty, empty.clone(), empty.clone()
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
-    _logprob_forward_kernel[grid](
+    _logprob_forward_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
         part[3], n, vocab, dim, hidden.stride(0), weight.stride(0), params.scale,
         params.softcap or 1.0, HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
@@ -223,7 +222,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     key = acc.device.type
     if _OUT_DTYPE_MM.get(key, True):
         try:
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _OUT_DTYPE_MM[key] = True
             return
         except (TypeError, RuntimeError, NotImplementedError):
