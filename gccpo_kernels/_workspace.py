@@ -42,3 +42,28 @@ def rows_per_chunk(vocab: int, bytes_per_row_elem: int, device: torch.device, *,
     rows = budget // max(1, vocab * bytes_per_row_elem)
     rows = (rows // multiple) * multiple
     return max(multiple, rows)
+
+
+ROW_CHUNK = 8192  # rows per tile: the backward reads and writes each dW slice once per row chunk
+MIN_VOCAB_CHUNK = 256
+
+
+def tile_shape(n: int, vocab: int, elem: int, device: torch.device, buffers: int, *,
+               multiple: int = 1, budget: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a [rows, columns] tile such that ``buffers`` of them fit the budget.
+
+    Rows come first, up to ROW_CHUNK (the backward pays one read-modify-write of dW per row chunk,
+    8VD bytes in float32, so wide row chunks are what make it cheap), then as many vocabulary
+    columns as fit, rounded to ``multiple``; under a tiny budget the rows shrink instead.
+    """
+    budget = workspace_bytes(device) if budget is None else budget
+    rows = max(1, min(n, ROW_CHUNK))
+    cols = budget // (rows * elem * buffers)
+    floor = min(vocab, max(MIN_VOCAB_CHUNK, multiple))
+    if cols < floor:
+        cols = floor
+        rows = max(1, min(rows, budget // (cols * elem * buffers)))
+    cols = min(vocab, cols)
+    if cols < vocab and multiple > 1:
+        cols = max(multiple, cols // multiple * multiple)
+    return rows, cols

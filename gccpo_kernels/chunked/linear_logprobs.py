@@ -1,9 +1,10 @@
 """Chunked torch backend for SPEC §1: log-probs and entropy from hidden states, [C, V] at a time.
 
-Rows are processed in chunks of C rows, C chosen so that the two live [C, V] buffers fit the
-workspace budget (``gccpo_kernels._workspace``). The forward does one GEMM per chunk (2NVD FLOPs
-in all); the backward recomputes the chunk's logits and does the two gradient GEMMs (6NVD), so
-forward + backward is 8NVD, the floor for a method that does not store logits. Arithmetic runs in
+Work is tiled [rows, Vc]: up to 8192 rows by as many vocabulary columns as the workspace budget
+allows for the live tiles (``gccpo_kernels._workspace``). The forward folds each tile into per-row
+online log-sum-exp statistics (2NVD FLOPs in all); the backward recomputes each tile and does the
+two gradient GEMMs (6NVD), so forward + backward is 8NVD, the floor for a method that does not
+store logits. Tiling rows widely keeps the dW read-modify-write to one per 8192 rows. Arithmetic runs in
 float32 for 16/32-bit inputs (the weight is upcast once, O(V*D)) and float64 for float64 inputs.
 """
 
@@ -13,7 +14,7 @@ import torch
 
 from .._logits import LogitParams
 from .._validation import out_dtype_for
-from .._workspace import rows_per_chunk
+from .._workspace import tile_shape
 
 
 def _compute_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -23,19 +24,14 @@ def _compute_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return cd, w, b
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
-                  out: torch.Tensor) -> torch.Tensor:
-    """out[:rows] <- z for the chunk (u before the soft cap is not kept)."""
-    z = out[: h.shape[0]]
+def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out <- z for the tile h [R, D] x w [Vc, D]^T, in place (u before the cap is not kept)."""
     if b is None:
-        torch.mm(h, w.T, out=z)
+        torch.mm(h, w.T, out=out)
     else:
-        torch.addmm(b, h, w.T, out=z)
-    return params.apply_(z)
-
-
-def _chunk_size(vocab: int, elem: int, device: torch.device, buffers: int) -> int:
-    return rows_per_chunk(vocab, elem * buffers, device, multiple=8)
+        torch.addmm(b, h, w.T, out=out)
+    return params.apply_(out)
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -43,8 +39,10 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V) (no ignored rows).
 
-    Returns (logp, entropy, lse), each [N] in float32 (float64 for float64 inputs).
-    Extra memory: two [C, V] buffers plus the upcast weight for 16-bit inputs.
+    Returns (logp, entropy, lse), each [N] in float32 (float64 for float64 inputs). Tiles of
+    [rows, Vc] are folded into per-row running statistics (max m, s = sum e^{z-m},
+    t = sum e^{z-m} (z-m), target logit). Extra memory: two tiles plus the upcast weight for
+    16-bit inputs.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     cd, w, b = _compute_operands(hidden, weight, bias)
@@ -53,23 +51,35 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lse = torch.empty_like(logp)
     if n == 0:
         return logp, entropy, lse
-    elem = torch.finfo(cd).bits // 8
-    chunk = min(n, _chunk_size(vocab, elem, hidden.device, buffers=2))
-    zbuf = torch.empty(chunk, vocab, dtype=cd, device=hidden.device)
-    pbuf = torch.empty_like(zbuf)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        h = hidden[start:stop].to(cd)
-        z = _chunk_logits(h, w, b, params, zbuf)
-        z_target = z.gather(1, targets[start:stop, None].long()).squeeze(1)
-        m = z.amax(dim=1, keepdim=True)
-        zm = z.sub_(m)  # z - m <= 0, so exp cannot overflow and E[z - m] has no cancellation
-        e = torch.exp(zm, out=pbuf[: stop - start])
-        s = e.sum(dim=1)
+    rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, hidden.device, buffers=2)
+    zbuf = torch.empty(rows, cols, dtype=cd, device=hidden.device)
+    ebuf = torch.empty_like(zbuf)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h = hidden[r0:r1].to(cd)
+        y = targets[r0:r1].long()
+        m = torch.full((r1 - r0,), torch.finfo(cd).min, dtype=cd, device=hidden.device)
+        s = torch.zeros_like(m)
+        t = torch.zeros_like(m)
+        zy = torch.zeros_like(m)
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            z = _tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
+                             zbuf[: r1 - r0, : v1 - v0])
+            local = y - v0
+            inside = (local >= 0) & (local < v1 - v0)
+            zy += torch.where(inside, z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            zc = z.sub_(m_new[:, None])  # <= 0: exp cannot overflow, no cancellation in E[z - m]
+            e = torch.exp(zc, out=ebuf[: r1 - r0, : v1 - v0])
+            alpha = torch.exp(m - m_new)
+            t = alpha * (t + s * (m - m_new)) + torch.linalg.vecdot(e, zc)
+            s = alpha * s + e.sum(dim=1)
+            m = m_new
         log_s = torch.log(s)
-        lse[start:stop] = m.squeeze(1) + log_s
-        entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
-        logp[start:stop] = z_target - lse[start:stop]
+        lse[r0:r1] = m + log_s
+        entropy[r0:r1] = log_s - t / s
+        logp[r0:r1] = zy - lse[r0:r1]
     return logp, entropy, lse
 
 
@@ -81,57 +91,68 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Gradients (d hidden, d weight, d bias) of sum(g_logp*logp + g_ent*entropy).
 
     g_z = g_logp (onehot - p) - g_ent p (z - (lse - H)); with a cap g_u = g_z (1 - (z/c)^2);
-    dh = (s/tau) g_u W, dW = (s/tau) g_u^T h, db = (s/tau) sum_n g_u. dW and db accumulate in
-    float32 (float64 for float64 inputs) and are returned in the weight's dtype.
+    dh = (s/tau) g_u W, dW = (s/tau) g_u^T h, db = (s/tau) sum_n g_u. Per tile: one GEMM to
+    recompute z, four elementwise passes, two GEMMs. dW and db accumulate in float32 (float64 for
+    float64 inputs) and are returned in the weight's dtype.
     """
     need_h, need_w, need_b = needs
     n, vocab = hidden.shape[0], weight.shape[0]
     cd, w, b = _compute_operands(hidden, weight, bias)
     device = hidden.device
-    dh = torch.empty(n, hidden.shape[1], dtype=cd, device=device) if need_h else None
+    dh = torch.zeros(n, hidden.shape[1], dtype=cd, device=device) if need_h else None
     dw = torch.zeros(vocab, weight.shape[1], dtype=cd, device=device) if need_w else None
     db = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
-    if n > 0 and (need_h or need_w or need_b):
-        elem = torch.finfo(cd).bits // 8
-        buffers = 3 if params.softcap is not None else 2
-        chunk = min(n, _chunk_size(vocab, elem, device, buffers=buffers))
-        zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
-        gbuf = torch.empty_like(zbuf)
-        dbuf = torch.empty_like(zbuf) if params.softcap is not None else None
-        scale = params.scale
-        one = torch.ones((), dtype=cd, device=device)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            rows = stop - start
-            h = hidden[start:stop].to(cd)
-            z = _chunk_logits(h, w, b, params, zbuf)
-            if params.softcap is not None:
+    if n == 0 or not (need_h or need_w or need_b) or (grad_logp is None and grad_entropy is None):
+        return _finish(dh, dw, db, hidden, weight, bias)
+    buffers = 3 if params.softcap is not None else 2
+    rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, device, buffers=buffers)
+    gbuf = torch.empty(rows, cols, dtype=cd, device=device)
+    zbuf = torch.empty_like(gbuf)
+    dbuf = torch.empty_like(gbuf) if params.softcap is not None else None
+    scale = params.scale
+    one = torch.ones((), dtype=cd, device=device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h = hidden[r0:r1].to(cd)
+        y = targets[r0:r1].long()
+        gl = grad_logp[r0:r1] if grad_logp is not None else None
+        # g_u = scale * (g_logp onehot - p * (g_logp + g_ent (z - mu))): the row constants fold
+        # into one addcmul, coef = z * (-s g_ent) + s (g_ent mu - g_logp), then g = p * coef
+        if grad_entropy is not None:
+            ge = grad_entropy[r0:r1]
+            mu = lse[r0:r1] - entropy[r0:r1]
+            const = (ge * mu if gl is None else ge * mu - gl) * scale
+            slope = ge * -scale
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            z = _tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
+                             zbuf[: r1 - r0, : v1 - v0])
+            if dbuf is not None:
                 # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, taken before z is overwritten
-                dcap = torch.addcmul(one, z, z, value=-1.0 / params.softcap ** 2, out=dbuf[:rows])
-            g = torch.sub(z, lse[start:stop, None], out=gbuf[:rows]).exp_()  # p
-            # g_u = scale * (g_logp onehot - p * (g_logp + g_ent (z - mu))): the row constants fold
-            # into one addcmul, coef = z * (-s g_ent) + s (g_ent mu - g_logp), then g = p * coef
-            gl = grad_logp[start:stop] if grad_logp is not None else None
+                dcap = torch.addcmul(one, z, z, value=-1.0 / params.softcap ** 2,
+                                     out=dbuf[: r1 - r0, : v1 - v0])
+            g = torch.sub(z, lse[r0:r1, None], out=gbuf[: r1 - r0, : v1 - v0]).exp_()  # p
             if grad_entropy is not None:
-                ge = grad_entropy[start:stop]
-                mu = lse[start:stop] - entropy[start:stop]
-                const = ge * mu if gl is None else ge * mu - gl
-                coef = torch.addcmul((const * scale)[:, None], z, (ge * -scale)[:, None], out=z)
-                g.mul_(coef)
+                g.mul_(torch.addcmul(const[:, None], z, slope[:, None], out=z))
             elif gl is not None:
                 g.mul_((gl * -scale)[:, None])
-            else:
-                g.zero_()
             if gl is not None:
-                g.scatter_add_(1, targets[start:stop, None].long(), (gl * scale)[:, None])
+                local = y - v0
+                inside = (local >= 0) & (local < v1 - v0)
+                g.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
+                               torch.where(inside, gl * scale, 0)[:, None])
             if dbuf is not None:
                 g.mul_(dcap)
             if need_h:
-                torch.mm(g, w, out=dh[start:stop])
+                dh[r0:r1].addmm_(g, w[v0:v1])
             if need_w:
-                dw.addmm_(g.T, h)
+                dw[v0:v1].addmm_(g.T, h)
             if need_b:
-                db.add_(g.sum(dim=0))
+                db[v0:v1].add_(g.sum(dim=0))
+    return _finish(dh, dw, db, hidden, weight, bias)
+
+
+def _finish(dh, dw, db, hidden, weight, bias):
     return (
         None if dh is None else dh.to(hidden.dtype),
         None if dw is None else dw.to(weight.dtype),

@@ -8,11 +8,12 @@ logit. Splits are combined on the device in a fixed order (no atomics), so the r
 deterministic and a row's result does not depend on the other rows of the batch: configurations
 are pinned per architecture and never depend on N. Nothing of size N x V is ever written.
 
-Backward (``_grad_logits_kernel``): recomputes the logit tiles of a chunk of C rows and writes the
-logit gradient g_u = (s/tau) * (g_logp (onehot - p) - g_ent p (z - mu)) * cap' into a bounded
-[C, V] workspace (SPEC §0: size set by the workspace budget, independent of N); two GEMMs then give
-dh = g W and dW += g^T h, with dW and db accumulated in float32. This keeps the backward free of
-atomics (deterministic) and runs the two gradient GEMMs on the vendor BLAS.
+Backward (``_grad_logits_kernel``): recomputes the logits of an [R, Vc] tile (R up to 8192 rows,
+Vc set by the workspace budget, SPEC §0: independent of N) and writes the logit gradient
+g_u = (s/tau) * (g_logp (onehot - p) - g_ent p (z - mu)) * cap' into the workspace; two GEMMs then
+give dh += g W_v and dW_v += g^T h, accumulated in float32. Wide row chunks make the dW
+read-modify-write happen once per 8192 rows; the backward has no atomics (deterministic) and runs
+the gradient GEMMs on the vendor BLAS.
 
 Cost: forward 2NVD FLOPs; backward 2NVD (recompute) + 4NVD (GEMMs) plus one write and two reads of
 the workspace per chunk.
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from .._logits import LogitParams
 from .._validation import out_dtype_for
-from .._workspace import rows_per_chunk
+from .._workspace import tile_shape
 from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, tanh, upcast_dots
 
 # Pinned configurations (no run-time autotuning; independent of N for batch invariance), per
@@ -125,7 +126,7 @@ def _logprob_forward_kernel(H, W, B, Y, PM, PS, PT, PZ, n_rows, vocab, dim, stri
 
 @triton.jit
 def _grad_logits_kernel(H, W, B, Y, LSE, ENT, GL, GE, G, n_rows, vocab, dim, stride_h, stride_w,
-                        stride_g, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                        stride_g, col_offset, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                         HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -152,8 +153,8 @@ def _grad_logits_kernel(H, W, B, Y, LSE, ENT, GL, GE, G, n_rows, vocab, dim, str
         coef += ge[:, None] * (z - mu[:, None])
     g = -p * coef
     if HAS_GL:
-        y = tl.load(Y + rows64, mask=row_ok, other=-1).to(tl.int32)
-        g += tl.where(cols[None, :] == y[:, None], gl[:, None], 0.0)
+        y = tl.load(Y + rows64, mask=row_ok, other=-1) - col_offset  # W, B start at col_offset
+        g += tl.where(cols[None, :] == y.to(tl.int32)[:, None], gl[:, None], 0.0)
     if HAS_CAP:
         zc = z / softcap
         g = g * (1.0 - zc * zc)
@@ -237,50 +238,50 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias) of sum(g_logp * logp + g_ent * entropy); see module docstring.
 
-    Workspace: one [C, V] buffer in hidden's dtype, C a multiple of BLOCK_N set by the budget.
+    Tiles of [R, Vc] (R up to 8192 rows, Vc from the workspace budget): the kernel writes the
+    tile's logit gradient into the workspace, then dh += g W_v (float32 accumulator) and
+    dW_v += g^T h (float32), so each dW slice is read and written once per row chunk.
     """
     need_h, need_w, need_b = needs
     n, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     acc_dtype = out_dtype_for(hidden.dtype)
-    dh = torch.empty_like(hidden) if need_h else None
+    dh = torch.zeros(n, dim, dtype=acc_dtype, device=device) if need_h else None
     dw = torch.zeros(vocab, dim, dtype=acc_dtype, device=device) if need_w else None
     db = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_b else None
     if n > 0 and (grad_logp is not None or grad_entropy is not None):
         cfg = _config(device, "bwd", hidden.dtype)
-        elem = hidden.element_size()
-        chunk = min(rows_per_chunk(vocab, elem, device, multiple=cfg["BLOCK_N"]),
-                    triton.cdiv(n, cfg["BLOCK_N"]) * cfg["BLOCK_N"])
-        ws = torch.empty(chunk, vocab, dtype=hidden.dtype, device=device)
+        rows, cols = tile_shape(n, vocab, hidden.element_size(), device, buffers=1,
+                                multiple=cfg["BLOCK_V"])
+        ws = torch.empty(rows, cols, dtype=hidden.dtype, device=device)
         dummy = lse
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            rows = stop - start
-            g = ws[:rows]
-            h = hidden[start:stop]
-            grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-            _grad_logits_kernel[grid](
-                h, weight, bias if bias is not None else h, targets[start:stop],
-                lse[start:stop], entropy[start:stop],
-                grad_logp[start:stop] if grad_logp is not None else dummy,
-                grad_entropy[start:stop] if grad_entropy is not None else dummy,
-                g, rows, vocab, dim, h.stride(0), weight.stride(0), g.stride(0), params.scale,
-                params.softcap or 1.0, HAS_BIAS=bias is not None,
-                HAS_CAP=params.softcap is not None, HAS_GL=grad_logp is not None,
-                HAS_GE=grad_entropy is not None, BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], EVEN_D=dim % cfg["BLOCK_D"] == 0,
-                UPCAST=upcast_dots(hidden.dtype),
-                PRECISION=dot_precision(hidden.dtype), **_launch_opts(cfg))
-            if need_h:
-                torch.mm(g, weight, out=dh[start:stop])
-            if need_w:
-                _accumulate_mm(dw, g.T, h)
-            if need_b:
-                db.add_(g.sum(dim=0, dtype=acc_dtype))
-    elif need_h:
-        dh.zero_()
-    return (dh,
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            h = hidden[r0:r1]
+            for v0 in range(0, vocab, cols):
+                v1 = min(vocab, v0 + cols)
+                g = ws[: r1 - r0, : v1 - v0]
+                grid = (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(v1 - v0, cfg["BLOCK_V"]))
+                _grad_logits_kernel[grid](
+                    h, weight[v0:v1], bias[v0:v1] if bias is not None else h, targets[r0:r1],
+                    lse[r0:r1], entropy[r0:r1],
+                    grad_logp[r0:r1] if grad_logp is not None else dummy,
+                    grad_entropy[r0:r1] if grad_entropy is not None else dummy,
+                    g, r1 - r0, v1 - v0, dim, h.stride(0), weight.stride(0), g.stride(0), v0,
+                    params.scale, params.softcap or 1.0, HAS_BIAS=bias is not None,
+                    HAS_CAP=params.softcap is not None, HAS_GL=grad_logp is not None,
+                    HAS_GE=grad_entropy is not None, BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                    EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
+                    PRECISION=dot_precision(hidden.dtype), **_launch_opts(cfg))
+                if need_h:
+                    _accumulate_mm(dh[r0:r1], g, weight[v0:v1])
+                if need_w:
+                    _accumulate_mm(dw[v0:v1], g.T, h)
+                if need_b:
+                    db[v0:v1].add_(g.sum(dim=0, dtype=acc_dtype))
+    return (None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
@@ -306,7 +307,8 @@ def compile_cases(arch: str) -> list[CompileCase]:
                      **{k: fcfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}}
         fwd_sig.update({k: "constexpr" for k in fwd_const})
         bwd_sig = {**common, "LSE": "*fp32", "ENT": "*fp32", "GL": "*fp32", "GE": "*fp32",
-                   "G": f"*{t}", **scalars, "stride_g": "i64", "scale": "fp32", "softcap": "fp32"}
+                   "G": f"*{t}", **scalars, "stride_g": "i64", "col_offset": "i32", "scale": "fp32",
+                   "softcap": "fp32"}
         bwd_const = {**flags, "HAS_GL": True, "HAS_GE": full,
                      **{k: bcfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}}
         bwd_sig.update({k: "constexpr" for k in bwd_const})
