@@ -1,10 +1,9 @@
 """Bounded workspaces: how many rows of a [rows, V] tile fit the budget.
 
 SPEC §0 allows a logits-sized tile whose size does not grow with N. The budget is
-``GCCPO_WORKSPACE_MB`` (MiB) when set, else 256 MiB on CUDA and 64 MiB on the CPU. The CPU budget
-is a trade: every row chunk costs one read-modify-write of the whole dW (8VD bytes) in the
-backward, so chunks must hold a few hundred rows (at V = 32000 fp32, 64 MiB gives 256-row chunks
-with two buffers), while a smaller workspace keeps peak memory low.
+``GCCPO_WORKSPACE_MB`` (MiB) when set, else 256 MiB on CUDA and 32 MiB on the CPU. Tiles are
+[rows, columns] with rows first (see tile_shape): the backward pays one read-modify-write of dW
+(8VD bytes) per row chunk, so wide row chunks matter more than wide vocabulary chunks.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import os
 import torch
 
 ENV_VAR = "GCCPO_WORKSPACE_MB"
-DEFAULT_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+DEFAULT_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
 
 
 def workspace_bytes(device: torch.device) -> int:
