@@ -1,8 +1,9 @@
 """The benchmark harness shared by every op: timing, peak-memory growth in a clean subprocess,
 and the ratios each benchmark reports in pytest-benchmark's extra_info.
 
-Peak memory on the CPU is the growth of the process's peak RSS over its RSS once the inputs
-exist, measured in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=131072`` (so glibc returns
+Peak memory on the CPU is the growth of the process's peak RSS (VmHWM, reset once the inputs
+exist) over its RSS at that moment, measured in a fresh subprocess with
+``MALLOC_MMAP_THRESHOLD_=131072`` (so glibc returns
 freed buffers to the OS instead of keeping them resident). A workload is named by
 ``"module:factory"``: ``factory(**kwargs)`` allocates the inputs and returns a zero-argument
 callable that runs the workload once.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,9 +40,12 @@ def median_time(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) 
     return statistics.median(times)
 
 
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_rss_growth(workload: str, **kwargs) -> int:
@@ -63,12 +66,14 @@ def _load(workload: str) -> Callable[..., Callable[[], object]]:
 
 def _child(workload: str, kwargs: dict) -> None:
     run = _load(workload)(**kwargs)
-    base = _current_rss()
-    # ru_maxrss is a high-water mark: to measure only the workload, its peak must exceed everything
-    # before it, which holds when the inputs are allocated before `base` and nothing larger preceded
+    base = _status_bytes("VmRSS")
+    # Reset this process's high-water mark (VmHWM) to its current RSS, so that the peak read
+    # after the run is the workload's own. (ru_maxrss would not do: Linux carries the parent's
+    # peak into a child across fork/exec, so every workload would report the parent's peak.)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": max(0, peak - base)}))
+    print(json.dumps({"growth": max(0, _status_bytes("VmHWM") - base)}))
 
 
 def ratio_info(ours_s: float, baselines: dict[str, float | None]) -> dict[str, float]:
