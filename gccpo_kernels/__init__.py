@@ -39,6 +39,11 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted([*_EXPORTS, "explain_backends", "__version__"])
 
+# The submodule gccpo_kernels.policy_loss shares its name with the function policy_loss: importing
+# the submodule (by anyone) would bind the package attribute to the module. Import it now and
+# rebind the name to the function, once; the module is light (torch only, no triton).
+from .policy_loss import policy_loss  # noqa: E402
+
 
 def explain_backends() -> str:
     """Versions, devices, usable backends and the automatic choice (``python -m gccpo_kernels``)."""
@@ -51,9 +56,11 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'gccpo_kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    mod = importlib.import_module(f".{module}", __name__)
+    for exported, home in _EXPORTS.items():  # bind every name of that module at once
+        if home == module:
+            globals()[exported] = getattr(mod, exported)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

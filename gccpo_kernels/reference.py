@@ -46,3 +46,348 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# §3  counterfactual divergence
+# ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402  (appended section; the header's imports belong to §1)
+
+
+def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor, *,
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
+                              logit_scale: float = 1.0, softcap: float | None = None,
+                              kind: str = "kl", answer_token_ids: torch.Tensor | None = None,
+                              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SPEC §3: D(q(.|h) || q(.|h + delta_m)) for hidden [R, D], deltas [R, M, D] -> [R, M].
+
+    Textbook forms on full [R, M, V] tensors, computed in ``dtype`` (float64 by default, where the
+    textbook forms are accurate to ~1e-15 for logits of size ~10). The perturbed latent h + delta is
+    formed in ``dtype`` (exact for 16-bit inputs), never rounded to the input dtype.
+    ``answer_token_ids`` restricts the vocabulary to those ids and renormalizes over them.
+    """
+    if answer_token_ids is not None:
+        weight = weight.index_select(0, answer_token_ids.long())
+        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
+    kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
+    z = logits(hidden, weight, bias, **kw)                                   # [R, V]
+    z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)  # [R, M, V]
+    lq = torch.log_softmax(z, dim=-1).unsqueeze(1)
+    lq_pert = torch.log_softmax(z_pert, dim=-1)
+    q, q_pert = lq.exp(), lq_pert.exp()
+    if kind == "kl":
+        return (q * (lq - lq_pert)).sum(-1)
+    if kind == "js":
+        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
+        return 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
+    if kind == "tv":
+        return 0.5 * (q - q_pert).abs().sum(-1)
+    raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# §4  group statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, group_ids: torch.Tensor,
+                             num_groups: int, *, bias: torch.Tensor | None = None,
+                             temperature: float = 1.0, logit_scale: float = 1.0,
+                             softcap: float | None = None,
+                             answer_token_ids: torch.Tensor | None = None,
+                             dtype: torch.dtype = torch.float64,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §4 for hidden [R, D] and group ids [R] in [0, num_groups), any order.
+
+    Returns (row_entropy [R], row_kl_to_mixture [R], group_mixture_entropy [G],
+    group_mean_entropy [G], group_js [G]) in ``dtype``, with group_js = H(mixture) - mean H(q_i) as
+    the spec writes it. A group of one member gets KL = JS = 0; an empty group gets zeros.
+    """
+    if answer_token_ids is not None:
+        weight = weight.index_select(0, answer_token_ids.long())
+        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
+    z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
+               softcap=softcap, dtype=dtype)
+    lq = torch.log_softmax(z, dim=-1)
+    q = lq.exp()
+    row_entropy = -(q * lq).sum(-1)
+    row_kl = torch.zeros_like(row_entropy)
+    mix_entropy = torch.zeros(num_groups, dtype=dtype, device=z.device)
+    mean_entropy = torch.zeros_like(mix_entropy)
+    js = torch.zeros_like(mix_entropy)
+    for g in range(num_groups):
+        members = (group_ids == g).nonzero().squeeze(1)
+        if members.numel() == 0:
+            continue
+        qbar = q.index_select(0, members).mean(0)
+        mix_entropy[g] = -torch.special.xlogy(qbar, qbar).sum()
+        mean_entropy[g] = row_entropy.index_select(0, members).mean()
+        if members.numel() > 1:
+            lqbar = torch.log(qbar)
+            row_kl[members] = (q[members] * (lq[members] - lqbar)).sum(-1)
+            js[g] = mix_entropy[g] - mean_entropy[g]
+    return row_entropy, row_kl, mix_entropy, mean_entropy, js
+
+
+# ---------------------------------------------------------------------------------------------
+# §2  Token-level clipped policy loss
+# ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402  (kept inside this section: the sections above are append-only)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
+                mask: torch.Tensor, config, *, ref_logp: torch.Tensor | None = None,
+                entropy: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
+                normalizer: float | None = None, loss_scale: float = 1.0,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """SPEC §2, one row at a time (differentiable; float64 for float64 inputs).
+
+    ``config`` is read by attribute (a gccpo_kernels.policy_loss.PolicyLossConfig or any object
+    with the same fields). Returns (loss, metrics) with metrics as plain floats
+    (the global means and the ratio maximum).
+    """
+    c = config
+    eps_high = c.eps_low if c.eps_high is None else c.eps_high
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    n_rows, horizon = logp.shape
+    keep = mask.bool() if mask.dtype == torch.bool else mask != 0
+    adv_all = advantages.to(dtype)
+    w_all = None if is_weights is None else is_weights.to(dtype)
+    row_terms, ent_terms, row_sizes = [], [], []
+    stats = {k: [0.0, 0.0] for k in ("low", "high", "region", "dual", "k1", "kl", "ent", "ratio")}
+    ratio_max = -math.inf
+    for b in range(n_rows):
+        idx = keep[b].nonzero().flatten()
+        n = idx.numel()
+        row_sizes.append(n)
+        lp = logp[b, idx].to(dtype)
+        old = lp.detach() if old_logp is None else old_logp[b, idx].to(dtype)
+        a = adv_all[b].reshape(-1)
+        a = a.expand(n) if a.numel() == 1 else a[idx]
+        diff = lp - old
+        per_sequence = c.importance_sampling_level == "sequence"
+        if per_sequence:
+            log_r = (diff.sum() / max(n, 1)).expand(n)
+        else:
+            log_r = diff
+        if c.log_ratio_clamp is not None:
+            log_r = torch.clamp(log_r, -c.log_ratio_clamp, c.log_ratio_clamp)
+        r = torch.exp(log_r)
+        r_cap = r if c.delta is None else torch.clamp(r, max=c.delta)
+        r_clip = torch.clamp(r, 1 - c.eps_low, 1 + eps_high)
+        surrogate = -torch.minimum(r_cap * a, r_clip * a)
+        single = surrogate
+        if c.dual_clip is not None:
+            surrogate = torch.where(a < 0, torch.minimum(surrogate, c.dual_clip * a.abs()), surrogate)
+        if w_all is not None:
+            w = w_all[b].reshape(-1)
+            surrogate = surrogate * (w.expand(n) if w.numel() == 1 else w[idx])
+        term = surrogate
+        kl = None
+        if ref_logp is not None:
+            x = ref_logp[b, idx].to(dtype) - lp
+            if c.kl_log_ratio_clamp is not None:
+                x = torch.clamp(x, -c.kl_log_ratio_clamp, c.kl_log_ratio_clamp)
+            kl = torch.exp(x) - x - 1
+            if c.kl_value_clamp is not None:
+                kl = torch.clamp(kl, -c.kl_value_clamp, c.kl_value_clamp)
+            if c.kl_bias_correction:
+                kl = kl * r
+            if c.beta != 0:
+                term = term + c.beta * kl
+        ent = None if entropy is None else entropy[b, idx].to(dtype)
+        if c.entropy_coef != 0 and c.entropy_agg is None:
+            term = term - c.entropy_coef * ent
+        row_terms.append(term)
+        ent_terms.append(ent)
+        # metrics: one count per row for a per-sequence ratio with a per-sequence advantage (TRL)
+        with torch.no_grad():
+            # a per-sequence quantity ([B, 1]) counts once per row, every row included (as TRL)
+            if per_sequence:
+                log_row = diff.sum() / max(n, 1)
+                if c.log_ratio_clamp is not None:
+                    log_row = torch.clamp(log_row, -c.log_ratio_clamp, c.log_ratio_clamp)
+                r_row = torch.exp(log_row).reshape(1)
+                stats["ratio"][0] += float(r_row)
+                stats["ratio"][1] += 1.0
+                ratio_max = max(ratio_max, float(r_row))
+            else:
+                stats["ratio"][0] += float(r.sum())
+                stats["ratio"][1] += n
+                if n:
+                    ratio_max = max(ratio_max, float(r.max()))
+            if per_sequence and adv_all[b].numel() == 1:
+                r_m, a_m, weight = r_row, adv_all[b].reshape(1), 1.0
+            else:
+                r_m, a_m, weight = r, a, float(n)
+            r_mc = r_m if c.delta is None else torch.clamp(r_m, max=c.delta)
+            lo = ((r_mc < 1 - c.eps_low) & (a_m < 0)).to(dtype)
+            hi = ((r_mc > 1 + eps_high) & (a_m > 0)).to(dtype)
+            for key, v in (("low", lo), ("high", hi), ("region", torch.maximum(lo, hi))):
+                stats[key][0] += float(v.sum())
+                stats[key][1] += weight
+            if c.dual_clip is not None:
+                stats["dual"][0] += float(((single > c.dual_clip * a.abs()) & (a < 0)).sum())
+                stats["dual"][1] += n
+            k1 = -diff
+            if c.log_ratio_clamp is not None:
+                k1 = torch.clamp(k1, -c.log_ratio_clamp, c.log_ratio_clamp)
+            stats["k1"][0] += float(k1.sum())
+            stats["k1"][1] += n
+            if kl is not None:
+                stats["kl"][0] += float(kl.sum())
+                stats["kl"][1] += n
+            if ent is not None:
+                stats["ent"][0] += float(ent.sum())
+                stats["ent"][1] += n
+
+    def aggregate(terms, mode, norm):
+        sums = [t.sum() if t.numel() else torch.zeros((), dtype=dtype) for t in terms]
+        total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=dtype)
+        n_tokens = sum(row_sizes)
+        rows = sum(1 for n in row_sizes if n > 0) if c.skip_empty_rows else n_rows
+        rows = max(rows, 1) if c.skip_empty_rows else rows
+        if mode == "token-sum":
+            return total
+        if mode == "token-mean":
+            return total / (max(n_tokens, 1) if norm is None else norm)
+        if mode == "seq-mean-token-mean":
+            means = torch.stack([s / max(n, 1) for s, n in zip(sums, row_sizes)]).sum()
+            return means / (rows if norm is None else norm)
+        if mode == "seq-mean-token-sum":
+            return total / (rows if norm is None else norm)
+        assert mode == "seq-mean-token-sum-norm", mode
+        length = horizon if c.max_len is None else c.max_len
+        return total / ((rows * length if c.sum_norm_rows else length) if norm is None else norm)
+
+    loss = aggregate(row_terms, c.loss_agg, normalizer)
+    if c.entropy_coef != 0 and c.entropy_agg is not None:
+        loss = loss - c.entropy_coef * aggregate(ent_terms, c.entropy_agg, None)
+    loss = loss * loss_scale
+
+    def mean(key):
+        s, k = stats[key]
+        return s / max(k, 1.0)
+
+    metrics = {"clip_frac_low": mean("low"), "clip_frac_high": mean("high"),
+               "clip_frac_region": mean("region"), "approx_kl": mean("k1"),
+               "ratio_mean": mean("ratio"), "ratio_max": ratio_max if ratio_max > -math.inf else math.nan}
+    if c.dual_clip is not None:
+        metrics["clip_frac_dual"] = mean("dual")
+    if ref_logp is not None:
+        metrics["kl_ref"] = mean("kl")
+    if entropy is not None:
+        metrics["entropy"] = mean("ent")
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# §5-§6 episode rewards and advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def episode_rewards(robustness: torch.Tensor, effectiveness: torch.Tensor, *, w_rob: float = 0.9,
+                    w_eff: float = 0.8, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SPEC §5: r = w_rob * R_rob + w_eff * R_eff, elementwise on [B, K]."""
+    if dtype is None:
+        wide = torch.float64 in (robustness.dtype, effectiveness.dtype)
+        dtype = torch.float64 if wide else torch.float32
+    return w_rob * robustness.to(dtype) + w_eff * effectiveness.to(dtype)
+
+
+def _standardize_list(values: list[float], eps: float, std: float | None = None,
+                      divide: bool = True) -> list[float]:
+    """(v - mean) / (std + eps) with the sample std (n - 1; 0 for one value); all-equal -> zeros.
+    ``std`` replaces the list's own std (the batch std of scale="batch"); divide=False: v - mean."""
+    n = len(values)
+    if n == 0 or all(v == values[0] for v in values):
+        return [0.0] * n
+    mean = sum(values) / n
+    if not divide:
+        return [v - mean for v in values]
+    if std is None:
+        std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return [(v - mean) / (std + eps) for v in values]
+
+
+def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
+                     episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
+                     old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float = 1.0,
+                     gamma: float = 1.0, scale: str = "group", surprise_weighting: bool = True,
+                     normalize_returns: bool = True, eps: float = 1e-4,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SPEC §6 with plain Python loops over groups, completions, episodes and tokens (float64).
+
+    Token t of row i is in the completion when mask[i, t] != 0, and in episode k when it is in the
+    completion and episode_ids[i, t] == k >= 0. A row's episode count is 1 + its largest episode id
+    (0 without one); episode_rewards[i, k] for k >= count is never read. Tokens outside the
+    completion get 0; completion tokens without an episode get the outcome advantage alone.
+    """
+    if dtype is None:
+        floats = [outcome_rewards.dtype, episode_rewards.dtype]
+        if old_logp is not None:
+            floats.append(old_logp.dtype)
+        dtype = torch.float64 if torch.float64 in floats else torch.float32
+    B, T = episode_ids.shape
+    r_out = [float(x) for x in outcome_rewards.detach().double().cpu().tolist()]
+    groups_of = [int(g) for g in group_index.cpu().tolist()]
+    ids = episode_ids.cpu().tolist()
+    inside = (mask.cpu() != 0).tolist()
+    logp = old_logp.detach().double().cpu().tolist() if old_logp is not None else None
+
+    # episodes: the token positions of each episode of each row
+    episodes: list[list[list[int]]] = []
+    for i in range(B):
+        tokens = [t for t in range(T) if inside[i][t] and ids[i][t] >= 0]
+        count = 1 + max(ids[i][t] for t in tokens) if tokens else 0
+        episodes.append([[t for t in tokens if ids[i][t] == k] for k in range(count)])
+    rewards = [[float(episode_rewards[i, k]) for k in range(len(episodes[i]))] for i in range(B)]
+
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups_of):
+        members.setdefault(g, []).append(i)
+
+    # outcome advantage per row
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    batch_std = None
+    if scale == "batch":
+        mean_all = sum(r_out) / B if B else 0.0
+        batch_std = (sum((v - mean_all) ** 2 for v in r_out) / (B - 1)) ** 0.5 if B > 1 else 0.0
+    a_out = [0.0] * B
+    for rows in members.values():
+        advantages = _standardize_list([r_out[i] for i in rows], eps, batch_std, scale != "none")
+        for i, a in zip(rows, advantages):
+            a_out[i] = a
+
+    # process advantage per (row, episode): normalize, discounted returns, normalize again
+    returns: list[list[float]] = [[0.0] * len(episodes[i]) for i in range(B)]
+    for rows in members.values():
+        keys = [(i, k) for i in rows for k in range(len(episodes[i]))]
+        normed = dict(zip(keys, _standardize_list([rewards[i][k] for i, k in keys], eps)))
+        ret = {}
+        for i, k in keys:
+            ret[(i, k)] = sum(gamma ** (k2 - k) * normed[(i, k2)] for k2 in range(k, len(episodes[i])))
+        values = [ret[key] for key in keys]
+        if normalize_returns:
+            values = _standardize_list(values, eps)
+        for (i, k), v in zip(keys, values):
+            returns[i][k] = v
+
+    out = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if inside[i][t]:
+                out[i][t] = a_out[i]
+        for k, positions in enumerate(episodes[i]):
+            surprise = {t: -logp[i][t] for t in positions} if surprise_weighting else {}
+            total = sum(surprise.values())
+            for t in positions:
+                if not surprise_weighting or total == 0:
+                    omega = 1.0
+                else:
+                    omega = len(positions) * surprise[t] / total
+                out[i][t] = a_out[i] + eta * omega * returns[i][k]
+    return torch.tensor(out, dtype=torch.float64).reshape(B, T).to(dtype)

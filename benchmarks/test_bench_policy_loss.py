@@ -1,0 +1,170 @@
+"""SPEC §2 benchmark: forward + backward of the fused policy loss on CPU.
+
+Same inputs for every contender: B*T = 2048 tokens (B = 8, T = 256), D = 512, V = 32000, float32,
+TRL's ``dapo`` loss with beta = 0.04 (k3 KL to given reference log-probs, no bias correction, as
+Liger computes it), eps 0.2 / 0.28, off-policy old log-probs, every token unmasked (masked tokens
+would favour us: we skip their matmuls, the others do not).
+
+- ours:  ``fused_linear_policy_loss`` (backend torch: the chunked primitive + policy_loss)
+- naive: materialized logits -> log_softmax -> gather (+ entropy for the metrics, without grad)
+         -> the same ``policy_loss``; what a trainer without fused kernels does
+- liger: ``LigerFusedLinearGRPOLoss(compiled=False)`` (gradient computed inside the forward)
+
+Targets (issue 3): ours <= 1.0x naive time, <= 12% of naive's peak-memory growth, <= 0.8x Liger.
+Timings on a shared machine are noisy: the ratios come from one run, interleaved.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from benchmarks._harness import median_time, peak_rss_growth, ratio_info
+
+B, T, D, V = 8, 256, 512, 32000
+BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
+HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+def _inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g).requires_grad_()
+    weight = torch.randn(V, D, generator=g).mul_(0.02).requires_grad_()  # in place: no 65 MB temporary
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    approx = torch.full((B, T), -10.4)  # about log(1/V): the scale of the real log-probs
+    old = approx + 0.05 * torch.randn(B, T, generator=g)
+    ref = approx + 0.05 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, old=old, ref=ref, adv=adv)
+
+
+def _config():
+    from gccpo_kernels.policy_loss import PolicyLossConfig
+
+    return PolicyLossConfig.from_trl("dapo", epsilon=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+                                     use_bias_correction_kl=False)
+
+
+def make_fused(seed: int = 0):
+    """Workload factory (also used by the memory subprocess): ours, forward + backward."""
+    from gccpo_kernels.policy_loss import fused_linear_policy_loss
+
+    x, cfg = _inputs(seed), _config()
+
+    def run():
+        x["hidden"].grad = x["weight"].grad = None
+        out = fused_linear_policy_loss(x["hidden"], x["weight"], x["targets"], x["adv"], x["mask"],
+                                       old_logp=x["old"], ref_logp=x["ref"], config=cfg, backend="torch")
+        out.loss.backward()
+        return out.loss
+
+    return run
+
+
+def make_naive(seed: int = 0):
+    """Materialized [B*T, V] logits, then the same policy_loss (the loss math is shared)."""
+    from gccpo_kernels.policy_loss import policy_loss
+
+    x, cfg = _inputs(seed), _config()
+
+    def run():
+        x["hidden"].grad = x["weight"].grad = None
+        logits = x["hidden"].reshape(-1, D) @ x["weight"].T
+        logprobs = torch.log_softmax(logits, dim=-1)
+        logp = logprobs.gather(-1, x["targets"].reshape(-1, 1)).reshape(B, T)
+        with torch.no_grad():  # for the entropy metric, as TRL computes it
+            entropy = -(logprobs.exp() * logprobs).sum(-1).reshape(B, T)
+        loss, _ = policy_loss(logp, x["old"], x["adv"], x["mask"], ref_logp=x["ref"], entropy=entropy, config=cfg)
+        loss.backward()
+        return loss
+
+    return run
+
+
+def make_liger(seed: int = 0):
+    """Liger-Kernel's chunked GRPO loss (gradients computed in the forward), eager."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    x = _inputs(seed)
+    loss_fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW,
+                                       epsilon_high=EPS_HIGH, loss_type="dapo", use_bias_correction_kl=False)
+
+    def run():
+        x["hidden"].grad = x["weight"].grad = None
+        loss, _ = loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], x["adv"],
+                          ref_per_token_logps=x["ref"], old_per_token_logps=x["old"])
+        loss.backward()
+        return loss
+
+    return run
+
+
+_MEMORY: dict[str, int] = {}
+
+
+def _measure_memory() -> dict[str, int]:
+    if not _MEMORY:
+        for name in ("fused", "naive") + (("liger",) if HAS_LIGER else ()):
+            _MEMORY[name] = peak_rss_growth(f"benchmarks.test_bench_policy_loss:make_{name}")
+    return _MEMORY
+
+
+def test_memory_first():
+    """Peak-RSS growth, measured before this process runs anything large.
+
+    The harness's child reads ru_maxrss, which Linux carries over from the parent's address space
+    when the child is spawned (vfork + exec): a parent that once peaked above the child's peak
+    poisons the measurement. Measuring first keeps this process small (see the report to the lead).
+    """
+    mem = _measure_memory()
+    assert mem["fused"] < mem["naive"]
+
+
+def test_same_loss_as_peers():
+    """The three contenders compute the same loss (else the timings compare different work)."""
+    values = [make_fused()(), make_naive()()]
+    if HAS_LIGER:
+        values.append(make_liger()())
+    for v in values[1:]:
+        torch.testing.assert_close(v, values[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_policy_loss(benchmark):
+    mem = _measure_memory()
+    fused, naive = make_fused(), make_naive()
+    liger = make_liger() if HAS_LIGER else None
+    repeats = int(os.environ.get("GCCPO_BENCH_REPEATS", "3"))
+    # interleave the contenders so a noisy neighbour slows all of them alike
+    times: dict[str, list[float]] = {"fused": [], "naive": [], "liger": []}
+    for _ in range(repeats):
+        times["fused"].append(median_time(fused, repeats=1, warmup=1 if not times["fused"] else 0))
+        times["naive"].append(median_time(naive, repeats=1, warmup=1 if not times["naive"] else 0))
+        if liger is not None:
+            times["liger"].append(median_time(liger, repeats=1, warmup=1 if not times["liger"] else 0))
+    med = {k: sorted(v)[len(v) // 2] if v else None for k, v in times.items()}
+    benchmark.pedantic(fused, rounds=1, iterations=1)
+
+    info = {"shape": f"B*T={B * T} D={D} V={V} float32 cpu", "seconds": med,
+            "peak_rss_growth_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
+            "mem_fraction_of_naive": round(mem["fused"] / mem["naive"], 4)}
+    info.update(ratio_info(med["fused"], {"naive": med["naive"], "liger": med["liger"]}))
+    if HAS_LIGER:
+        info["mem_fraction_of_liger"] = round(mem["fused"] / mem["liger"], 4)
+    benchmark.extra_info.update(info)
+    print(info)
+    assert mem["fused"] <= 0.12 * mem["naive"], info
+    if HAS_LIGER:
+        assert med["fused"] <= 0.8 * med["liger"], info
+    assert med["fused"] <= 1.0 * med["naive"], info
+
+
+if __name__ == "__main__":  # quick manual timing: python -m benchmarks.test_bench_policy_loss
+    for name in ("fused", "naive", "liger"):
+        if name == "liger" and not HAS_LIGER:
+            continue
+        fn = globals()[f"make_{name}"]()
+        print(name, round(median_time(fn, repeats=3), 3), "s")
