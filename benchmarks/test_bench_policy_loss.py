@@ -113,13 +113,8 @@ def _measure_memory() -> dict[str, int]:
     return _MEMORY
 
 
-def test_memory_first():
-    """Peak-RSS growth, measured before this process runs anything large.
-
-    The harness's child reads ru_maxrss, which Linux carries over from the parent's address space
-    when the child is spawned (vfork + exec): a parent that once peaked above the child's peak
-    poisons the measurement. Measuring first keeps this process small (see the report to the lead).
-    """
+def test_memory():
+    """Peak-RSS growth of each contender (clean subprocess per contender, see benchmarks._harness)."""
     mem = _measure_memory()
     assert mem["fused"] < mem["naive"]
 
