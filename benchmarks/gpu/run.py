@@ -10,8 +10,8 @@ and here, on the CPU, as a dry run that exercises every code path at tiny shapes
 
 What it does, in one run:
 1. runs the test suite on CUDA (``pytest tests -x -q``), unless --skip-tests;
-2. for each case (the SPEC §1 primitive, the §2 fused policy loss, the §3 divergence and the §4
-   group statistics, each where its module exists), times every available path with CUDA events
+2. for each case in benchmarks/gpu/cases.py (the SPEC §1 primitive, the §2 fused policy loss, the
+   §3 divergence and the §4 group statistics), times every available path with CUDA events
    (median of many repetitions, rotating among several input sets so the L2 cache does not
    flatter anyone), forward and forward+backward, next to the bare GEMM with the same FLOPs;
 3. records peak ``torch.cuda.max_memory_allocated`` growth of each path;
@@ -19,7 +19,7 @@ What it does, in one run:
 
 Inputs are "realistic": the LM head is scaled so that logits have a standard deviation near 4,
 giving peaked softmaxes like a trained model's (random near-uniform softmaxes flatter peers that
-skip small gradients).
+skip small gradients). Kernel configurations are pinned per architecture: nothing autotunes here.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+
+from benchmarks.gpu.cases import CASES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- timing
@@ -82,106 +84,58 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def lm_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int,
-              logit_std: float = 4.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(n, d, generator=g)
-    w = torch.randn(v, d, generator=g) * (logit_std / d ** 0.5)
-    y = torch.randint(0, v, (n,), generator=g)
-    return (h.to(device, dtype).requires_grad_(), w.to(device, dtype).requires_grad_(),
-            y.to(device))
-
-
 # ----------------------------------------------------------------------------- cases
 
 
-def case_primitive(n, d, v, dtype, device, sets):
-    """SPEC §1: logp + entropy, forward and forward+backward."""
-    from benchmarks.test_bench_linear_logprobs import PATHS, _available
-
-    inputs = [lm_inputs(n, d, v, dtype, device, seed) for seed in range(sets)]
-    paths = {name: fn for name, fn in PATHS.items() if _available(name) and name != "liger"}
-    if _liger_ok(device):
-        paths["liger"] = PATHS["liger"]
-    _add_cce(paths, device)
-    flops_fb = 6 * n * v * d  # bare GEMM forward + backward: z = h W^T, dh = g W, dW = g^T h
-    return inputs, paths, flops_fb
-
-
-def _liger_ok(device):
-    if device.type != "cuda":
-        return False
-    try:
-        import liger_kernel  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _add_cce(paths, device):
-    if device.type != "cuda":
-        return
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except Exception:
-        return
-
-    def cce(h, w, y, filter_eps="auto"):
-        return -linear_cross_entropy(h, w, y, reduction="none", filter_eps=filter_eps), None
-
-    paths["cce"] = cce
-    paths["cce_nofilter"] = lambda h, w, y: cce(h, w, y, filter_eps=None)
-
-
-def bare_gemm(h, w, y):
-    """The floor: z = h W^T forward; dh = g W and dW = g^T h backward (g = ones-like upstream)."""
-    z = h @ w.T
-    return z, None
+def _sum_outputs(out):
+    if isinstance(out, tuple):
+        return sum(o.sum() for o in out if o is not None)
+    return out.sum()
 
 
 def run_case(name, make, n, d, v, dtype, device, reps, sets):
-    inputs, paths, flops_fb = make(n, d, v, dtype, device, sets)
+    """Time every path of one case (forward, and forward+backward where it has one)."""
+    inputs, paths, info = make(n, d, v, dtype, device, sets)
     rows = []
 
-    def fwd(fn, h, w, y):
+    def fwd(fn, args):
         def go():
             with torch.no_grad():
-                fn(h, w, y)
+                fn(*args)
         return go
 
-    def fwd_bwd(fn, h, w, y):
+    def fwd_bwd(fn, args):
         def go():
-            h.grad = None
-            w.grad = None
-            out, extra = fn(h, w, y)
-            if out.dim() == 2:  # bare GEMM: backward of sum(z * G) with a fixed upstream
-                out.backward(torch.ones_like(out))
-            else:
-                (out.sum() if extra is None else out.sum() + extra.sum()).backward()
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    a.grad = None
+            _sum_outputs(fn(*args)).backward()
         return go
 
-    all_paths = {"bare_gemm": bare_gemm, **paths}
-    for path, fn in all_paths.items():
+    order = ["bare_gemm"] + [p for p in paths if p != "bare_gemm"]
+    for path in order:
+        fn = paths[path]
         try:
-            f_ms = time_ms([fwd(fn, *inp) for inp in inputs], device, reps=reps)
-            fb_ms = time_ms([fwd_bwd(fn, *inp) for inp in inputs], device, reps=reps)
-            mem = peak_mib(fwd_bwd(fn, *inputs[0]), device)
-            rows.append({"case": name, "path": path, "fwd_ms": round(f_ms, 3),
-                         "fwd_bwd_ms": round(fb_ms, 3), "peak_mib": mem})
+            row = {"case": name, "path": path,
+                   "fwd_ms": round(time_ms([fwd(fn, a) for a in inputs], device, reps=reps), 3)}
+            if info.get("backward"):
+                row["fwd_bwd_ms"] = round(time_ms([fwd_bwd(fn, a) for a in inputs], device,
+                                                  reps=reps), 3)
+                row["peak_mib"] = peak_mib(fwd_bwd(fn, inputs[0]), device)
+            else:
+                row["peak_mib"] = peak_mib(fwd(fn, inputs[0]), device)
+            rows.append(row)
         except Exception as exc:  # a peer that breaks must not hide our numbers
             rows.append({"case": name, "path": path, "error": repr(exc)[:300]})
-    base = next((r for r in rows if r["path"] == "bare_gemm" and "fwd_bwd_ms" in r), None)
+    key = "fwd_bwd_ms" if info.get("backward") else "fwd_ms"
+    base = next((r for r in rows if r["path"] == "bare_gemm" and key in r), None)
     for r in rows:
-        if base and "fwd_bwd_ms" in r:
-            r["fwd_bwd_vs_gemm"] = round(r["fwd_bwd_ms"] / base["fwd_bwd_ms"], 3)
-            r["tflops_fwd_bwd_equiv"] = round(flops_fb / (r["fwd_bwd_ms"] * 1e-3) / 1e12, 1)
+        if base and key in r:
+            r["vs_gemm"] = round(r[key] / base[key], 3)
+        if "gemm_flops_fwd_bwd" in info and "fwd_bwd_ms" in r:
+            r["tflops_equiv"] = round(info["gemm_flops_fwd_bwd"] / (r["fwd_bwd_ms"] * 1e-3) / 1e12,
+                                      1)
     return rows
-
-
-CASES = {"primitive": case_primitive}
 
 
 def run_tests(device: torch.device, out_dir: str) -> dict:
@@ -239,8 +193,9 @@ def main() -> None:
             print(f"{r['case']:<12} {r['path']:<14} ERROR {r['error'][:60]}")
             continue
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        print(f"{r['case']:<12} {r['path']:<14} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>11.2f} "
-              f"{r.get('fwd_bwd_vs_gemm', float('nan')):>8.2f} {mem:>9}")
+        fb = f"{r['fwd_bwd_ms']:>11.2f}" if "fwd_bwd_ms" in r else f"{'-':>11}"
+        print(f"{r['case']:<12} {r['path']:<14} {r['fwd_ms']:>9.2f} {fb} "
+              f"{r.get('vs_gemm', float('nan')):>8.2f} {mem:>9}")
 
 
 if __name__ == "__main__":

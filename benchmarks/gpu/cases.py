@@ -1,0 +1,111 @@
+"""The ops timed by benchmarks/gpu/run.py, one function per case.
+
+A case returns ``(inputs, paths, info)``: ``inputs`` is a list of argument tuples (one per rotated
+input set); each path maps one tuple to a tensor (or a tuple of tensors) whose sum is what the
+backward differentiates; ``info`` says whether the case has a backward and its GEMM FLOP count.
+Every case has a ``bare_gemm`` path: the plain GEMMs with the FLOPs of the op's matmuls, the floor
+to compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lm_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int,
+              logit_std: float = 4.0):
+    """hidden [n, d], LM head [v, d] scaled so logits have std ~4 (peaked softmaxes, like a trained
+    head: near-uniform ones flatter peers that skip small gradients), targets [n]."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (logit_std / d ** 0.5)
+    y = torch.randint(0, v, (n,), generator=g)
+    return (h.to(device, dtype).requires_grad_(), w.to(device, dtype).requires_grad_(),
+            y.to(device))
+
+
+def liger_ok(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _add_cce(paths: dict, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception:
+        return
+
+    def cce(h, w, y, filter_eps="auto"):
+        return -linear_cross_entropy(h, w, y, reduction="none", filter_eps=filter_eps)
+
+    paths["cce"] = cce
+    paths["cce_nofilter"] = lambda h, w, y: cce(h, w, y, filter_eps=None)
+
+
+def primitive(n, d, v, dtype, device, sets):
+    """SPEC §1: logp + entropy, forward and forward+backward, vs naive, TRL, Liger, CCE."""
+    from benchmarks.test_bench_linear_logprobs import PATHS, _available
+
+    inputs = [lm_inputs(n, d, v, dtype, device, seed) for seed in range(sets)]
+    paths = {name: fn for name, fn in PATHS.items() if _available(name) and name != "liger"}
+    if liger_ok(device):
+        paths["liger"] = PATHS["liger"]
+    _add_cce(paths, device)
+    paths["bare_gemm"] = lambda h, w, y: h @ w.T
+    return inputs, paths, {"backward": True, "gemm_flops_fwd_bwd": 6 * n * v * d}
+
+
+def policy_loss(n, d, v, dtype, device, sets):
+    """SPEC §2: fused policy loss (TRL dapo, beta 0.04) vs naive logits + the same loss, Liger."""
+    from gccpo_kernels import PolicyLossConfig, fused_linear_policy_loss
+    from gccpo_kernels import policy_loss as loss_math
+
+    cfg = PolicyLossConfig.from_trl("dapo", epsilon=0.2, epsilon_high=0.28, beta=0.04,
+                                    use_bias_correction_kl=False)
+    t = min(n, 1024)
+    b = max(1, n // t)
+
+    def make(seed):
+        h, w, y = lm_inputs(b * t, d, v, dtype, device, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        base = torch.full((b, t), -3.0)
+        old = (base + 0.05 * torch.randn(b, t, generator=g)).to(device)
+        ref = (base + 0.05 * torch.randn(b, t, generator=g)).to(device)
+        adv = torch.randn(b, generator=g).to(device)
+        mask = torch.ones(b, t, dtype=torch.long, device=device)
+        h = h.detach().reshape(b, t, d).requires_grad_()
+        return (h, w, y.reshape(b, t), adv, mask, old, ref)
+
+    def ours(h, w, y, adv, mask, old, ref):
+        return fused_linear_policy_loss(h, w, y, adv, mask, old_logp=old, ref_logp=ref,
+                                        config=cfg).loss
+
+    def naive(h, w, y, adv, mask, old, ref):
+        logprobs = torch.log_softmax((h @ w.T).float(), dim=-1)
+        logp = logprobs.gather(-1, y[..., None]).squeeze(-1)
+        return loss_math(logp, old, adv, mask, ref_logp=ref, config=cfg)[0]
+
+    paths = {"ours": ours, "naive": naive, "bare_gemm": lambda h, w, y, *rest: h @ w.T}
+    if liger_ok(device):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger = LigerFusedLinearGRPOLoss(beta=0.04, compiled=True, use_ref_model=True,
+                                         epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
+                                         use_bias_correction_kl=False)
+
+        def liger_path(h, w, y, adv, mask, old, ref):
+            return liger(h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+
+        paths["liger"] = liger_path
+    inputs = [make(s) for s in range(sets)]
+    return inputs, paths, {"backward": True, "gemm_flops_fwd_bwd": 6 * b * t * v * d}
+
+
+CASES = {"primitive": primitive, "policy_loss": policy_loss}
