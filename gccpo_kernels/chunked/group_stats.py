@@ -1,0 +1,102 @@
+"""Chunked torch backend for SPEC §4: group-wise answer-distribution statistics.
+
+Rows arrive sorted by group (CSR ``offsets``). Two passes over W, each one GEMM per chunk of C rows
+(4RVD FLOPs in all):
+
+1. logits of the chunk -> per row lse and entropy H(q_i) = log S - sum_v e_v (z_v - m) / S (shifted by
+   the row max m, S = sum e, so no cancellation against lse); the chunk's probabilities are added
+   into the group mixtures with one small GEMM, ``sums[g_lo:g_hi] += A @ q`` (A the [groups, C]
+   0/1 membership matrix): deterministic, no atomics. Then q_bar = sums / n_g, H(q_bar), log q_bar.
+2. logits again -> KL(q_i || q_bar_g) = sum_v q_v (log q_v - log q_bar_v), term by term, with
+   log q = z - lse exact in log space.
+
+Per group: mean entropy and JS = mean_i KL(q_i || q_bar_g), which equals H(q_bar) - mean_i H(q_i)
+exactly in real arithmetic but does not cancel when the members agree. A group of one gets KL = JS
+= 0 (exactly); an empty group gets zeros.
+
+Memory: the [G, V] mixtures (SPEC §4 allows O(groups*V)) plus about three [C, V] buffers (C from
+the workspace budget, at least 128); never R x V. Arithmetic in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._logits import LogitParams
+from .divergence import chunk_rows, compute_operands
+
+# GEMM rows per chunk at least (CPU BLAS is inefficient on thin GEMMs; 3 [128, V] buffers)
+MIN_CHUNK_ROWS = 128
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
+            out: torch.Tensor) -> torch.Tensor:
+    z = out[: h.shape[0]]
+    if b is None:
+        torch.mm(h, w.T, out=z)
+    else:
+        torch.addmm(b, h, w.T, out=z)
+    return params.apply_(z)
+
+
+def segment_mean(values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` [R] (sorted by segment) over segments of ``sizes`` [G]; 0 when empty."""
+    sums = torch.segment_reduce(values, "sum", lengths=sizes, initial=0)
+    return sums / sizes.clamp_min(1).to(values.dtype)
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            offsets: list[int], params: LogitParams):
+    """hidden [R, D] sorted by group, weight [V, D], bias [V] | None, offsets: G+1 ints (host).
+
+    Returns (row_entropy [R], row_kl [R], mixture_entropy [G], mean_entropy [G], js [G]) in the
+    compute dtype, rows in hidden's (sorted) order.
+    """
+    r = hidden.shape[0]
+    vocab = weight.shape[0]
+    num_groups = len(offsets) - 1
+    device = hidden.device
+    cd, w, b = compute_operands(hidden, weight, bias)
+    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
+                         device=device)
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes)
+    gid_host = [g for g in range(num_groups) for _ in range(offsets[g + 1] - offsets[g])]
+    row_entropy = torch.zeros(r, dtype=cd, device=device)
+    row_kl = torch.zeros(r, dtype=cd, device=device)
+    lse = torch.zeros(r, dtype=cd, device=device)
+    mix = torch.zeros(num_groups, vocab, dtype=cd, device=device)
+    if r > 0:
+        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), MIN_CHUNK_ROWS))
+        zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
+        pbuf = torch.empty_like(zbuf)
+        for start in range(0, r, chunk):
+            stop = min(r, start + chunk)
+            z = _logits(hidden[start:stop].to(cd), w, b, params, zbuf)
+            m = z.amax(dim=1, keepdim=True)
+            zm = z.sub_(m)
+            e = torch.exp(zm, out=pbuf[: stop - start])
+            s = e.sum(dim=1)
+            log_s = torch.log(s)
+            lse[start:stop] = m.squeeze(1) + log_s
+            row_entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
+            q = e.div_(s.unsqueeze(1))
+            g_lo, g_hi = gid_host[start], gid_host[stop - 1] + 1
+            member = (gid[start:stop].unsqueeze(0) ==
+                      torch.arange(g_lo, g_hi, device=device).unsqueeze(1)).to(cd)
+            mix[g_lo:g_hi].addmm_(member, q)
+    mix.div_(sizes.clamp_min(1).unsqueeze(1).to(cd))
+    mixture_entropy = -torch.special.xlogy(mix, mix).sum(dim=1)
+    # q_bar_v = 0 only where every member's q_v underflowed to 0: those terms are 0 * finite
+    log_mix = mix.clamp_min_(torch.finfo(cd).tiny).log_()
+    if r > 0:
+        for start in range(0, r, chunk):
+            stop = min(r, start + chunk)
+            lq = _logits(hidden[start:stop].to(cd), w, b, params, zbuf)
+            lq.sub_(lse[start:stop].unsqueeze(1))
+            q = torch.exp(lq, out=pbuf[: stop - start])
+            diff = lq.sub_(log_mix.index_select(0, gid[start:stop]))
+            row_kl[start:stop] = torch.linalg.vecdot(q, diff)
+        row_kl.masked_fill_(sizes.index_select(0, gid) == 1, 0.0)
+    mean_entropy = segment_mean(row_entropy, sizes)
+    js = segment_mean(row_kl, sizes)
+    return row_entropy, row_kl, mixture_entropy, mean_entropy, js

@@ -1,0 +1,234 @@
+"""SPEC §3: latent perturbations and the counterfactual divergence of the answer distribution.
+
+Public: :func:`perturb_latents` (the perturbation vectors delta) and
+:func:`counterfactual_divergence` (D(q(.|h) || q(.|h + delta_m)) for every row and perturbation).
+The divergence is forward-only and never holds an R x V tensor on the fast backends: the base
+logits and all M perturbed logit shifts of a row come from one read of each W tile, and the
+divergence is combined from Delta = z(h + delta) - z(h) = s * W delta / tau, formed directly (never
+as the difference of two logit rows), in forms without catastrophic cancellation. See
+docs/counterfactual.md for the math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import resolve_backend
+from ._logits import LogitParams
+from ._validation import check_finite, check_float, check_lm_head, check_logit_params, out_dtype_for
+
+KINDS = ("kl", "js", "tv")
+MODES = ("gaussian", "sibling")
+
+
+# ---------------------------------------------------------------------------------------------
+# perturbations
+# ---------------------------------------------------------------------------------------------
+
+
+def _tangent_gaussian(h: torch.Tensor, m: int, sigma: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """sigma * (||h|| / sqrt(D)) * P xi, P = I - h h^T / ||h||^2, xi ~ N(0, I); [R, m, D] in h's dtype."""
+    r, d = h.shape
+    xi = torch.randn(r, m, d, generator=generator, dtype=h.dtype, device=h.device)
+    norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)                  # [R, 1]
+    unit = h / norm.clamp_min(torch.finfo(h.dtype).tiny)                      # 0 for h = 0
+    xi.sub_(torch.einsum("rmd,rd->rm", xi, unit).unsqueeze(2) * unit.unsqueeze(1))
+    return xi.mul_((sigma / math.sqrt(d)) * norm.unsqueeze(2))
+
+
+def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: float = 0.05,
+                    mode: str = "gaussian", alpha: float = 0.5,
+                    group_index: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Counterfactual perturbation vectors delta for the latents ``hidden`` (SPEC §3).
+
+    Modes:
+      ``gaussian``: delta_m = sigma * (||h|| / sqrt(D)) * P xi_m, xi_m ~ N(0, I_D), P = I - h h^T/||h||^2
+        (tangent: delta is orthogonal to h, so ||h + delta|| = ||h|| to first order;
+        E||delta||^2 = sigma^2 ||h||^2 (D - 1) / D). A zero row gets delta = 0.
+      ``sibling``: delta_m = alpha * (h_j - h), j drawn uniformly with replacement, independently
+        for each m, among the *other* rows of the row's group (``group_index``); a row alone in its
+        group falls back to ``gaussian``.
+
+    Args:
+        hidden: ``[R, D]`` float latents (the LM head's input).
+        num_perturbations: M >= 1.
+        sigma: gaussian scale (>= 0); alpha: sibling interpolation factor.
+        group_index: ``[R]`` integer group id per row (any order, any non-negative values);
+            required for ``sibling``, ignored for ``gaussian``.
+        generator: a ``torch.Generator`` on hidden's device. The same generator state gives the
+            same deltas (draws: ``gaussian`` one [R, M, D] normal tensor; ``sibling`` one [R, M]
+            uniform tensor, then one normal tensor for the lone rows, if any).
+
+    Returns:
+        ``[R, M, D]`` in hidden's dtype (drawn and combined in float32, float64 for float64).
+
+    Cost: O(R*M*D) time and memory; no model call. Never differentiable (runs under no_grad).
+    """
+    check_float("hidden", hidden)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int) or num_perturbations < 1:
+        raise ValueError(f"num_perturbations must be an int >= 1, got {num_perturbations!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if generator is not None and generator.device.type != hidden.device.type:
+        raise ValueError(f"generator is on {generator.device} but hidden is on {hidden.device}; "
+                         "create it with torch.Generator(device=hidden.device)")
+    r, _ = hidden.shape
+    m = num_perturbations
+    cd = out_dtype_for(hidden.dtype)
+    with torch.no_grad():
+        h = hidden.detach().to(cd)
+        if mode == "gaussian":
+            return _tangent_gaussian(h, m, float(sigma), generator).to(hidden.dtype)
+        if group_index is None:
+            raise ValueError("mode='sibling' needs group_index ([R] group id per row); pass "
+                             "torch.zeros(R, dtype=torch.long) to treat all rows as one group")
+        if not isinstance(group_index, torch.Tensor) or group_index.shape != (r,) or \
+                group_index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"group_index must be an int64/int32 tensor of shape [{r}], got "
+                             f"{getattr(group_index, 'dtype', type(group_index))} "
+                             f"{tuple(getattr(group_index, 'shape', ()))}")
+        if group_index.device != hidden.device:
+            raise ValueError(f"group_index is on {group_index.device} but hidden is on {hidden.device}")
+        if r > 0 and bool((group_index < 0).any()):
+            raise ValueError("group_index must hold non-negative group ids")
+        gid = group_index.long()
+        order = torch.argsort(gid, stable=True)                  # members of a group contiguous
+        _, counts = torch.unique_consecutive(gid[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        seg = torch.repeat_interleave(torch.arange(counts.numel(), device=h.device), counts)
+        size_sorted = counts[seg]                                # group size, sorted order
+        rank_sorted = torch.arange(r, device=h.device) - starts[seg]
+        size = torch.empty_like(size_sorted).scatter_(0, order, size_sorted)
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+        start = torch.empty_like(size_sorted).scatter_(0, order, starts[seg])
+        u = torch.rand(r, m, generator=generator, dtype=torch.float64, device=h.device)
+        others = (size - 1).clamp_min(1).unsqueeze(1)            # [R, 1]
+        k = torch.minimum((u * others).long(), others - 1)       # uniform in [0, size - 2]
+        k = k + (k >= rank.unsqueeze(1)).long()                  # skip the row itself
+        j = order[(start.unsqueeze(1) + k).clamp_max(max(r - 1, 0))]  # [R, M] sibling row ids
+        delta = (h[j] - h.unsqueeze(1)).mul_(float(alpha))
+        lone = (size == 1).nonzero().squeeze(1)
+        if lone.numel() > 0:
+            delta[lone] = _tangent_gaussian(h[lone], m, float(sigma), generator)
+        return delta.to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# counterfactual divergence
+# ---------------------------------------------------------------------------------------------
+
+
+def check_answer_ids(answer_token_ids: torch.Tensor | None, vocab: int, device: torch.device,
+                     validate: bool) -> None:
+    """answer_token_ids: None, or a non-empty [K] int tensor of distinct ids in [0, V)."""
+    if answer_token_ids is None:
+        return
+    if not isinstance(answer_token_ids, torch.Tensor) or answer_token_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("answer_token_ids must be an int64/int32 tensor of token ids")
+    if answer_token_ids.dim() != 1 or answer_token_ids.numel() == 0:
+        raise ValueError(f"answer_token_ids must be a non-empty 1-D tensor, got shape "
+                         f"{tuple(answer_token_ids.shape)}")
+    if answer_token_ids.device != device:
+        raise ValueError(f"answer_token_ids are on {answer_token_ids.device} but hidden is on {device}")
+    if validate:
+        if bool(((answer_token_ids < 0) | (answer_token_ids >= vocab)).any()):
+            raise ValueError(f"answer_token_ids must lie in [0, {vocab})")
+        if torch.unique(answer_token_ids).numel() != answer_token_ids.numel():
+            raise ValueError("answer_token_ids must be distinct (a repeated id would count twice)")
+
+
+def restrict_head(weight: torch.Tensor, bias: torch.Tensor | None,
+                  answer_token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head restricted to ``answer_token_ids`` ([K, D], [K]): a gather of K rows of W."""
+    if answer_token_ids is None:
+        return weight, bias
+    ids = answer_token_ids.long()
+    return weight.index_select(0, ids), (None if bias is None else bias.index_select(0, ids))
+
+
+def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor, *,
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
+                              logit_scale: float = 1.0, softcap: float | None = None,
+                              kind: str = "kl", answer_token_ids: torch.Tensor | None = None,
+                              backend: str | None = None, validate: bool = True) -> torch.Tensor:
+    """Divergence D(q(.|h_r) || q(.|h_r + delta_{r,m})) for every row r and perturbation m.
+
+    q(.|h) = softmax(z(h)), z from SPEC §1 (u = logit_scale*(W h + b)/temperature, optional soft
+    cap), over the full vocabulary or renormalized over ``answer_token_ids``.
+
+    Args:
+        hidden: ``[R, D]`` latents, float16 / bfloat16 / float32 / float64.
+        weight: ``[V, D]`` LM head; bias ``[V]`` or None. Same dtype and device as hidden.
+        deltas: ``[R, M, D]`` perturbation vectors (e.g. from :func:`perturb_latents`), hidden's
+            dtype. The perturbed latent h + delta is used in exact arithmetic (W h + W delta), never
+            rounded to the input dtype.
+        kind: ``"kl"`` KL(q || q~), ``"js"`` Jensen-Shannon (natural log, in [0, ln 2]),
+            ``"tv"`` total variation (in [0, 1]).
+        answer_token_ids: optional ``[K]`` distinct token ids; the distributions are renormalized
+            over them (W and b are gathered to [K, D], [K]: cheap).
+        backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
+        validate: check finiteness of hidden and deltas and the answer ids (one pass + host sync each).
+
+    Returns:
+        ``[R, M]`` float32 (float64 for float64 inputs).
+
+    Forward-only: it runs under ``torch.no_grad()`` and its result never carries a graph, also when
+    hidden or weight require grad (the LM head weight usually does): the inputs are read detached.
+
+    Accuracy (float32): |error| <= 2e-3 * KL + 2e-8 at realistic KL 1e-6..1e-4 (SPEC §3): Delta is
+    formed from W delta, KL = log1p(E_q[exp(Delta - c) - 1 - (Delta - c)]) with c = E_q[Delta].
+
+    Cost: 2(M+1)RVD FLOPs per pass over W; the torch backend makes one pass (a chunk's whole
+    vocabulary is in its workspace), the triton backend two (statistics, then integrands). Memory:
+    O(R*M) outputs plus a bounded workspace; never R x V (only the reference backend materializes).
+    """
+    check_lm_head(hidden, weight, bias)
+    check_logit_params(temperature, logit_scale, softcap)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    check_float("deltas", deltas)
+    r, d = hidden.shape
+    if deltas.dim() != 3 or deltas.shape[0] != r or deltas.shape[2] != d:
+        raise ValueError(f"deltas must be [R, M, D] = [{r}, M, {d}], got {tuple(deltas.shape)}")
+    if deltas.dtype != hidden.dtype:
+        raise TypeError(f"deltas ({deltas.dtype}) must have hidden's dtype ({hidden.dtype})")
+    if deltas.device != hidden.device:
+        raise ValueError(f"deltas are on {deltas.device} but hidden is on {hidden.device}")
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
+    check_finite("hidden", hidden, validate)
+    check_finite("deltas", deltas, validate)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams(float(temperature), float(logit_scale),
+                         None if softcap is None else float(softcap))
+    out_dtype = out_dtype_for(hidden.dtype)
+    with torch.no_grad():
+        hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()
+        bias = None if bias is None else bias.detach()
+        if name == "reference":
+            from . import reference
+
+            return reference.counterfactual_divergence(
+                hidden, weight, deltas, bias=bias, temperature=params.temperature,
+                logit_scale=params.logit_scale, softcap=params.softcap, kind=kind,
+                answer_token_ids=answer_token_ids).to(out_dtype)
+        w, b = restrict_head(weight, bias, answer_token_ids)
+        w = w if w.is_contiguous() else w.contiguous()
+        h = hidden if hidden.is_contiguous() else hidden.contiguous()
+        dl = deltas if deltas.is_contiguous() else deltas.contiguous()
+        if name == "triton":
+            from .triton import divergence as impl
+        else:
+            from .chunked import divergence as impl
+        return impl.forward(h, w, b, dl, params, kind)

@@ -1,0 +1,169 @@
+"""SPEC §4: group-wise statistics of the answer distributions q_i = softmax(z(h_i)).
+
+Public: :func:`group_distribution_stats` and the :class:`GroupStats` named tuple. Rows are
+partitioned into groups by CSR offsets or by a group-id vector in any order (sorted internally,
+stable). The fast backends keep the group mixtures q_bar_g as one [G, V] buffer (SPEC §4 allows
+O(groups*V)) and never hold an R x V tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._backend import resolve_backend
+from ._logits import LogitParams
+from ._validation import check_finite, check_lm_head, check_logit_params, out_dtype_for
+from .divergence import check_answer_ids, restrict_head
+
+
+class GroupStats(NamedTuple):
+    """Outputs of :func:`group_distribution_stats`; per-row fields follow hidden's row order.
+
+    row_entropy [R]: H(q_i). row_kl_to_mixture [R]: KL(q_i || q_bar_g(i)) (0 in a group of one).
+    group_mixture_entropy [G]: H(q_bar_g). group_mean_entropy [G]: mean_i H(q_i).
+    group_js [G]: H(q_bar_g) - mean_i H(q_i), computed as mean_i KL(q_i || q_bar_g) (the same number
+    in exact arithmetic, without the cancellation of the difference; 0 for a group of one).
+    Empty groups get zeros.
+    """
+
+    row_entropy: torch.Tensor
+    row_kl_to_mixture: torch.Tensor
+    group_mixture_entropy: torch.Tensor
+    group_mean_entropy: torch.Tensor
+    group_js: torch.Tensor
+
+
+def _check_int_vector(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64/int32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+
+
+def resolve_groups(num_rows: int, device: torch.device, group_offsets: torch.Tensor | None,
+                   group_ids: torch.Tensor | None, num_groups: int | None,
+                   ) -> tuple[list[int], torch.Tensor | None]:
+    """(offsets as G+1 host ints, permutation sorting the rows by group or None if sorted).
+
+    Always validates (the offsets are needed on the host anyway: one small device-to-host copy).
+    """
+    if (group_offsets is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_offsets ([G+1] CSR offsets from 0 to R) or "
+                         "group_ids ([R] group id per row)")
+    if group_offsets is not None:
+        _check_int_vector("group_offsets", group_offsets, device)
+        offsets = [int(v) for v in group_offsets.tolist()]
+        if len(offsets) < 1:
+            raise ValueError("group_offsets must have length G + 1 >= 1")
+        if offsets[0] != 0 or offsets[-1] != num_rows:
+            raise ValueError(f"group_offsets must start at 0 and end at R = {num_rows}, got "
+                             f"{offsets[0]} .. {offsets[-1]}")
+        if any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError("group_offsets must be non-decreasing")
+        if num_groups is not None and num_groups != len(offsets) - 1:
+            raise ValueError(f"num_groups={num_groups} disagrees with len(group_offsets) - 1 = "
+                             f"{len(offsets) - 1}")
+        return offsets, None
+    _check_int_vector("group_ids", group_ids, device)
+    if group_ids.shape[0] != num_rows:
+        raise ValueError(f"group_ids must have one id per row ({num_rows}), got {group_ids.shape[0]}")
+    ids = group_ids.long()
+    lo = int(ids.min()) if num_rows else 0
+    hi = int(ids.max()) if num_rows else -1
+    if lo < 0:
+        raise ValueError(f"group_ids must be >= 0, got {lo}")
+    if num_groups is None:
+        num_groups = hi + 1
+    elif not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
+    if hi >= num_groups:
+        raise ValueError(f"group_ids must be < num_groups = {num_groups}, got {hi}")
+    counts = torch.bincount(ids, minlength=num_groups).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    order = None
+    if num_rows > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+        order = torch.argsort(ids, stable=True)
+    return offsets, order
+
+
+def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
+                             group_offsets: torch.Tensor | None = None,
+                             group_ids: torch.Tensor | None = None, num_groups: int | None = None,
+                             bias: torch.Tensor | None = None, temperature: float = 1.0,
+                             logit_scale: float = 1.0, softcap: float | None = None,
+                             answer_token_ids: torch.Tensor | None = None,
+                             backend: str | None = None, validate: bool = True) -> GroupStats:
+    """Entropies, KL to the group mixture and group JS of the answer distributions (SPEC §4).
+
+    q_i = softmax(z(h_i)) with z from SPEC §1, over the full vocabulary or renormalized over
+    ``answer_token_ids``; q_bar_g = mean of q_i over the rows of group g.
+
+    Args:
+        hidden: ``[R, D]`` latents, float16 / bfloat16 / float32 / float64.
+        weight: ``[V, D]`` LM head; bias ``[V]`` or None; same dtype and device as hidden.
+        group_offsets: ``[G+1]`` int CSR offsets (0 = o_0 <= o_1 <= ... <= o_G = R): rows
+            o_g .. o_{g+1}-1 form group g. Or
+        group_ids: ``[R]`` int group id per row, any order, in [0, num_groups).
+        num_groups: G for ``group_ids`` (default max id + 1; larger values add empty groups).
+        answer_token_ids: optional ``[K]`` distinct token ids to restrict and renormalize over.
+        backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
+        validate: check finiteness of hidden and the answer ids (group layouts are always checked).
+
+    Returns:
+        :class:`GroupStats`, float32 (float64 for float64 inputs).
+
+    Forward-only: runs under ``torch.no_grad()``; inputs that require grad are read detached and
+    the outputs never carry a graph.
+
+    Cost: the torch backend makes two passes over W (4RVD FLOPs), the triton backend three (row
+    statistics, mixtures, KL: 6RVD). Memory: the [G, V] mixtures plus a bounded workspace (and a
+    sorted copy of hidden when group_ids are not sorted); never R x V.
+    """
+    check_lm_head(hidden, weight, bias)
+    check_logit_params(temperature, logit_scale, softcap)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    r = hidden.shape[0]
+    offsets, order = resolve_groups(r, hidden.device, group_offsets, group_ids, num_groups)
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
+    check_finite("hidden", hidden, validate)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams(float(temperature), float(logit_scale),
+                         None if softcap is None else float(softcap))
+    out_dtype = out_dtype_for(hidden.dtype)
+    with torch.no_grad():
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+        if name == "reference":
+            from . import reference
+
+            num_g = len(offsets) - 1
+            sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_g)],
+                                 device=hidden.device)
+            ids = torch.repeat_interleave(torch.arange(num_g, device=hidden.device), sizes)
+            if order is not None:
+                ids = torch.empty_like(ids).scatter_(0, order, ids)
+            outs = reference.group_distribution_stats(
+                hidden, weight, ids, num_g, bias=bias, temperature=params.temperature,
+                logit_scale=params.logit_scale, softcap=params.softcap,
+                answer_token_ids=answer_token_ids)
+            return GroupStats(*(t.to(out_dtype) for t in outs))
+        w, b = restrict_head(weight, bias, answer_token_ids)
+        w = w if w.is_contiguous() else w.contiguous()
+        h = hidden if order is None else hidden.index_select(0, order)
+        h = h if h.is_contiguous() else h.contiguous()
+        if name == "triton":
+            from .triton import group_stats as impl
+        else:
+            from .chunked import group_stats as impl
+        row_entropy, row_kl, mix_entropy, mean_entropy, js = impl.forward(h, w, b, offsets, params)
+        if order is not None:
+            row_entropy = torch.empty_like(row_entropy).scatter_(0, order, row_entropy)
+            row_kl = torch.empty_like(row_kl).scatter_(0, order, row_kl)
+        return GroupStats(row_entropy, row_kl, mix_entropy, mean_entropy, js)

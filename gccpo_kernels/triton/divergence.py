@@ -1,0 +1,482 @@
+"""Triton backend for SPEC §3: counterfactual divergence D(q(.|h) || q(.|h + delta_m)).
+
+A program owns BLOCK_R rows, all their M perturbations (padded to MP, a power of two) and one
+vocabulary split of V_SPLIT columns. For each [*, BLOCK_V] vocabulary tile, the K-loop over D loads
+one W tile per step and feeds it to two tensor-core dots: ``h W^T`` (the base logits of the
+BLOCK_R rows) and ``delta W^T`` (the BLOCK_R*MP perturbation rows, stacked), so each W tile is
+read once for the base row and all M perturbed rows. The perturbed logits are never formed:
+
+    Delta = z(h + delta) - z(h) = s * (W delta) / tau            (no cap: exact)
+    Delta = c * (tanh(a + dd) - tanh(a)), a = u/c, dd = s (W delta)/(tau c), through
+          = 4c sinh(dd) e^(-|a+dd|-|a|) / ((1 + e^-2|a+dd|)(1 + e^-2|a|))   (soft cap: no cancellation)
+
+Two passes over W:
+  1. ``_cf_stats_kernel``: per (row, split) online softmax statistics of z (max m, S = sum e^(z-m)),
+     C = sum e^(z-m) Delta_m, the max k_m of Delta_m with T = sum e^(z-m) e^(Delta_m - k_m), and
+     (JS, TV) E = sum e^(z-m) expm1(Delta_m - sh_m) around the running mean sh_m = C/S. The host
+     merges the splits: lse, c_m = E_q[Delta_m] and L_m = lse(z~_m) - lse(z) = c_m + log1p(E/S)
+     (E re-centred on c_m; relative accuracy), or k_m + log(T/S) when E/S > 1 (large shifts).
+  2. ``_cf_integrand_kernel``: per (row, split) sum_v q_v f(x_v), with q = e^(z - lse) and
+     KL: f = phi(Delta - c), phi(t) = e^t - 1 - t  -> KL = log1p(sum)   (sum > 1: L_T - c)
+     TV: f = |expm1(Delta - L)|                   -> TV = sum / 2
+     JS: f = psi(Delta - L) (series below |x| = 1/4, mixture form above) -> JS = sum
+  Every integrand is a smooth function evaluated with relative accuracy (Taylor series where the
+  closed form would cancel; q f written through e^(log q + x) where e^x alone could overflow), so
+  the float32 KL error stays ~1e-6 relative (SPEC §3 asks 2e-3 KL + 2e-8).
+
+Cost: 2 * 2(M+1)RVD FLOPs (plus (MP - M) padded rows when M is not a power of two, and one more
+base GEMM per extra launch when M > MAX_MP), split statistics of O(R * M * V / V_SPLIT) floats;
+nothing of size R x V. Splits are combined on the
+device in a fixed order: deterministic, and a row's result does not depend on the other rows
+(configurations are pinned per architecture and perturbation count, never by R).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._logits import LogitParams
+from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, tanh, upcast_dots
+
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - x) = 0, 0 * it finite
+KIND_CODES = {"kl": 0, "tv": 1, "js": 2}
+LN2 = math.log(2.0)
+
+
+def _cfg(r: int, v: int, d: int, warps: int, stages: int, r_js: int | None = None,
+         split: int = 8192) -> dict[str, int]:
+    return dict(BLOCK_R=r, BLOCK_R_JS=r if r_js is None else r_js, BLOCK_V=v, BLOCK_D=d,
+                V_SPLIT=split, num_warps=warps, num_stages=stages)
+
+
+# Pinned per architecture, input width ("16"/"32") and padded perturbation count MP (the stacked
+# delta dot has BLOCK_R * MP rows), never by R; at most MAX_MP perturbations per launch. The
+# epilogue holds several [BLOCK_R, MP, BLOCK_V] float32 temporaries, so BLOCK_R * MP * BLOCK_V is
+# capped near 8192 (4096 for the JS integrand, whose integrand needs the most registers): the
+# largest tiles that compile without spills on sm_90 and sm_80 (python -m gccpo_kernels.triton._aot).
+MAX_MP = 4
+CONFIGS: dict[str, dict[tuple[str, int], dict[str, int]]] = {
+    "interpreter": {(w, mp): _cfg(16, 64, 64, 4, 1, split=128) for w in ("16", "32") for mp in (1, 2, 4)},
+    "sm90": {
+        ("16", 1): _cfg(64, 64, 64, 8, 3), ("16", 2): _cfg(64, 64, 64, 8, 3, r_js=32),
+        ("16", 4): _cfg(32, 64, 64, 8, 3, r_js=16),
+        ("32", 1): _cfg(64, 64, 32, 8, 3), ("32", 2): _cfg(32, 64, 32, 8, 3, r_js=32),
+        ("32", 4): _cfg(16, 64, 32, 8, 3, r_js=16),
+    },
+    "sm80": {
+        ("16", 1): _cfg(64, 64, 32, 8, 3), ("16", 2): _cfg(64, 64, 32, 8, 3, r_js=32),
+        ("16", 4): _cfg(32, 64, 32, 8, 3, r_js=16),
+        ("32", 1): _cfg(32, 64, 32, 8, 2), ("32", 2): _cfg(16, 64, 32, 8, 2),
+        ("32", 4): _cfg(16, 32, 32, 8, 2),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise math (no libdevice: the interpreter cannot run it)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expm1_series(xs):
+    """e^x - 1 for |x| < 1/2 (Taylor series to x^9, relative error < 1e-9)."""
+    t = 1.0 + xs * (1.0 / 9.0)
+    t = 1.0 + xs * (1.0 / 8.0) * t
+    t = 1.0 + xs * (1.0 / 7.0) * t
+    t = 1.0 + xs * (1.0 / 6.0) * t
+    t = 1.0 + xs * (1.0 / 5.0) * t
+    t = 1.0 + xs * (1.0 / 4.0) * t
+    t = 1.0 + xs * (1.0 / 3.0) * t
+    t = 1.0 + xs * (1.0 / 2.0) * t
+    return xs * t
+
+
+@triton.jit
+def _expm1(x):
+    """e^x - 1 with relative accuracy: the series below |x| = 1/2, else exp(x) - 1."""
+    small = tl.abs(x) < 0.5
+    return tl.where(small, _expm1_series(tl.where(small, x, 0.0)), tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _kl_term(x, lq, q):
+    """q phi(x), phi(x) = e^x - 1 - x >= 0, q = e^lq: the series x^2/2! + ... + x^11/11! below
+    |x| = 1/2, else e^(lq + x) - q (1 + x) (no overflow of e^x where q underflows)."""
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    t = 1.0 + xs * (1.0 / 11.0)
+    t = 1.0 + xs * (1.0 / 10.0) * t
+    t = 1.0 + xs * (1.0 / 9.0) * t
+    t = 1.0 + xs * (1.0 / 8.0) * t
+    t = 1.0 + xs * (1.0 / 7.0) * t
+    t = 1.0 + xs * (1.0 / 6.0) * t
+    t = 1.0 + xs * (1.0 / 5.0) * t
+    t = 1.0 + xs * (1.0 / 4.0) * t
+    t = 1.0 + xs * (1.0 / 3.0) * t
+    return tl.where(small, 0.5 * xs * xs * t * q, tl.exp(lq + x) - q * (1.0 + x))
+
+
+@triton.jit
+def _tv_term(x, lq, q):
+    """|q~ - q| = q |expm1(x)|: the series below |x| = 1/2, else |e^(lq + x) - q| (cancels by at
+    most a factor 2.6 there)."""
+    small = tl.abs(x) < 0.5
+    return tl.where(small, q * tl.abs(_expm1_series(tl.where(small, x, 0.0))),
+                    tl.abs(tl.exp(lq + x) - q))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _js_term(x, lq, q):
+    """q psi(x), q = e^lq, x = log q~ - log q, psi(x) = (x e^x - (1+e^x) log((1+e^x)/2)) / 2.
+
+    Below |x| = 1/4: psi = x^2/8 (1 + x/2 + x^2/8 + x^3/48 + x^4/288 + x^5/1440 + x^6/11520
+    - x^7/483840 - x^8/4838400). Above: the mixture form 0.5 [q A + q~ (A + x)] with
+    A = ln2 - softplus(x) (softplus(-x) = softplus(x) - x) and q~ = e^(lq + x) (never overflows).
+    """
+    small = tl.abs(x) < 0.25
+    xs = tl.where(small, x, 0.0)
+    t = (1.0 / 11520.0) + xs * (-1.0 / 483840.0 + xs * (-1.0 / 4838400.0))
+    t = (1.0 / 1440.0) + xs * t
+    t = (1.0 / 288.0) + xs * t
+    t = (1.0 / 48.0) + xs * t
+    t = 0.125 + xs * t
+    t = 0.5 + xs * t
+    t = 1.0 + xs * t
+    big = 0.6931471805599453 - _softplus(x)
+    big = 0.5 * (q * big + tl.exp(lq + x) * (big + x))
+    return tl.where(small, 0.125 * xs * xs * t * q, big)
+
+
+@triton.jit
+def _capped_delta(a, dd, cap):
+    """c (tanh(a + dd) - tanh(a)) = 4c sinh(dd) e^(-s) / ((1 + e^-2|a+dd|)(1 + e^-2|a|)),
+    s = |a + dd| + |a| >= |dd| (so e^(+-dd - s) never overflows); sinh by series below 1/2."""
+    x = a + dd
+    s = tl.abs(x) + tl.abs(a)
+    small = tl.abs(dd) < 0.5
+    ds = tl.where(small, dd, 0.0)
+    d2 = ds * ds
+    t = 1.0 + d2 * (1.0 / 110.0)
+    t = 1.0 + d2 * (1.0 / 72.0) * t
+    t = 1.0 + d2 * (1.0 / 42.0) * t
+    t = 1.0 + d2 * (1.0 / 20.0) * t
+    t = 1.0 + d2 * (1.0 / 6.0) * t
+    sh = tl.where(small, ds * t * tl.exp(-s), 0.5 * (tl.exp(dd - s) - tl.exp(-dd - s)))
+    den = (1.0 + tl.exp(-2.0 * tl.abs(x))) * (1.0 + tl.exp(-2.0 * tl.abs(a)))
+    return 4.0 * cap * sh / den
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles and kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h, stride_dr, stride_dm,
+             stride_w, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+             BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
+             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """(z [BLOCK_R, BLOCK_V], Delta [BLOCK_R, MP, BLOCK_V]) in float32 for rows r0.. and ``cols``.
+
+    Out-of-range rows, perturbations and columns are clamped to the last valid one (no masks in the
+    K-loop; callers mask what they keep). Each W tile feeds both dots.
+    """
+    rr = tl.arange(0, BLOCK_R)
+    r64 = tl.minimum(r0 + rr, n_rows - 1).to(tl.int64)
+    xx = tl.arange(0, BLOCK_R * MP)
+    xr64 = tl.minimum(r0 + xx // MP, n_rows - 1).to(tl.int64)
+    xj64 = tl.minimum(xx % MP, n_pert - 1).to(tl.int64)
+    c64 = tl.minimum(cols, vocab - 1).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    h_ptr = H + r64[:, None] * stride_h + dd[None, :]
+    d_ptr = DL + xr64[:, None] * stride_dr + xj64[:, None] * stride_dm + dd[None, :]
+    w_ptr = W + c64[:, None] * stride_w + dd[None, :]
+    acc_z = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
+    acc_d = tl.zeros([BLOCK_R * MP, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        if EVEN_D:
+            h = tl.load(h_ptr)
+            dl = tl.load(d_ptr)
+            w = tl.load(w_ptr)
+        else:
+            kmask = dd[None, :] < dim - d0
+            h = tl.load(h_ptr, mask=kmask, other=0.0)
+            dl = tl.load(d_ptr, mask=kmask, other=0.0)
+            w = tl.load(w_ptr, mask=kmask, other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            dl = dl.to(tl.float32)
+            w = w.to(tl.float32)
+        wt = tl.trans(w)
+        acc_z = tl.dot(h, wt, acc_z, input_precision=PRECISION)
+        acc_d = tl.dot(dl, wt, acc_d, input_precision=PRECISION)
+        h_ptr += BLOCK_D
+        d_ptr += BLOCK_D
+        w_ptr += BLOCK_D
+    if HAS_BIAS:
+        acc_z = acc_z + tl.load(B + c64).to(tl.float32)[None, :]
+    u = acc_z * scale
+    du = tl.reshape(acc_d * scale, (BLOCK_R, MP, BLOCK_V))
+    if HAS_CAP:
+        a = u / softcap
+        z = softcap * tanh(a)
+        delta = _capped_delta(a[:, None, :], du / softcap, softcap)
+    else:
+        z = u
+        delta = du
+    return z, delta
+
+
+@triton.jit
+def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, dim, n_pert,
+                     stride_h, stride_dr, stride_dm, stride_w, scale, softcap, split_offset, n_tiles,
+                     NEED_L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                     BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (row, split): m, S = sum e^(z-m), C = sum e^(z-m) Delta, the max k of Delta with
+    T = sum e^(z-m) e^(Delta-k) (the overflow-proof form of lse(z~) - lse(z), used for large
+    divergences), and, when NEED_L, the running mean sh = C/S with E = sum e^(z-m) expm1(Delta - sh),
+    re-centred on every tile: moving the shift by d maps E to e^-d E + expm1(-d) S, so E/S stays
+    O(|Delta - c|) and L = sh + log1p(E/S) keeps relative accuracy where T would lose ~eps in L."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1) + split_offset
+    r0 = pid_r * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    jj = tl.arange(0, MP)
+    m = tl.full([BLOCK_R], _NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    c = tl.zeros([BLOCK_R, MP], dtype=tl.float32)
+    k = tl.full([BLOCK_R, MP], _NEG_BIG, tl.float32)
+    t = tl.zeros([BLOCK_R, MP], dtype=tl.float32)
+    sh = tl.zeros([BLOCK_R, MP], dtype=tl.float32)
+    e = tl.zeros([BLOCK_R, MP], dtype=tl.float32)
+    for i in range(0, n_tiles):
+        cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab
+        z, delta = _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h,
+                            stride_dr, stride_dm, stride_w, scale, softcap, HAS_BIAS, HAS_CAP,
+                            BLOCK_R, MP, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
+        z = tl.where(col_ok[None, :], z, _NEG_BIG)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        w = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)
+        s_old = alpha * s
+        s = s_old + tl.sum(w, axis=1)
+        w3 = w[:, None, :]
+        c = alpha[:, None] * c + tl.sum(w3 * delta, axis=2)
+        delta = tl.where(col_ok[None, None, :], delta, _NEG_BIG)
+        k_new = tl.maximum(k, tl.max(delta, axis=2))
+        t = (alpha[:, None] * tl.exp(k - k_new)) * t + tl.sum(w3 * tl.exp(delta - k_new[:, :, None]), axis=2)
+        k = k_new
+        if NEED_L:
+            sh_new = c / s[:, None]
+            d = sh_new - sh
+            e = tl.exp(-d) * (alpha[:, None] * e) + _expm1(-d) * s_old[:, None]
+            e += tl.sum(w3 * _expm1(tl.maximum(delta - sh_new[:, :, None], -80.0)), axis=2)
+            sh = sh_new
+        m = m_new
+    row_ok = rows < n_rows
+    out = pid_s.to(tl.int64) * n_rows + rows.to(tl.int64)
+    tl.store(PM + out, m, mask=row_ok)
+    tl.store(PS + out, s, mask=row_ok)
+    out2 = out[:, None] * n_pert + jj[None, :]
+    ok2 = row_ok[:, None] & (jj[None, :] < n_pert)
+    tl.store(PC + out2, c, mask=ok2)
+    tl.store(PK + out2, k, mask=ok2)
+    tl.store(PT + out2, t, mask=ok2)
+    if NEED_L:
+        tl.store(PSH + out2, sh, mask=ok2)
+        tl.store(PE + out2, e, mask=ok2)
+
+
+@triton.jit
+def _cf_integrand_kernel(H, DL, W, B, LSE, SHIFT, PF, n_rows, vocab, dim, n_pert, stride_h,
+                         stride_dr, stride_dm, stride_w, scale, softcap, split_offset, n_tiles,
+                         KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
+                         BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1) + split_offset
+    r0 = pid_r * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    jj = tl.arange(0, MP)
+    ok2 = row_ok[:, None] & (jj[None, :] < n_pert)
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(LSE + rows64, mask=row_ok, other=0.0)
+    shift = tl.load(SHIFT + rows64[:, None] * n_pert + jj[None, :], mask=ok2, other=0.0)
+    acc = tl.zeros([BLOCK_R, MP], dtype=tl.float32)
+    for i in range(0, n_tiles):
+        cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab
+        z, delta = _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h,
+                            stride_dr, stride_dm, stride_w, scale, softcap, HAS_BIAS, HAS_CAP,
+                            BLOCK_R, MP, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
+        lq = tl.where(col_ok[None, :], z - lse[:, None], _NEG_BIG)
+        q = tl.exp(lq)[:, None, :]
+        lq = lq[:, None, :]
+        x = delta - shift[:, :, None]
+        if KIND == 0:
+            f = _kl_term(x, lq, q)
+        elif KIND == 1:
+            f = _tv_term(x, lq, q)
+        else:
+            f = _js_term(x, lq, q)
+        acc += tl.sum(tl.where(col_ok[None, None, :], f, 0.0), axis=2)
+    out2 = (pid_s.to(tl.int64) * n_rows + rows64)[:, None] * n_pert + jj[None, :]
+    tl.store(PF + out2, acc, mask=ok2)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded(m: int) -> int:
+    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+
+
+def config(device: torch.device, dtype: torch.dtype, mp: int) -> dict[str, int]:
+    width = "32" if dtype == torch.float32 else "16"
+    return CONFIGS[arch_key(device)][(width, mp)]
+
+
+def _launch(kernel, cfg: dict[str, int], block_r: int, n_rows: int, vocab: int, args: tuple,
+            consts: dict) -> None:
+    """Run ``kernel`` over (row blocks, vocabulary splits); the last, shorter split apart, so that
+    the loop trip count is a plain argument."""
+    splits = triton.cdiv(vocab, cfg["V_SPLIT"])
+    full_tiles = cfg["V_SPLIT"] // cfg["BLOCK_V"]
+    last_tiles = triton.cdiv(vocab - (splits - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
+    for split_offset, count, n_tiles in ((0, splits - 1, full_tiles), (splits - 1, 1, last_tiles)):
+        if count == 0:
+            continue
+        kernel[(triton.cdiv(n_rows, block_r), count)](
+            *args, split_offset, n_tiles, **consts, BLOCK_R=block_r, BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"], V_SPLIT=cfg["V_SPLIT"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+
+
+def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
+    """At most MAX_MP perturbations (deltas [R, M, D], rows of D contiguous) -> [R, M] float32."""
+    r, m_pert, dim = deltas.shape
+    vocab = weight.shape[0]
+    mp = _padded(m_pert)
+    cfg = config(hidden.device, hidden.dtype, mp)
+    splits = triton.cdiv(vocab, cfg["V_SPLIT"])
+    dev = hidden.device
+    pm = torch.empty(splits, r, dtype=torch.float32, device=dev)
+    ps = torch.empty_like(pm)
+    pc = torch.empty(splits, r, m_pert, dtype=torch.float32, device=dev)
+    pk = torch.empty_like(pc)
+    pt = torch.empty_like(pc)
+    need_l = kind != "kl"
+    psh = torch.empty_like(pc) if need_l else pc
+    pe = torch.empty_like(pc) if need_l else pc
+    head = (hidden, deltas, weight, bias if bias is not None else hidden)
+    sizes = (r, vocab, dim, m_pert, hidden.stride(0), deltas.stride(0), deltas.stride(1),
+             weight.stride(0), params.scale, params.softcap or 1.0)
+    consts = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None, MP=mp,
+                  EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
+                  PRECISION=dot_precision(hidden.dtype))
+    _launch(_cf_stats_kernel, cfg, cfg["BLOCK_R"], r, vocab,
+            (*head, pm, ps, pc, pk, pt, psh, pe, *sizes), dict(consts, NEED_L=need_l))
+    # merge the splits in a fixed order
+    top = pm.amax(dim=0)                                          # [R]
+    a = torch.exp(pm - top)                                       # [S, R]
+    s_split = a * ps                                              # [S, R]
+    s = s_split.sum(dim=0).unsqueeze(1)                           # [R, 1]
+    lse = top + torch.log(s.squeeze(1))
+    a3 = a.unsqueeze(2)
+    c = (a3 * pc).sum(dim=0) / s                                  # E_q[Delta], [R, M]
+    k = pk.amax(dim=0)
+    l_big = k + torch.log((a3 * torch.exp(pk - k) * pt).sum(dim=0) / s)   # lse(z~) - lse(z)
+    if not need_l:
+        shift = c
+    else:
+        # re-centre every split's E on the global mean c: L = c + log1p(E / S) while E/S <= 1
+        d = c - psh                                               # [S, R, M]
+        e = (torch.exp(-d) * (a3 * pe) + torch.expm1(-d) * s_split.unsqueeze(2)).sum(dim=0) / s
+        shift = torch.where(e <= 1.0, c + torch.log1p(e), l_big)
+    pf = torch.empty_like(pc)
+    _launch(_cf_integrand_kernel, cfg, cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"], r, vocab,
+            (*head, lse.contiguous(), shift.contiguous(), pf, *sizes),
+            dict(consts, KIND=KIND_CODES[kind]))
+    f = pf.sum(dim=0)
+    if kind == "kl":
+        # F <= 1: KL = log1p(F) without cancellation; beyond (KL > ln 2, or an overflowed F), the
+        # difference of log-normalizers is accurate in relative terms
+        return torch.where(f <= 1.0, torch.log1p(f), (l_big - c).clamp_min(0.0))
+    if kind == "tv":
+        return f.mul_(0.5).clamp_(0.0, 1.0)
+    return f.clamp_(0.0, LN2)
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
+    """hidden [R, D], weight [V, D], bias [V] | None, deltas [R, M, D] (contiguous) -> [R, M] fp32.
+
+    Perturbations are processed MAX_MP at a time (each launch recomputes the base logits).
+    """
+    r, m_pert, _ = deltas.shape
+    out = torch.empty(r, m_pert, dtype=torch.float32, device=hidden.device)
+    if r == 0 or m_pert == 0:
+        return out
+    for m0 in range(0, m_pert, MAX_MP):
+        m1 = min(m_pert, m0 + MAX_MP)
+        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, kind)
+    return out
+
+
+def compile_cases(arch: str) -> list[CompileCase]:
+    """Both kernels at every pinned (width, MP) configuration of ``arch``: bf16 and fp32 with every
+    flag on (bias, soft cap, D tail) for each kernel variant (statistics with and without the L
+    accumulators, integrand for each kind), and bf16 with no flags (the large-shape default) for the
+    KL path. fp16 lowers like bf16."""
+    cases = []
+    for (width, mp), cfg in CONFIGS[arch].items():
+        variants = [(torch.bfloat16, True), (torch.bfloat16, False)] if width == "16" \
+            else [(torch.float32, True)]
+        for dtype, full in variants:
+            t = TL_DTYPE_NAMES[dtype]
+            head = {"H": f"*{t}", "DL": f"*{t}", "W": f"*{t}", "B": f"*{t}"}
+            sizes = {"n_rows": "i32", "vocab": "i32", "dim": "i32", "n_pert": "i32",
+                     "stride_h": "i64", "stride_dr": "i64", "stride_dm": "i64", "stride_w": "i64",
+                     "scale": "fp32", "softcap": "fp32", "split_offset": "i32", "n_tiles": "i32"}
+            consts = {"HAS_BIAS": full, "HAS_CAP": full, "BLOCK_R": cfg["BLOCK_R"], "MP": mp,
+                      "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"],
+                      "V_SPLIT": cfg["V_SPLIT"], "EVEN_D": not full, "UPCAST": False,
+                      "PRECISION": dot_precision(dtype)}
+            tag = f"{t}-mp{mp}{'-all-flags' if full else ''}"
+            large = dtype == torch.bfloat16
+            div = ("dim", "stride_h", "stride_dr", "stride_dm", "stride_w")
+            for need_l in ((False, True) if full else (False,)):
+                sconsts = {"NEED_L": need_l, **consts}
+                stats_sig = {**head, "PM": "*fp32", "PS": "*fp32", "PC": "*fp32", "PK": "*fp32",
+                             "PT": "*fp32", "PSH": "*fp32", "PE": "*fp32", **sizes,
+                             **{k: "constexpr" for k in sconsts}}
+                cases.append(CompileCase(f"stats{'-L' if need_l else ''}-{tag}", _cf_stats_kernel,
+                                         stats_sig, sconsts, cfg["num_warps"], cfg["num_stages"],
+                                         large_shape_config=large, divisible_ints=div))
+            for kind in (("kl", "tv", "js") if full else ("kl",)):
+                block_r = cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"]
+                kconsts = {"KIND": KIND_CODES[kind], **consts, "BLOCK_R": block_r}
+                sig = {**head, "LSE": "*fp32", "SHIFT": "*fp32", "PF": "*fp32", **sizes,
+                       **{k: "constexpr" for k in kconsts}}
+                cases.append(CompileCase(f"integrand-{kind}-{tag}", _cf_integrand_kernel, sig,
+                                         kconsts, cfg["num_warps"], cfg["num_stages"],
+                                         large_shape_config=large, divisible_ints=div))
+    return cases

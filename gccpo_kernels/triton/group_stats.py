@@ -1,0 +1,198 @@
+"""Triton backend for SPEC §4: group-wise answer-distribution statistics, rows sorted by group.
+
+Three passes over W (6RVD FLOPs), none holding an R x V tensor:
+  1. row statistics lse_i and H(q_i): the SPEC §1 forward kernel (``triton.linear_logprobs``),
+     whose per-row running max / sum / entropy accumulator is exactly what is needed.
+  2. ``_mixture_kernel``: a program owns GB consecutive groups and one [BLOCK_V] vocabulary tile.
+     It walks the rows of its groups in blocks of BLOCK_R, recomputes their logit tile, forms
+     q = e^(z - lse) and adds it into its [GB, BLOCK_V] accumulator with one small dot against the
+     0/1 membership matrix (float32, ieee). No other program writes that part of q_bar: no
+     atomics, deterministic, any group sizes (a group of 100k rows is just a longer loop).
+  3. ``_row_kl_kernel``: per (row block, vocabulary split) sum_v q_v (log q_v - log q_bar_g,v),
+     term by term, reading log q_bar from the [G, V] buffer (SPEC §4 allows O(groups * V)).
+H(q_bar) is an O(G * V) elementwise reduction on the host side (torch), as are the group means.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._logits import LogitParams
+from ..chunked.group_stats import segment_mean
+from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, upcast_dots
+from .linear_logprobs import _logit_tile
+from .linear_logprobs import forward as _row_forward
+
+
+def _cfg(r: int, v: int, d: int, warps: int, stages: int, gb: int = 16,
+         split: int = 8192) -> dict[str, int]:
+    return dict(BLOCK_R=r, BLOCK_V=v, BLOCK_D=d, GB=gb, V_SPLIT=split, num_warps=warps,
+                num_stages=stages)
+
+
+# Pinned per architecture and input width, never by R or G.
+CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "interpreter": {"16": _cfg(16, 64, 64, 4, 1, split=128), "32": _cfg(16, 64, 64, 4, 1, split=128)},
+    "sm90": {"16": _cfg(64, 128, 64, 8, 3), "32": _cfg(64, 64, 32, 8, 3)},
+    "sm80": {"16": _cfg(64, 128, 32, 8, 3), "32": _cfg(32, 64, 32, 8, 2)},
+}
+
+
+@triton.jit
+def _mixture_kernel(H, W, B, LSE, GID, OFF, MIX, n_rows, vocab, dim, n_groups, stride_h, stride_w,
+                    stride_mix, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    GB: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    pid_g = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    g0 = pid_g * GB
+    gs = g0 + tl.arange(0, GB)
+    g_ok = gs < n_groups
+    lo = tl.load(OFF + g0)
+    hi = tl.load(OFF + tl.minimum(g0 + GB, n_groups))
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < vocab
+    acc = tl.zeros([GB, BLOCK_V], dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < hi
+        z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
+                        softcap, HAS_BIAS, HAS_CAP, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
+                        PRECISION)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        q = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
+        gid = tl.load(GID + rows, mask=row_ok, other=-1)
+        member = tl.where(gid[None, :] == gs[:, None], 1.0, 0.0)
+        acc = tl.dot(member, q, acc, input_precision="ieee")
+    size = tl.load(OFF + gs + 1, mask=g_ok, other=1) - tl.load(OFF + gs, mask=g_ok, other=0)
+    mix = acc / tl.maximum(size, 1).to(tl.float32)[:, None]
+    ptr = MIX + gs.to(tl.int64)[:, None] * stride_mix + cols[None, :]
+    tl.store(ptr, mix, mask=g_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _row_kl_kernel(H, W, B, LSE, GID, LMIX, PK, n_rows, vocab, dim, stride_h, stride_w, stride_mix,
+                   scale, softcap, split_offset, n_tiles, HAS_BIAS: tl.constexpr,
+                   HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1) + split_offset
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(LSE + rows64, mask=row_ok, other=0.0)
+    gid = tl.load(GID + rows64, mask=row_ok, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for i in range(0, n_tiles):
+        cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab
+        z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
+                        softcap, HAS_BIAS, HAS_CAP, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
+                        PRECISION)
+        lq = z - lse[:, None]
+        lm = tl.load(LMIX + gid[:, None] * stride_mix + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        term = tl.exp(lq) * (lq - lm)
+        acc += tl.sum(tl.where(col_ok[None, :], term, 0.0), axis=1)
+    tl.store(PK + pid_s.to(tl.int64) * n_rows + rows64, acc, mask=row_ok)
+
+
+def config(device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+    return CONFIGS[arch_key(device)]["32" if dtype == torch.float32 else "16"]
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            offsets: list[int], params: LogitParams):
+    """hidden [R, D] sorted by group (contiguous), weight [V, D], offsets: G+1 host ints.
+
+    Returns float32 (row_entropy [R], row_kl [R], mixture_entropy [G], mean_entropy [G], js [G]).
+    Extra memory: the [G, V] mixtures, O(R * V / V_SPLIT) split partials.
+    """
+    r, dim = hidden.shape
+    vocab = weight.shape[0]
+    num_groups = len(offsets) - 1
+    dev = hidden.device
+    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
+                         device=dev)
+    if r == 0:
+        z = torch.zeros(num_groups, dtype=torch.float32, device=dev)
+        e = torch.zeros(0, dtype=torch.float32, device=dev)
+        return e, e.clone(), z, z.clone(), z.clone()
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
+    off = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    # pass 1: lse and entropy per row (the SPEC §1 forward; its log-prob output is not used)
+    _, row_entropy, lse = _row_forward(hidden, weight, bias, torch.zeros(r, dtype=torch.long, device=dev),
+                                       params)
+    lse = lse.contiguous()
+    cfg = config(dev, hidden.dtype)
+    common = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
+                  BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                  EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
+                  PRECISION=dot_precision(hidden.dtype), num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    b_arg = bias if bias is not None else hidden
+    # pass 2: mixtures
+    mix = torch.empty(num_groups, vocab, dtype=torch.float32, device=dev)
+    if num_groups > 0:
+        grid = (triton.cdiv(num_groups, cfg["GB"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+        _mixture_kernel[grid](hidden, weight, b_arg, lse, gid, off, mix, r, vocab, dim, num_groups,
+                              hidden.stride(0), weight.stride(0), mix.stride(0), params.scale,
+                              params.softcap or 1.0, GB=cfg["GB"], **common)
+    mixture_entropy = -torch.special.xlogy(mix, mix).sum(dim=1)
+    log_mix = mix.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+    # pass 3: KL(q_i || q_bar_g) per row and vocabulary split
+    splits = triton.cdiv(vocab, cfg["V_SPLIT"])
+    pk = torch.empty(splits, r, dtype=torch.float32, device=dev)
+    full_tiles = cfg["V_SPLIT"] // cfg["BLOCK_V"]
+    last_tiles = triton.cdiv(vocab - (splits - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
+    for split_offset, count, n_tiles in ((0, splits - 1, full_tiles), (splits - 1, 1, last_tiles)):
+        if count == 0:
+            continue
+        _row_kl_kernel[(triton.cdiv(r, cfg["BLOCK_R"]), count)](
+            hidden, weight, b_arg, lse, gid, log_mix, pk, r, vocab, dim, hidden.stride(0),
+            weight.stride(0), log_mix.stride(0), params.scale, params.softcap or 1.0, split_offset,
+            n_tiles, V_SPLIT=cfg["V_SPLIT"], **common)
+    row_kl = pk.sum(dim=0)
+    row_kl.masked_fill_(sizes.index_select(0, gid.long()) == 1, 0.0)
+    mean_entropy = segment_mean(row_entropy, sizes)
+    js = segment_mean(row_kl, sizes)
+    return row_entropy, row_kl, mixture_entropy, mean_entropy, js
+
+
+def compile_cases(arch: str) -> list[CompileCase]:
+    """The mixture and row-KL kernels at the pinned configurations of ``arch`` (pass 1 is the
+    SPEC §1 forward kernel, compiled with its own module): bf16 plain and with every flag,
+    fp16 and fp32 with every flag."""
+    cases = []
+    for dtype, full in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True),
+                        (torch.float32, True)):
+        t = TL_DTYPE_NAMES[dtype]
+        cfg = CONFIGS[arch]["32" if dtype == torch.float32 else "16"]
+        head = {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "LSE": "*fp32", "GID": "*i32"}
+        flags = {"HAS_BIAS": full, "HAS_CAP": full, "BLOCK_R": cfg["BLOCK_R"],
+                 "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"]}
+        tail = {"EVEN_D": not full, "UPCAST": False, "PRECISION": dot_precision(dtype)}
+        tag = f"{t}{'-all-flags' if full else ''}"
+        large = dtype == torch.bfloat16
+        div = ("dim", "stride_h", "stride_w", "stride_mix")
+        mix_const = {**flags, "GB": cfg["GB"], **tail}
+        mix_sig = {**head, "OFF": "*i32", "MIX": "*fp32", "n_rows": "i32", "vocab": "i32",
+                   "dim": "i32", "n_groups": "i32", "stride_h": "i64", "stride_w": "i64",
+                   "stride_mix": "i64", "scale": "fp32", "softcap": "fp32",
+                   **{k: "constexpr" for k in mix_const}}
+        cases.append(CompileCase(f"mixture-{tag}", _mixture_kernel, mix_sig, mix_const,
+                                 cfg["num_warps"], cfg["num_stages"], large_shape_config=large,
+                                 divisible_ints=div))
+        kl_const = {**flags, "V_SPLIT": cfg["V_SPLIT"], **tail}
+        kl_sig = {**head, "LMIX": "*fp32", "PK": "*fp32", "n_rows": "i32", "vocab": "i32",
+                  "dim": "i32", "stride_h": "i64", "stride_w": "i64", "stride_mix": "i64",
+                  "scale": "fp32", "softcap": "fp32", "split_offset": "i32", "n_tiles": "i32",
+                  **{k: "constexpr" for k in kl_const}}
+        cases.append(CompileCase(f"row_kl-{tag}", _row_kl_kernel, kl_sig, kl_const,
+                                 cfg["num_warps"], cfg["num_stages"], large_shape_config=large,
+                                 divisible_ints=div))
+    return cases
