@@ -9,6 +9,8 @@ float64 copies to get the exact answer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # ---------------------------------------------------------------------------------------------
@@ -49,92 +51,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# §3  counterfactual divergence
-# ---------------------------------------------------------------------------------------------
-
-import math  # noqa: E402  (appended section; the header's imports belong to §1)
-
-
-def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor, *,
-                              bias: torch.Tensor | None = None, temperature: float = 1.0,
-                              logit_scale: float = 1.0, softcap: float | None = None,
-                              kind: str = "kl", answer_token_ids: torch.Tensor | None = None,
-                              dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """SPEC §3: D(q(.|h) || q(.|h + delta_m)) for hidden [R, D], deltas [R, M, D] -> [R, M].
-
-    Textbook forms on full [R, M, V] tensors, computed in ``dtype`` (float64 by default, where the
-    textbook forms are accurate to ~1e-15 for logits of size ~10). The perturbed latent h + delta is
-    formed in ``dtype`` (exact for 16-bit inputs), never rounded to the input dtype.
-    ``answer_token_ids`` restricts the vocabulary to those ids and renormalizes over them.
-    """
-    if answer_token_ids is not None:
-        weight = weight.index_select(0, answer_token_ids.long())
-        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
-    kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
-    z = logits(hidden, weight, bias, **kw)                                   # [R, V]
-    z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)  # [R, M, V]
-    lq = torch.log_softmax(z, dim=-1).unsqueeze(1)
-    lq_pert = torch.log_softmax(z_pert, dim=-1)
-    q, q_pert = lq.exp(), lq_pert.exp()
-    if kind == "kl":
-        return (q * (lq - lq_pert)).sum(-1)
-    if kind == "js":
-        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
-        return 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
-    if kind == "tv":
-        return 0.5 * (q - q_pert).abs().sum(-1)
-    raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# §4  group statistics
-# ---------------------------------------------------------------------------------------------
-
-
-def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, group_ids: torch.Tensor,
-                             num_groups: int, *, bias: torch.Tensor | None = None,
-                             temperature: float = 1.0, logit_scale: float = 1.0,
-                             softcap: float | None = None,
-                             answer_token_ids: torch.Tensor | None = None,
-                             dtype: torch.dtype = torch.float64,
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §4 for hidden [R, D] and group ids [R] in [0, num_groups), any order.
-
-    Returns (row_entropy [R], row_kl_to_mixture [R], group_mixture_entropy [G],
-    group_mean_entropy [G], group_js [G]) in ``dtype``, with group_js = H(mixture) - mean H(q_i) as
-    the spec writes it. A group of one member gets KL = JS = 0; an empty group gets zeros.
-    """
-    if answer_token_ids is not None:
-        weight = weight.index_select(0, answer_token_ids.long())
-        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
-    z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
-               softcap=softcap, dtype=dtype)
-    lq = torch.log_softmax(z, dim=-1)
-    q = lq.exp()
-    row_entropy = -(q * lq).sum(-1)
-    row_kl = torch.zeros_like(row_entropy)
-    mix_entropy = torch.zeros(num_groups, dtype=dtype, device=z.device)
-    mean_entropy = torch.zeros_like(mix_entropy)
-    js = torch.zeros_like(mix_entropy)
-    for g in range(num_groups):
-        members = (group_ids == g).nonzero().squeeze(1)
-        if members.numel() == 0:
-            continue
-        qbar = q.index_select(0, members).mean(0)
-        mix_entropy[g] = -torch.special.xlogy(qbar, qbar).sum()
-        mean_entropy[g] = row_entropy.index_select(0, members).mean()
-        if members.numel() > 1:
-            lqbar = torch.log(qbar)
-            row_kl[members] = (q[members] * (lq[members] - lqbar)).sum(-1)
-            js[g] = mix_entropy[g] - mean_entropy[g]
-    return row_entropy, row_kl, mix_entropy, mean_entropy, js
-
-
-# ---------------------------------------------------------------------------------------------
 # §2  Token-level clipped policy loss
 # ---------------------------------------------------------------------------------------------
-
-import math  # noqa: E402  (kept inside this section: the sections above are append-only)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
@@ -284,7 +202,87 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
 
 
 # ---------------------------------------------------------------------------------------------
-# §5-§6 episode rewards and advantages
+# §3  Counterfactual divergence
+# ---------------------------------------------------------------------------------------------
+
+
+def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor, *,
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
+                              logit_scale: float = 1.0, softcap: float | None = None,
+                              kind: str = "kl", answer_token_ids: torch.Tensor | None = None,
+                              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SPEC §3: D(q(.|h) || q(.|h + delta_m)) for hidden [R, D], deltas [R, M, D] -> [R, M].
+
+    Textbook forms on full [R, M, V] tensors, computed in ``dtype`` (float64 by default, where the
+    textbook forms are accurate to ~1e-15 for logits of size ~10). The perturbed latent h + delta is
+    formed in ``dtype`` (exact for 16-bit inputs), never rounded to the input dtype.
+    ``answer_token_ids`` restricts the vocabulary to those ids and renormalizes over them.
+    """
+    if answer_token_ids is not None:
+        weight = weight.index_select(0, answer_token_ids.long())
+        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
+    kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
+    z = logits(hidden, weight, bias, **kw)                                   # [R, V]
+    z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)  # [R, M, V]
+    lq = torch.log_softmax(z, dim=-1).unsqueeze(1)
+    lq_pert = torch.log_softmax(z_pert, dim=-1)
+    q, q_pert = lq.exp(), lq_pert.exp()
+    if kind == "kl":
+        return (q * (lq - lq_pert)).sum(-1)
+    if kind == "js":
+        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
+        return 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
+    if kind == "tv":
+        return 0.5 * (q - q_pert).abs().sum(-1)
+    raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# §4  Group-wise answer-distribution statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, group_ids: torch.Tensor,
+                             num_groups: int, *, bias: torch.Tensor | None = None,
+                             temperature: float = 1.0, logit_scale: float = 1.0,
+                             softcap: float | None = None,
+                             answer_token_ids: torch.Tensor | None = None,
+                             dtype: torch.dtype = torch.float64,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §4 for hidden [R, D] and group ids [R] in [0, num_groups), any order.
+
+    Returns (row_entropy [R], row_kl_to_mixture [R], group_mixture_entropy [G],
+    group_mean_entropy [G], group_js [G]) in ``dtype``, with group_js = H(mixture) - mean H(q_i) as
+    the spec writes it. A group of one member gets KL = JS = 0; an empty group gets zeros.
+    """
+    if answer_token_ids is not None:
+        weight = weight.index_select(0, answer_token_ids.long())
+        bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
+    z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
+               softcap=softcap, dtype=dtype)
+    lq = torch.log_softmax(z, dim=-1)
+    q = lq.exp()
+    row_entropy = -(q * lq).sum(-1)
+    row_kl = torch.zeros_like(row_entropy)
+    mix_entropy = torch.zeros(num_groups, dtype=dtype, device=z.device)
+    mean_entropy = torch.zeros_like(mix_entropy)
+    js = torch.zeros_like(mix_entropy)
+    for g in range(num_groups):
+        members = (group_ids == g).nonzero().squeeze(1)
+        if members.numel() == 0:
+            continue
+        qbar = q.index_select(0, members).mean(0)
+        mix_entropy[g] = -torch.special.xlogy(qbar, qbar).sum()
+        mean_entropy[g] = row_entropy.index_select(0, members).mean()
+        if members.numel() > 1:
+            lqbar = torch.log(qbar)
+            row_kl[members] = (q[members] * (lq[members] - lqbar)).sum(-1)
+            js[g] = mix_entropy[g] - mean_entropy[g]
+    return row_entropy, row_kl, mix_entropy, mean_entropy, js
+
+
+# ---------------------------------------------------------------------------------------------
+# §5-§6  Episode rewards and token advantages
 # ---------------------------------------------------------------------------------------------
 
 

@@ -108,4 +108,56 @@ def policy_loss(n, d, v, dtype, device, sets):
     return inputs, paths, {"backward": True, "gemm_flops_fwd_bwd": 6 * b * t * v * d}
 
 
-CASES = {"primitive": primitive, "policy_loss": policy_loss}
+def divergence(n, d, v, dtype, device, sets, m=4):
+    """SPEC §3: KL under M = 4 tangent perturbations for R = n // 2 rows (R = 4096 at the default
+    N = 8192), forward only, vs naive, TRL's chunked divergence once per perturbation, and the bare
+    GEMMs with the FLOPs of the triton kernel's two passes over W (2 * 2(M+1)RVD)."""
+    from benchmarks.test_bench_divergence import (_trl_available, make_inputs, naive_divergence,
+                                                  ours_divergence, trl_divergence)
+
+    r = max(1, n // 2)
+    inputs = []
+    for seed in range(sets):
+        h, w, deltas = make_inputs(r, m, d, v, seed=seed)
+        inputs.append((h.to(device, dtype), w.to(device, dtype), deltas.to(device, dtype)))
+    rows_all = lambda h, deltas: torch.cat([h, (h[:, None] + deltas).reshape(-1, h.shape[1])])  # noqa: E731
+
+    def bare(h, w, deltas):
+        x = rows_all(h, deltas)
+        return (x @ w.T, x @ w.T)  # two passes over W, as the triton kernel makes
+
+    paths = {"ours": ours_divergence, "naive": naive_divergence, "bare_gemm": bare}
+    if _trl_available():
+        paths["trl_loop"] = trl_divergence
+    return inputs, paths, {"backward": False}
+
+
+def group_stats(n, d, v, dtype, device, sets, groups=64):
+    """SPEC §4: group statistics for R = n // 2 rows in 64 groups, vs the bare GEMMs of the triton
+    backend's three passes over W (3 * 2RVD)."""
+    from gccpo_kernels import group_distribution_stats
+
+    r = max(2, n // 2)
+    inputs = []
+    for seed in range(sets):
+        h, w, _ = lm_inputs(r, d, v, dtype, device, seed)
+        ids = torch.randint(0, groups, (r,), generator=torch.Generator().manual_seed(seed))
+        inputs.append((h.detach(), w.detach(), ids.to(device)))
+
+    def ours(h, w, ids):
+        return group_distribution_stats(h, w, group_ids=ids).row_kl_to_mixture
+
+    def naive(h, w, ids):
+        q = torch.softmax((h @ w.T).float(), dim=-1)
+        mix = torch.zeros(int(ids.max()) + 1, q.shape[1], device=q.device).index_add_(0, ids, q)
+        mix = mix / torch.bincount(ids, minlength=mix.shape[0]).clamp(min=1)[:, None]
+        return (q * (q.clamp_min(1e-30).log() - mix[ids].clamp_min(1e-30).log())).sum(-1)
+
+    def bare(h, w, ids):
+        return (h @ w.T, h @ w.T, h @ w.T)
+
+    return inputs, {"ours": ours, "naive": naive, "bare_gemm": bare}, {"backward": False}
+
+
+CASES = {"primitive": primitive, "policy_loss": policy_loss, "divergence": divergence,
+         "group_stats": group_stats}
