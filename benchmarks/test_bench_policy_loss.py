@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
 import torch
 
 from benchmarks._harness import median_time, peak_rss_growth, ratio_info

