@@ -135,8 +135,16 @@ def test_forward(benchmark):
     times = _times(_fwd, repeats=3)
     benchmark.pedantic(_fwd(ours_logprobs, h, w, y), rounds=3, iterations=1, warmup_rounds=1)
     ours = benchmark.stats.stats.median
+    # what validate=True costs: the value checks alone (target range, finite hidden), per call
+    from gccpo_kernels._validation import check_finite, check_targets
+
+    def checks():
+        check_targets(y, y.shape, V, -100, True, h.device)
+        check_finite("hidden", h, True)
+
     benchmark.extra_info.update({"shape": [N, D, V], "dtype": str(DTYPE), "device": str(DEVICE),
                                  "median_s": {k: v for k, v in times.items()},
+                                 "validate_checks_s": median_time(checks, repeats=20),
                                  **ratio_info(ours, {k: v for k, v in times.items() if k != "ours"})})
 
 

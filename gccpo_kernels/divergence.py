@@ -215,7 +215,7 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()
-        bias = None if bias is None else bias.detach()
+        bias = None if bias is None else bias.detach().contiguous()
         if name == "reference":
             from . import reference
 

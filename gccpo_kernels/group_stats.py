@@ -139,7 +139,7 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight = hidden.detach(), weight.detach()
-        bias = None if bias is None else bias.detach()
+        bias = None if bias is None else bias.detach().contiguous()
         if name == "reference":
             from . import reference
 

@@ -27,8 +27,9 @@ def _impl(backend: str):
 class _LinearLogprobsFunction(torch.autograd.Function):
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] -> (logp [N], entropy [N]).
 
-    Ignored rows are dropped before any matmul (one nonzero() and host sync per call, when some rows
-    are ignored), so they cost nothing and get exactly zero output and gradient.
+    Ignored rows are dropped before any matmul (one host sync per call to test whether any row is
+    ignored, and a nonzero() when some are), so they cost nothing and get exactly zero output and
+    gradient.
     """
 
     @staticmethod
@@ -125,11 +126,11 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, ignore_index=ignore_index, dtype=out_dtype_for(hidden.dtype))
         return logp, (entropy if return_entropy else None)
-    h2 = hidden.reshape(-1, dim)
-    y1 = targets.reshape(-1).long()
-    if not h2.is_contiguous():
-        h2 = h2.contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
+    # the kernels index rows, targets and bias with unit strides: make every operand dense
+    h2 = hidden.reshape(-1, dim).contiguous()
+    y1 = targets.reshape(-1).long().contiguous()
+    w = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     logp, entropy = _LinearLogprobsFunction.apply(h2, w, bias, y1, int(ignore_index), params, name)
     logp = logp.reshape(lead)
     return logp, (entropy.reshape(lead) if return_entropy else None)

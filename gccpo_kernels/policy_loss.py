@@ -280,6 +280,11 @@ def _as_2d(t: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     return t[:, None] if t.dim() == 1 else t
 
 
+def _used(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Where a [B, T] or [B, 1] per-token/per-row input is read: unmasked tokens, or rows with one."""
+    return m if t.shape[1] > 1 else m.any(1, keepdim=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # the loss math (the one copy)
 # ------------------------------------------------------------------------------------------------
@@ -398,12 +403,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     tokens = count_rows.sum()
     adv = _as_2d(advantages, cd)
     if validate and adv.numel() > 0:
-        bad = ~torch.isfinite(adv) & (m if adv.shape[1] > 1 else m.any(1, keepdim=True))
+        bad = ~torch.isfinite(adv) & _used(m, adv)
         if bool(bad.any()):
             raise ValueError(f"advantages hold {int(bad.sum())} NaN/inf value(s) on unmasked tokens; "
                              "check the reward / advantage computation (e.g. a group std of 0)")
+    # garbage (NaN/inf) on masked tokens must not reach the backward: with a [B, 1] sequence-level
+    # ratio, the row's gradient sums 0 * adv over all its tokens, and 0 * NaN is NaN
+    adv = torch.where(_used(m, adv), adv, zero)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=logp.device, dtype=cd).reshape(())
+    if isinstance(loss_scale, torch.Tensor):
+        loss_scale = loss_scale.to(device=logp.device, dtype=cd).reshape(())
 
     lp = logp.to(cd)
     old = lp.detach() if old_logp is None else old_logp.to(cd)
@@ -423,7 +433,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     if cfg.dual_clip is not None:
         pg = torch.where(adv < 0, torch.min(pg, -adv * cfg.dual_clip), pg)
     if is_weights is not None:
-        pg = pg * _as_2d(is_weights, cd)
+        w = _as_2d(is_weights, cd)
+        pg = pg * torch.where(_used(m, w), w, zero)
     per_token = pg.expand(shape)
 
     kl = None

@@ -153,6 +153,20 @@ def test_large_perturbations_and_ranges(backend):
 
 
 @pytest.mark.parametrize("backend", FAST)
+def test_strided_bias_and_weight(backend):
+    """A bias view with stride 2 and a non-contiguous weight give the dense result."""
+    h, w, b = realistic(6, 64, 200, seed=4, bias=True)
+    h, w, b = h.float(), w.float(), b.float()
+    dl = deltas_for(h, 2, 0.05)
+    bs = torch.stack([b, -b], dim=1)[:, 0]
+    ws = w.T.contiguous().T
+    assert not (bs.is_contiguous() or ws.is_contiguous())
+    dense = counterfactual_divergence(h, w, dl, bias=b, backend=backend)
+    strided = counterfactual_divergence(h, ws, dl, bias=bs, backend=backend)
+    torch.testing.assert_close(strided, dense, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_zero_delta_gives_zero(backend):
     h, w, b = realistic(9, 33, 130, seed=7, bias=True)
     h, w, b = h.float(), w.float(), b.float()

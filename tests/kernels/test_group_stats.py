@@ -76,6 +76,20 @@ def test_low_precision_matches_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", FAST)
+def test_strided_bias_and_ids(backend):
+    """A stride-2 bias view, a non-contiguous weight and strided group ids give the dense result."""
+    h, w, b = head(sum(SIZES), 40, 150, seed=5, bias=True)
+    h, w, b = h.float(), w.float(), b.float()
+    ids = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES))
+    bs, ws = torch.stack([b, -b], dim=1)[:, 0], w.T.contiguous().T
+    ids_s = torch.stack([ids, ids], dim=1)[:, 0]
+    dense = group_distribution_stats(h, w, bias=b, group_ids=ids, num_groups=len(SIZES), backend=backend)
+    strided = group_distribution_stats(h, ws, bias=bs, group_ids=ids_s, num_groups=len(SIZES),
+                                       backend=backend)
+    assert_stats_close(strided, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_ids_in_any_order_match_offsets(backend):
     """Shuffled rows with group ids give the same per-row and per-group numbers as sorted rows with
     offsets; per-row outputs follow the caller's row order."""

@@ -157,6 +157,22 @@ def test_leading_dims_and_module(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_strided_inputs(backend):
+    """Views with non-unit strides (a column of a [N, 2] id tensor, every other bias entry, a
+    transposed-back weight) give the same result as dense copies."""
+    h, w, b, y = make(20, 64, 300, torch.float32, bias=True)
+    ys = torch.stack([y, y.flip(0)], dim=1)[:, 0]
+    bs = torch.stack([b, -b], dim=1)[:, 0]
+    ws = w.T.contiguous().T
+    hs = torch.cat([h, h], dim=1)[:, :64]
+    assert not (ys.is_contiguous() or bs.is_contiguous() or ws.is_contiguous() or hs.is_contiguous())
+    dense = fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend)
+    strided = fused_linear_logprobs(hs, ws, ys, bias=bs, return_entropy=True, backend=backend)
+    for a, c in zip(dense, strided):
+        torch.testing.assert_close(c, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_all_rows_ignored_and_empty(backend):
     h, w, _, y = make(5, 64, 100, torch.float32)
     h.requires_grad_()

@@ -175,6 +175,33 @@ def test_mask_dtypes_and_padding_garbage():
         assert torch.isfinite(g).all() and torch.count_nonzero(g[~batch["mask"]]) == 0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_garbage_advantages_and_weights_on_padding(level):
+    """NaN/inf per-token advantages and importance weights on masked tokens (TRL and verl pad with
+    anything) change neither the loss nor, under a [B, 1] sequence-level ratio, the gradient."""
+    batch = make_batch(seed=5)
+    adv_bt = batch["adv"][:, None].expand_as(batch["logp"]).clone()
+    w_bt = torch.rand(batch["logp"].shape, dtype=batch["logp"].dtype) + 0.5
+    cfg = PolicyLossConfig(importance_sampling_level=level, loss_agg="seq-mean-token-mean")
+    clean, _ = policy_loss(batch["logp"], batch["old"], adv_bt, batch["mask"], is_weights=w_bt, config=cfg)
+    (g_clean,) = torch.autograd.grad(clean, batch["logp"])
+    pad = ~batch["mask"]
+    assert pad.any()
+    dirty, _ = policy_loss(batch["logp"], batch["old"], adv_bt.masked_fill(pad, float("nan")),
+                           batch["mask"], is_weights=w_bt.masked_fill(pad, float("inf")), config=cfg)
+    (g_dirty,) = torch.autograd.grad(dirty, batch["logp"])
+    torch.testing.assert_close(dirty, clean, **TOL)
+    assert torch.isfinite(g_dirty).all()
+    torch.testing.assert_close(g_dirty, g_clean, **TOL)
+
+
+def test_tensor_loss_scale_keeps_a_scalar_loss():
+    batch = make_batch(seed=6)
+    loss, _ = policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"],
+                          loss_scale=torch.tensor([0.5]))
+    assert loss.shape == ()
+
+
 def test_dtypes():
     batch = make_batch(seed=2, dtype=torch.float32)
     loss, metrics = policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"])
