@@ -30,3 +30,12 @@ class LogitParams:
         if self.softcap is not None:
             u.div_(self.softcap).tanh_().mul_(self.softcap)
         return u
+
+
+def restrict_head(weight: torch.Tensor, bias: torch.Tensor | None,
+                  answer_token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head restricted to ``answer_token_ids`` ([K, D], [K]): a gather of K rows of W."""
+    if answer_token_ids is None:
+        return weight, bias
+    ids = answer_token_ids.long()
+    return weight.index_select(0, ids), (None if bias is None else bias.index_select(0, ids))

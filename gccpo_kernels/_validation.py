@@ -96,3 +96,22 @@ def check_finite(name: str, t: torch.Tensor, validate: bool) -> None:
     if validate and t.numel() > 0 and not bool(torch.isfinite(t.abs().amax())):
         count = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or inf); check the model's forward")
+
+
+def check_answer_ids(answer_token_ids: torch.Tensor | None, vocab: int, device: torch.device,
+                     validate: bool) -> None:
+    """answer_token_ids: None, or a non-empty [K] int tensor of distinct ids in [0, V)."""
+    if answer_token_ids is None:
+        return
+    if not isinstance(answer_token_ids, torch.Tensor) or answer_token_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("answer_token_ids must be an int64/int32 tensor of token ids")
+    if answer_token_ids.dim() != 1 or answer_token_ids.numel() == 0:
+        raise ValueError(f"answer_token_ids must be a non-empty 1-D tensor, got shape "
+                         f"{tuple(answer_token_ids.shape)}")
+    if answer_token_ids.device != device:
+        raise ValueError(f"answer_token_ids are on {answer_token_ids.device} but hidden is on {device}")
+    if validate:
+        if bool(((answer_token_ids < 0) | (answer_token_ids >= vocab)).any()):
+            raise ValueError(f"answer_token_ids must lie in [0, {vocab})")
+        if torch.unique(answer_token_ids).numel() != answer_token_ids.numel():
+            raise ValueError("answer_token_ids must be distinct (a repeated id would count twice)")

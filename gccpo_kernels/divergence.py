@@ -16,8 +16,9 @@ import math
 import torch
 
 from ._backend import resolve_backend
-from ._logits import LogitParams
-from ._validation import check_finite, check_float, check_lm_head, check_logit_params, out_dtype_for
+from ._logits import LogitParams, restrict_head
+from ._validation import (check_answer_ids, check_finite, check_float, check_lm_head,
+                          check_logit_params, out_dtype_for)
 
 KINDS = ("kl", "js", "tv")
 MODES = ("gaussian", "sibling")
@@ -126,34 +127,6 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
 # ---------------------------------------------------------------------------------------------
 # counterfactual divergence
 # ---------------------------------------------------------------------------------------------
-
-
-def check_answer_ids(answer_token_ids: torch.Tensor | None, vocab: int, device: torch.device,
-                     validate: bool) -> None:
-    """answer_token_ids: None, or a non-empty [K] int tensor of distinct ids in [0, V)."""
-    if answer_token_ids is None:
-        return
-    if not isinstance(answer_token_ids, torch.Tensor) or answer_token_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError("answer_token_ids must be an int64/int32 tensor of token ids")
-    if answer_token_ids.dim() != 1 or answer_token_ids.numel() == 0:
-        raise ValueError(f"answer_token_ids must be a non-empty 1-D tensor, got shape "
-                         f"{tuple(answer_token_ids.shape)}")
-    if answer_token_ids.device != device:
-        raise ValueError(f"answer_token_ids are on {answer_token_ids.device} but hidden is on {device}")
-    if validate:
-        if bool(((answer_token_ids < 0) | (answer_token_ids >= vocab)).any()):
-            raise ValueError(f"answer_token_ids must lie in [0, {vocab})")
-        if torch.unique(answer_token_ids).numel() != answer_token_ids.numel():
-            raise ValueError("answer_token_ids must be distinct (a repeated id would count twice)")
-
-
-def restrict_head(weight: torch.Tensor, bias: torch.Tensor | None,
-                  answer_token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head restricted to ``answer_token_ids`` ([K, D], [K]): a gather of K rows of W."""
-    if answer_token_ids is None:
-        return weight, bias
-    ids = answer_token_ids.long()
-    return weight.index_select(0, ids), (None if bias is None else bias.index_select(0, ids))
 
 
 def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor, *,

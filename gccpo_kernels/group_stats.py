@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 
 from ._backend import resolve_backend
-from ._logits import LogitParams
-from ._validation import check_finite, check_lm_head, check_logit_params, out_dtype_for
-from .divergence import check_answer_ids, restrict_head
+from ._logits import LogitParams, restrict_head
+from ._validation import (check_answer_ids, check_finite, check_lm_head, check_logit_params,
+                          out_dtype_for)
 
 
 class GroupStats(NamedTuple):

@@ -18,7 +18,6 @@ import torch
 
 from .._workspace import rows_per_chunk, workspace_bytes
 
-SCALES = ("group", "batch", "none")
 
 
 def dense_segments(group_index: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .._logits import LogitParams
-from .._validation import out_dtype_for
-from .._workspace import rows_per_chunk
+from .._workspace import workspace_bytes
+from ._common import chunk_rows, compute_operands
 
 LN2 = math.log(2.0)
 # psi(x) = (x e^x - (1 + e^x) log((1 + e^x)/2)) / 2 = x^2/8 * sum_k JS_SERIES[k] x^k: below
@@ -43,21 +43,6 @@ JS_SERIES = (1.0, 1.0 / 2, 1.0 / 8, 1.0 / 48, 1.0 / 288, 1.0 / 1440, 1.0 / 11520
 # per chunk, and CPU BLAS loses ~1.5x efficiency below a few hundred rows. With the workspace
 # budget (GCCPO_WORKSPACE_MB) larger, the budget decides.
 MIN_GEMM_ROWS = 512
-
-
-def compute_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(compute dtype, weight, bias) with weight and bias in the compute dtype."""
-    cd = out_dtype_for(hidden.dtype)
-    w = weight if weight.dtype == cd else weight.to(cd)
-    b = None if bias is None else (bias if bias.dtype == cd else bias.to(cd))
-    return cd, w, b
-
-
-def chunk_rows(vocab: int, per_row_buffers: int, dtype: torch.dtype, device: torch.device,
-               multiple: int = 8) -> int:
-    """Rows per chunk when ``per_row_buffers`` [V]-sized buffers are alive per row."""
-    elem = torch.finfo(dtype).bits // 8
-    return rows_per_chunk(vocab, elem * per_row_buffers, device, multiple=multiple)
 
 
 def capped_delta(a: torch.Tensor, dd: torch.Tensor, cap: float) -> torch.Tensor:
@@ -142,7 +127,9 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if r == 0 or m_pert == 0:
         return out
     sub = min(r, chunk_rows(vocab, 3 * m_pert + 3, cd, hidden.device, multiple=1))
-    chunk = min(r, max(sub, -(-MIN_GEMM_ROWS // (m_pert + 1))))
+    # the GEMM-efficiency floor applies only where it fits the workspace budget (SPEC §0)
+    fits = max(1, workspace_bytes(hidden.device) // (vocab * (m_pert + 1) * (torch.finfo(cd).bits // 8)))
+    chunk = min(r, max(sub, min(-(-MIN_GEMM_ROWS // (m_pert + 1)), fits)))
     xbuf = torch.empty(chunk * (m_pert + 1), d, dtype=cd, device=hidden.device)
     ubuf = torch.empty(chunk * (m_pert + 1), vocab, dtype=cd, device=hidden.device)
     scale = params.scale

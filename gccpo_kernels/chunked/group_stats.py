@@ -23,20 +23,11 @@ from __future__ import annotations
 import torch
 
 from .._logits import LogitParams
-from .divergence import chunk_rows, compute_operands
+from .._workspace import workspace_bytes
+from ._common import chunk_rows, compute_operands, tile_logits
 
 # GEMM rows per chunk at least (CPU BLAS is inefficient on thin GEMMs; 3 [128, V] buffers)
 MIN_CHUNK_ROWS = 128
-
-
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
-            out: torch.Tensor) -> torch.Tensor:
-    z = out[: h.shape[0]]
-    if b is None:
-        torch.mm(h, w.T, out=z)
-    else:
-        torch.addmm(b, h, w.T, out=z)
-    return params.apply_(z)
 
 
 def segment_mean(values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -66,12 +57,14 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lse = torch.zeros(r, dtype=cd, device=device)
     mix = torch.zeros(num_groups, vocab, dtype=cd, device=device)
     if r > 0:
-        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), MIN_CHUNK_ROWS))
+        # the floor applies only where it fits the workspace budget (SPEC §0)
+        fits = max(1, workspace_bytes(device) // (vocab * 3 * (torch.finfo(cd).bits // 8)))
+        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), min(MIN_CHUNK_ROWS, fits)))
         zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
         pbuf = torch.empty_like(zbuf)
         for start in range(0, r, chunk):
             stop = min(r, start + chunk)
-            z = _logits(hidden[start:stop].to(cd), w, b, params, zbuf)
+            z = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
             m = z.amax(dim=1, keepdim=True)
             zm = z.sub_(m)
             e = torch.exp(zm, out=pbuf[: stop - start])
@@ -91,7 +84,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if r > 0:
         for start in range(0, r, chunk):
             stop = min(r, start + chunk)
-            lq = _logits(hidden[start:stop].to(cd), w, b, params, zbuf)
+            lq = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
             lq.sub_(lse[start:stop].unsqueeze(1))
             q = torch.exp(lq, out=pbuf[: stop - start])
             diff = lq.sub_(log_mix.index_select(0, gid[start:stop]))

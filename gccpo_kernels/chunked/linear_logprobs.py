@@ -13,25 +13,8 @@ from __future__ import annotations
 import torch
 
 from .._logits import LogitParams
-from .._validation import out_dtype_for
 from .._workspace import tile_shape
-
-
-def _compute_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    cd = out_dtype_for(hidden.dtype)
-    w = weight if weight.dtype == cd else weight.to(cd)
-    b = None if bias is None else (bias if bias.dtype == cd else bias.to(cd))
-    return cd, w, b
-
-
-def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
-                 out: torch.Tensor) -> torch.Tensor:
-    """out <- z for the tile h [R, D] x w [Vc, D]^T, in place (u before the cap is not kept)."""
-    if b is None:
-        torch.mm(h, w.T, out=out)
-    else:
-        torch.addmm(b, h, w.T, out=out)
-    return params.apply_(out)
+from ._common import compute_operands, tile_logits
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -45,7 +28,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     16-bit inputs.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
-    cd, w, b = _compute_operands(hidden, weight, bias)
+    cd, w, b = compute_operands(hidden, weight, bias)
     logp = torch.empty(n, dtype=cd, device=hidden.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
@@ -64,7 +47,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         zy = torch.zeros_like(m)
         for v0 in range(0, vocab, cols):
             v1 = min(vocab, v0 + cols)
-            z = _tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
+            z = tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
                              zbuf[: r1 - r0, : v1 - v0])
             local = y - v0
             inside = (local >= 0) & (local < v1 - v0)
@@ -97,7 +80,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     need_h, need_w, need_b = needs
     n, vocab = hidden.shape[0], weight.shape[0]
-    cd, w, b = _compute_operands(hidden, weight, bias)
+    cd, w, b = compute_operands(hidden, weight, bias)
     device = hidden.device
     dh = torch.zeros(n, hidden.shape[1], dtype=cd, device=device) if need_h else None
     dw = torch.zeros(vocab, weight.shape[1], dtype=cd, device=device) if need_w else None
@@ -125,7 +108,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             slope = ge * -scale
         for v0 in range(0, vocab, cols):
             v1 = min(vocab, v0 + cols)
-            z = _tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
+            z = tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
                              zbuf[: r1 - r0, : v1 - v0])
             if dbuf is not None:
                 # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, taken before z is overwritten

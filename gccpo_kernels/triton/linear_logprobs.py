@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._logits import LogitParams
 from .._validation import out_dtype_for
-from .._workspace import tile_shape
+from .._workspace import tile_shape, workspace_bytes
 from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, tanh, upcast_dots
 
 # Pinned configurations (no run-time autotuning; independent of N for batch invariance), per
@@ -191,24 +191,33 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, D], weight [V, D] (contiguous rows), targets [N] in [0, V) -> (logp, entropy, lse).
 
-    Outputs float32 [N]. Extra memory: 4 * ceil(V / V_SPLIT) * N floats of split statistics.
+    Outputs float32 [N]. Extra memory: split statistics of 4 * ceil(V / V_SPLIT) floats per row, for
+    at most as many rows at once as the workspace budget allows (launches go by row chunks).
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _config(hidden.device, "fwd", hidden.dtype)
     splits = triton.cdiv(vocab, cfg["V_SPLIT"])
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    if n == 0:
-        empty = part[0, 0]
-        return empty, empty.clone(), empty.clone()
-    _logprob_forward_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
-        hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
-        part[3], n, vocab, dim, hidden.stride(0), weight.stride(0), params.scale,
-        params.softcap or 1.0, HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        V_SPLIT=cfg["V_SPLIT"], EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
-        PRECISION=dot_precision(hidden.dtype), **_launch_opts(cfg))
-    return _combine_splits(part[0], part[1], part[2], part[3])
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+    # Split statistics are [4, splits, rows] floats, plus about as much again while merging; rows
+    # per launch are bounded by the workspace budget so nothing here grows with N * V.
+    per_row = 4 * splits * 4 * 2
+    rows = max(cfg["BLOCK_N"], workspace_bytes(hidden.device) // per_row // cfg["BLOCK_N"] * cfg["BLOCK_N"])
+    part = torch.empty(4, splits, min(n, rows), dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        p = part[:, :, : r1 - r0]
+        _logprob_forward_kernel[(triton.cdiv(r1 - r0, cfg["BLOCK_N"]), splits)](
+            hidden[r0:r1], weight, bias if bias is not None else hidden, targets[r0:r1], p[0], p[1],
+            p[2], p[3], r1 - r0, vocab, dim, hidden.stride(0), weight.stride(0), params.scale,
+            params.softcap or 1.0, HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            V_SPLIT=cfg["V_SPLIT"], EVEN_D=dim % cfg["BLOCK_D"] == 0,
+            UPCAST=upcast_dots(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
+            **_launch_opts(cfg))
+        logp[r0:r1], entropy[r0:r1], lse[r0:r1] = _combine_splits(p[0], p[1], p[2], p[3])
+    return logp, entropy, lse
 
 
 _OUT_DTYPE_MM: dict[str, bool] = {}

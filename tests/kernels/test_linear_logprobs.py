@@ -128,14 +128,16 @@ def test_large_vocab_not_multiple_of_blocks(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_chunked_workspace_gives_same_result(backend, monkeypatch):
-    """A tiny workspace budget forces many row chunks in the backward (and forward on torch)."""
+@pytest.mark.parametrize("budget_mb", ["0.05", "0.001"])
+def test_chunked_workspace_gives_same_result(backend, budget_mb, monkeypatch):
+    """Tiny workspace budgets force many row and vocabulary tiles (and, at 1 KB, several forward
+    launches of the triton split statistics)."""
     h, w, b, y = make(150, 64, 300, torch.float32, bias=True)
     h.requires_grad_()
     w.requires_grad_()
     out_big = fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend)
     g_big = grads(out_big, (h, w))
-    monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.05")
+    monkeypatch.setenv("GCCPO_WORKSPACE_MB", budget_mb)
     out_small = fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend)
     g_small = grads(out_small, (h, w))
     for a, c in zip(out_big + g_big, out_small + g_small):
