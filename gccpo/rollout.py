@@ -118,7 +118,8 @@ def _pad_right(rows: list[torch.Tensor], width: int, value: float | int) -> torc
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generations: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
-             greedy: bool = False, batch_size: int | None = None) -> Rollout:
+             greedy: bool = False, batch_size: int | None = None,
+             progress: str | None = None) -> Rollout:
     """Sample ``num_generations`` completions of every prompt with transformers ``generate``.
 
     Args:
@@ -130,6 +131,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
         max_new_tokens: completion cap.
         greedy: argmax decoding (evaluation); no sampling log-probs then.
         batch_size: rows per ``generate`` call (None: all B rows at once).
+        progress: a tqdm bar with this description over the ``generate`` calls (None: no bar).
 
     Returns:
         :class:`Rollout` on the model's device.
@@ -158,7 +160,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
     model.eval()
     completions, logps = [], []
     try:
-        for start in range(0, B, step):
+        starts = range(0, B, step)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
+        for start in starts:
             ids, am = prompt_ids[start:start + step], prompt_mask[start:start + step].long()
             recorder = None if greedy else _SampledLogprobs(temperature, top_p)
             out = model.generate(input_ids=ids, attention_mask=am, generation_config=gen_config,

@@ -329,7 +329,7 @@ class Trainer:
     # ---- pieces of the step -------------------------------------------------------------------
 
     def sample(self, prompts: list[str], num_generations: int, *, greedy: bool = False,
-               max_new_tokens: int | None = None) -> Rollout:
+               max_new_tokens: int | None = None, progress: str | None = None) -> Rollout:
         r = self.config.rollout
         kwargs = dict(num_generations=num_generations, temperature=r.temperature, top_p=r.top_p,
                       max_new_tokens=max_new_tokens or r.max_new_tokens, greedy=greedy)
@@ -337,7 +337,8 @@ class Trainer:
             return self.sampler.generate(self.model, prompts, **kwargs)
         with self._autocast():
             return generate(self.model, self.tokenizer, prompts,
-                            batch_size=r.eval_batch_size if greedy else None, **kwargs)
+                            batch_size=r.eval_batch_size if greedy else None, progress=progress,
+                            **kwargs)
 
     def _truncated(self, rollout: Rollout) -> torch.Tensor:
         """``[B]`` bool: completions that hit the length cap without an EOS."""
@@ -481,7 +482,9 @@ class Trainer:
             if not problems:
                 continue
             prompts = [self.task.prompt_text(p, self.tokenizer) for p in problems]
-            r = self.sample(prompts, 1, greedy=True, max_new_tokens=self.config.rollout.eval_max_new_tokens)
+            bar = f"eval {split} (step {self.step})" if self.config.train.progress else None
+            r = self.sample(prompts, 1, greedy=True, max_new_tokens=self.config.rollout.eval_max_new_tokens,
+                            progress=bar)
             texts = self.tokenizer.batch_decode([ids[m] for ids, m in zip(r.completion_ids, r.completion_mask)],
                                                 skip_special_tokens=True)
             scores = outcome_rewards(self.task, problems, texts)
