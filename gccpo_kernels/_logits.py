@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import check_logit_params
+
 
 @dataclass(frozen=True)
 class LogitParams:
@@ -17,6 +19,12 @@ class LogitParams:
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: float | None = None
+
+    @classmethod
+    def of(cls, temperature: float, logit_scale: float, softcap: float | None) -> "LogitParams":
+        """Validated parameters from a public op's arguments (errors name the bad value)."""
+        check_logit_params(temperature, logit_scale, softcap)
+        return cls(float(temperature), float(logit_scale), None if softcap is None else float(softcap))
 
     @property
     def scale(self) -> float:

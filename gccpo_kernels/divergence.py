@@ -17,8 +17,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
-from ._validation import (check_answer_ids, check_finite, check_float, check_lm_head,
-                          check_logit_params, out_dtype_for)
+from ._validation import check_answer_ids, check_finite, check_float, check_lm_head, out_dtype_for
 
 KINDS = ("kl", "js", "tv")
 MODES = ("gaussian", "sibling")
@@ -166,7 +165,6 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     O(R*M) outputs plus a bounded workspace; never R x V (only the reference backend materializes).
     """
     check_lm_head(hidden, weight, bias)
-    check_logit_params(temperature, logit_scale, softcap)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if hidden.dim() != 2:
@@ -183,8 +181,7 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams(float(temperature), float(logit_scale),
-                         None if softcap is None else float(softcap))
+    params = LogitParams.of(temperature, logit_scale, softcap)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()

@@ -14,8 +14,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
-from ._validation import (check_answer_ids, check_finite, check_lm_head, check_logit_params,
-                          out_dtype_for)
+from ._validation import check_answer_ids, check_finite, check_lm_head, out_dtype_for
 
 
 class GroupStats(NamedTuple):
@@ -126,7 +125,6 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     sorted copy of hidden when group_ids are not sorted); never R x V.
     """
     check_lm_head(hidden, weight, bias)
-    check_logit_params(temperature, logit_scale, softcap)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
     r = hidden.shape[0]
@@ -134,8 +132,7 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
     check_finite("hidden", hidden, validate)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams(float(temperature), float(logit_scale),
-                         None if softcap is None else float(softcap))
+    params = LogitParams.of(temperature, logit_scale, softcap)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight = hidden.detach(), weight.detach()

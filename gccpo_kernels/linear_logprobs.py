@@ -111,14 +111,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     Memory: O(N + V*D) plus a bounded [chunk, V] workspace; never N x V.
     """
     check_lm_head(hidden, weight, bias)
-    check_logit_params(temperature, logit_scale, softcap)
     lead = hidden.shape[:-1]
     vocab, dim = weight.shape
     check_targets(targets, lead, vocab, ignore_index, validate, hidden.device)
     check_finite("hidden", hidden, validate)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams(float(temperature), float(logit_scale),
-                         None if softcap is None else float(softcap))
+    params = LogitParams.of(temperature, logit_scale, softcap)
     if name == "reference":
         from . import reference
 
