@@ -618,7 +618,8 @@ class Trainer:
                         ax.plot(*zip(*pts), style, label=f"eval {split} (greedy)")
             ax.set_title(title)
             ax.set_xlabel("step")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # e.g. no causal-reward curves under --algo grpo
+                ax.legend(fontsize=7)
         axes.flat[-1].axis("off")
         fig.tight_layout()
         path = self.run_dir / "plots.png"
