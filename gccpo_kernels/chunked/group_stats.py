@@ -20,6 +20,8 @@ the workspace budget, at least 128); never R x V. Arithmetic in float32 (float64
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .._logits import LogitParams
@@ -51,7 +53,6 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
                          device=device)
     gid = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes)
-    gid_host = [g for g in range(num_groups) for _ in range(offsets[g + 1] - offsets[g])]
     row_entropy = torch.zeros(r, dtype=cd, device=device)
     row_kl = torch.zeros(r, dtype=cd, device=device)
     lse = torch.zeros(r, dtype=cd, device=device)
@@ -73,7 +74,9 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             lse[start:stop] = m.squeeze(1) + log_s
             row_entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
             q = e.div_(s.unsqueeze(1))
-            g_lo, g_hi = gid_host[start], gid_host[stop - 1] + 1
+            # groups of rows start and stop - 1 (empty groups share an offset and are skipped)
+            g_lo = bisect.bisect_right(offsets, start) - 1
+            g_hi = bisect.bisect_right(offsets, stop - 1)
             member = (gid[start:stop].unsqueeze(0) ==
                       torch.arange(g_lo, g_hi, device=device).unsqueeze(1)).to(cd)
             mix[g_lo:g_hi].addmm_(member, q)
