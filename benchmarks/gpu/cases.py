@@ -16,12 +16,11 @@ def lm_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, 
               logit_std: float = 4.0):
     """hidden [n, d], LM head [v, d] scaled so logits have std ~4 (peaked softmaxes, like a trained
     head: near-uniform ones flatter peers that skip small gradients), targets [n]."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(n, d, generator=g)
-    w = torch.randn(v, d, generator=g) * (logit_std / d ** 0.5)
-    y = torch.randint(0, v, (n,), generator=g)
-    return (h.to(device, dtype).requires_grad_(), w.to(device, dtype).requires_grad_(),
-            y.to(device))
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the card: no host randn
+    h = torch.randn(n, d, generator=g, device=device)
+    w = torch.randn(v, d, generator=g, device=device) * (logit_std / d ** 0.5)
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    return h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), y
 
 
 def liger_ok(device: torch.device) -> bool:

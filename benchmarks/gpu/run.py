@@ -9,7 +9,8 @@ and here, on the CPU, as a dry run that exercises every code path at tiny shapes
     python benchmarks/gpu/run.py --dry
 
 What it does, in one run:
-1. runs the test suite on CUDA (``pytest tests -x -q``), unless --skip-tests;
+1. runs the kernel tests on CUDA (``pytest tests/kernels``, parallel workers where pytest-xdist is
+   installed), unless --skip-tests;
 2. for each case in benchmarks/gpu/cases.py (the SPEC §1 primitive, the §2 fused policy loss, the
    §3 divergence and the §4 group statistics), times every available path with CUDA events
    (median of many repetitions, rotating among several input sets so the L2 cache does not
@@ -138,15 +139,36 @@ def run_case(name, make, n, d, v, dtype, device, reps, sets):
     return rows
 
 
-def run_tests(device: torch.device, out_dir: str) -> dict:
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "pytest", "tests", "-x", "-q", "-p", "no:cacheprovider"]
+def run_tests(out_dir: str, paths: str, timeout_s: int) -> dict:
+    """Run the test suite on this device (CUDA: the kernels compile for the card), in parallel
+    workers when pytest-xdist is installed, each test bounded when pytest-timeout is."""
+    import importlib.util
+
+    cmd = [sys.executable, "-m", "pytest", *paths.split(","), "-q", "-p", "no:cacheprovider",
+           "-rfE"]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "8"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout", "150"]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                              timeout=timeout_s)
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        log = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rc = "timeout"
     with open(os.path.join(out_dir, "pytest.log"), "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    tail = (proc.stdout.strip().splitlines() or [""])[-1]
-    return {"returncode": proc.returncode, "summary": tail, "seconds": round(time.time() - t0, 1)}
+        f.write(log)
+    lines = log.strip().splitlines()
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    return {"returncode": rc, "summary": lines[-1] if lines else "", "failed": failed[:40],
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _write(report: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def main() -> None:
@@ -154,20 +176,29 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dry", action="store_true", help="tiny shapes on whatever device is here")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--tests", default="tests/kernels", help="comma-separated pytest paths")
+    parser.add_argument("--test-timeout", type=int, default=240, help="seconds for the whole suite")
     parser.add_argument("--only", default=",".join(CASES))
-    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--ns", default="4096,16384", help="token counts N for the --every-n cases")
+    parser.add_argument("--every-n", default="primitive,policy_loss",
+                        help="cases timed at every N; the others at the first N only")
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--v", type=int, default=151936)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated between reps")
+    parser.add_argument("--deadline", type=float, default=480,
+                        help="seconds after which the remaining cases are skipped (and recorded so)")
     args = parser.parse_args()
+    t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ns = [int(x) for x in args.ns.split(",")]
     if args.dry:
-        args.n, args.d, args.v, args.reps, args.sets = 256, 128, 4000, 3, 2
+        ns, args.d, args.v, args.reps, args.sets = [256, 512], 128, 4000, 3, 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "shape": [args.n, args.d, args.v], "dtype": str(dtype)}
+              "torch": torch.__version__, "ns": ns, "d": args.d, "v": args.v,
+              "dtype": str(dtype), "reps": args.reps, "sets": args.sets, "rows": []}
     try:
         import triton
 
@@ -175,26 +206,35 @@ def main() -> None:
     except Exception:
         report["triton"] = None
     if not args.skip_tests and not args.dry:
-        report["tests"] = run_tests(device, args.out)
-        print("tests:", report["tests"], flush=True)
-    rows = []
-    for name in args.only.split(","):
-        rows += run_case(name, CASES[name], args.n, args.d, args.v, dtype, device, args.reps,
-                         args.sets)
-        print(f"done {name}", flush=True)
-    report["rows"] = rows
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
-    print(f"{'case':<12} {'path':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'vs GEMM':>8} "
+        report["tests"] = run_tests(args.out, args.tests, args.test_timeout)
+        print("tests:", json.dumps(report["tests"], indent=1), flush=True)
+        _write(report, args.out)
+    every = set(args.every_n.split(","))
+    plan = [(name, n) for n in ns for name in args.only.split(",") if name in every or n == ns[0]]
+    for name, n in plan:
+        if time.time() - t_start > args.deadline:
+            report["rows"].append({"case": name, "n": n, "path": "-",
+                                   "error": "skipped: past the --deadline"})
+            continue
+        rows = run_case(name, CASES[name], n, args.d, args.v, dtype, device, args.reps, args.sets)
+        for r in rows:
+            r["n"] = n
+        report["rows"] += rows
+        report["elapsed_s"] = round(time.time() - t_start, 1)
+        _write(report, args.out)  # after every case: a run cut short still returns what it had
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"done {name} N={n} at {report['elapsed_s']} s", flush=True)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("rows", "tests")}))
+    print(f"{'case':<12} {'N':>6} {'path':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'vs GEMM':>8} "
           f"{'peak MiB':>9}")
-    for r in rows:
+    for r in report["rows"]:
         if "error" in r:
-            print(f"{r['case']:<12} {r['path']:<14} ERROR {r['error'][:60]}")
+            print(f"{r['case']:<12} {r['n']:>6} {r['path']:<14} ERROR {r['error'][:70]}")
             continue
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         fb = f"{r['fwd_bwd_ms']:>11.2f}" if "fwd_bwd_ms" in r else f"{'-':>11}"
-        print(f"{r['case']:<12} {r['path']:<14} {r['fwd_ms']:>9.2f} {fb} "
+        print(f"{r['case']:<12} {r['n']:>6} {r['path']:<14} {r['fwd_ms']:>9.2f} {fb} "
               f"{r.get('vs_gemm', float('nan')):>8.2f} {mem:>9}")
 
 
