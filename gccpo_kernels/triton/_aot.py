@@ -2,7 +2,9 @@
 
 Runs without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` produces
 PTX and a cubin; the cuobjdump shipped in the triton wheel reads registers, shared memory, stack
-and local memory (spills) from the cubin. This catches what the interpreter lets through: dot tiles
+and local memory from the cubin, and the ptxas triton compiles with, run verbosely on the PTX,
+counts spill stores and loads (a stack frame alone is not a spill: calls and some library
+routines use one). This catches what the interpreter lets through: dot tiles
 under 16, non-power-of-two blocks, shared memory over the limit, ops the GPU backend lacks.
 
 ``python -m gccpo_kernels.triton._aot [--json]`` prints a table (or JSON) of every kernel at every
@@ -45,6 +47,33 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+def _ptxas_path(cc: int) -> str:
+    """The ptxas triton itself compiles with for this arch (honours TRITON_PTXAS_PATH)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        tool = compiler.get_ptxas(cc)
+    except TypeError:  # triton 3.6: get_ptxas() takes no arch
+        tool = compiler.get_ptxas()
+    return getattr(tool, "path", tool)
+
+
+def _spills(ptx: str, cc: int) -> tuple[int, int]:
+    """Bytes of spill stores and spill loads ptxas reports for this PTX, summed over functions."""
+    gpu = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas_path(cc), "-v", f"--gpu-name={gpu}", src, "-o", dst],
+                              capture_output=True, text=True, check=True)
+    pairs = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                       proc.stdout + proc.stderr)
+    if not pairs:
+        raise RuntimeError(f"ptxas -v printed no spill counts: {proc.stderr[:300]}")
+    return sum(int(a) for a, _ in pairs), sum(int(b) for _, b in pairs)
+
+
 def kernel_modules() -> list[str]:
     import gccpo_kernels.triton as pkg
 
@@ -75,11 +104,13 @@ def compile_all(only: str | None = None) -> list[dict]:
                 compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
                 ptx = compiled.asm["ptx"]
                 usage = _resource_usage(compiled.asm["cubin"])
+                spill_stores, spill_loads = _spills(ptx, cc)
                 rows.append({
                     "module": mod_name, "case": case.name, "arch": arch,
                     "num_warps": case.num_warps, "num_stages": case.num_stages,
                     "registers": usage["reg"], "shared_bytes": int(compiled.metadata.shared),
                     "shared_limit": SHARED_LIMIT[cc], "stack": usage["stack"], "local": usage["local"],
+                    "spill_stores": spill_stores, "spill_loads": spill_loads,
                     "wgmma": "wgmma" in ptx, "mma": bool(re.search(r"\bmma\.sync", ptx)),
                     "uses_dot": case.uses_dot, "large_shape_config": case.large_shape_config,
                     "dtype": case.signature.get("H", case.signature.get("X", "")).lstrip("*"),
@@ -89,13 +120,13 @@ def compile_all(only: str | None = None) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| kernel | case | arch | warps | stages | registers | shared (B) | stack | local | "
-            "tensor-core op |\n|---|---|---|---|---|---|---|---|---|---|")
+            "spills (B) | tensor-core op |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         op = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma"] else "-")
         lines.append(f"| {r['module']} | {r['case']} | {r['arch']} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r['registers']} | {r['shared_bytes']} | {r['stack']} | "
-                     f"{r['local']} | {op} |")
+                     f"{r['local']} | {r['spill_stores'] + r['spill_loads']} | {op} |")
     return "\n".join(lines)
 
 

@@ -47,9 +47,12 @@ def test_shared_memory_within_limit(compiled):
 
 
 def test_no_spills(compiled):
-    spilled = [(r["module"], r["case"], r["arch"], r["local"], r["stack"]) for r in compiled
-               if r["local"] != 0 or r["stack"] != 0]
-    assert not spilled, f"local memory / stack in use (spills): {spilled}"
+    """ptxas reports no spill stores or loads and no local memory. A small stack frame alone is not
+    a spill (the CUDA 13 ptxas of the GPU machine gives some kernels an 8-48 byte frame with zero
+    spills), so it is reported in the compile table, not failed on."""
+    spilled = [(r["module"], r["case"], r["arch"], r["spill_stores"], r["spill_loads"], r["local"])
+               for r in compiled if r["spill_stores"] or r["spill_loads"] or r["local"]]
+    assert not spilled, f"spills or local memory (module, case, arch, stores, loads, local): {spilled}"
 
 
 def test_large_shape_dots_use_wgmma_on_hopper(compiled):

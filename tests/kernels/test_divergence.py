@@ -35,7 +35,7 @@ def realistic(r: int, d: int, v: int, *, seed: int = 0, bias: bool = False):
     unit = w[t] / w[t].norm(dim=1, keepdim=True)
     h = torch.randn(r, d, generator=g, dtype=F64) + lean[:, None] * unit / w[t].norm(dim=1, keepdim=True)
     b = 0.3 * torch.randn(v, generator=g, dtype=F64) if bias else None
-    return h, w, b
+    return h.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE)
 
 
 def to(t, dtype):
@@ -170,11 +170,11 @@ def test_strided_bias_and_weight(backend):
 def test_zero_delta_gives_zero(backend):
     h, w, b = realistic(9, 33, 130, seed=7, bias=True)
     h, w, b = h.float(), w.float(), b.float()
-    zero = torch.zeros(9, 3, 33)
+    zero = torch.zeros(9, 3, 33, device=DEVICE)
     for cap in (None, 5.0):
         for kind in KINDS:
             out = counterfactual_divergence(h, w, zero, bias=b, kind=kind, softcap=cap, backend=backend)
-            assert torch.equal(out, torch.zeros(9, 3)), (kind, cap, out.abs().max())
+            assert torch.equal(out, torch.zeros(9, 3, device=DEVICE)), (kind, cap, out.abs().max())
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -198,7 +198,7 @@ def test_js_and_tv_are_symmetric(backend):
 def test_answer_token_restriction(backend):
     h, w, b = realistic(11, 36, 257, seed=13, bias=True)
     h, w, b = h.float(), w.float(), b.float()
-    ids = torch.tensor([5, 200, 17, 3, 99, 256, 128, 64, 31, 7, 250])
+    ids = torch.tensor([5, 200, 17, 3, 99, 256, 128, 64, 31, 7, 250], device=DEVICE)
     dl = deltas_for(h, 2, 0.05)
     for kind in KINDS:
         out = counterfactual_divergence(h, w, dl, bias=b, kind=kind, answer_token_ids=ids, backend=backend)
@@ -214,9 +214,13 @@ def test_answer_token_restriction(backend):
 
 @pytest.mark.parametrize("backend", [*FAST, "reference"])
 def test_empty_inputs(backend):
-    w = torch.randn(70, 16)
-    assert counterfactual_divergence(torch.zeros(0, 16), w, torch.zeros(0, 3, 16), backend=backend).shape == (0, 3)
-    assert counterfactual_divergence(torch.randn(4, 16), w, torch.zeros(4, 0, 16), backend=backend).shape == (4, 0)
+    w = torch.randn(70, 16, device=DEVICE)
+    empty = counterfactual_divergence(torch.zeros(0, 16, device=DEVICE), w, torch.zeros(0, 3, 16, device=DEVICE),
+                                      backend=backend)
+    assert empty.shape == (0, 3)
+    no_deltas = counterfactual_divergence(torch.randn(4, 16, device=DEVICE), w,
+                                          torch.zeros(4, 0, 16, device=DEVICE), backend=backend)
+    assert no_deltas.shape == (4, 0)
 
 
 def test_default_backend_and_output_dtypes():

@@ -30,11 +30,11 @@ def head(r: int, d: int, v: int, *, seed: int = 0, bias: bool = False, spread: f
     lean = 4.0 + 4.0 * torch.rand(r, generator=g, dtype=F64)
     h = spread * torch.randn(r, d, generator=g, dtype=F64) + lean[:, None] * w[t] / w[t].norm(dim=1, keepdim=True) ** 2
     b = 0.3 * torch.randn(v, generator=g, dtype=F64) if bias else None
-    return h, w, b
+    return h.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE)
 
 
 def sizes_to_offsets(sizes):
-    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long)
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.long, device=DEVICE)
 
 
 def assert_stats_close(a: GroupStats, b: GroupStats, rtol: float, atol: float):
@@ -80,7 +80,7 @@ def test_strided_bias_and_ids(backend):
     """A stride-2 bias view, a non-contiguous weight and strided group ids give the dense result."""
     h, w, b = head(sum(SIZES), 40, 150, seed=5, bias=True)
     h, w, b = h.float(), w.float(), b.float()
-    ids = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES))
+    ids = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES)).to(DEVICE)
     bs, ws = torch.stack([b, -b], dim=1)[:, 0], w.T.contiguous().T
     ids_s = torch.stack([ids, ids], dim=1)[:, 0]
     dense = group_distribution_stats(h, w, bias=b, group_ids=ids, num_groups=len(SIZES), backend=backend)
@@ -96,8 +96,8 @@ def test_ids_in_any_order_match_offsets(backend):
     h, w, _ = head(sum(SIZES), 40, 150, seed=3)
     h, w = h.float(), w.float()
     off = sizes_to_offsets(SIZES)
-    ids = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES))
-    perm = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(0))
+    ids = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES)).to(DEVICE)
+    perm = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(0)).to(DEVICE)
     sorted_out = group_distribution_stats(h, w, group_offsets=off, backend=backend)
     shuffled = group_distribution_stats(h[perm], w, group_ids=ids[perm], num_groups=len(SIZES), backend=backend)
     torch.testing.assert_close(shuffled.row_entropy, sorted_out.row_entropy[perm], rtol=1e-5, atol=1e-6)
@@ -129,7 +129,7 @@ def test_large_group_and_identities(backend):
     r = 70 if backend == "triton" else 600
     h, w, b = head(r, 32, 130, seed=5, bias=True)
     h, w, b = h.float(), w.float(), b.float()
-    off = torch.tensor([0, r - 9, r])
+    off = torch.tensor([0, r - 9, r], device=DEVICE)
     out = group_distribution_stats(h, w, bias=b, group_offsets=off, backend=backend)
     assert_stats_close(out, reference(h, w, b, group_offsets=off), rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(out.group_js, out.group_mixture_entropy - out.group_mean_entropy,
@@ -142,7 +142,7 @@ def test_large_group_and_identities(backend):
 def test_answer_token_restriction(backend):
     h, w, b = head(12, 30, 180, seed=6, bias=True)
     h, w, b = h.float(), w.float(), b.float()
-    ids = torch.tensor([0, 1, 2, 3, 4, 90, 45, 179])
+    ids = torch.tensor([0, 1, 2, 3, 4, 90, 45, 179], device=DEVICE)
     off = sizes_to_offsets([5, 1, 6])
     out = group_distribution_stats(h, w, bias=b, group_offsets=off, answer_token_ids=ids, backend=backend)
     expected = reference(h, w, b, group_offsets=off, answer_token_ids=ids)
@@ -157,10 +157,10 @@ def test_answer_token_restriction(backend):
 def test_underflowing_probabilities_stay_finite(backend):
     """Very peaked rows: most probabilities underflow to 0 in float32 (0 log 0 terms)."""
     h, w, _ = head(8, 16, 120, seed=7, spread=0.1)
-    out = group_distribution_stats(h.float() * 40, w.float(), group_offsets=torch.tensor([0, 3, 8]),
-                                   backend=backend)
+    off = torch.tensor([0, 3, 8], device=DEVICE)
+    out = group_distribution_stats(h.float() * 40, w.float(), group_offsets=off, backend=backend)
     assert all(bool(torch.isfinite(t).all()) for t in out)
-    assert_stats_close(out, reference(h.float() * 40, w.float(), group_offsets=torch.tensor([0, 3, 8])),
+    assert_stats_close(out, reference(h.float() * 40, w.float(), group_offsets=off),
                        rtol=1e-4, atol=2e-5)
 
 
@@ -168,14 +168,16 @@ def test_underflowing_probabilities_stay_finite(backend):
 def test_requires_grad_inputs_are_read_detached(backend):
     h, w, b = head(5, 16, 60, bias=True)
     h, w, b = h.float().requires_grad_(), w.float().requires_grad_(), b.float().requires_grad_()
-    out = group_distribution_stats(h, w, bias=b, group_ids=torch.tensor([1, 0, 1, 0, 0]), backend=backend)
+    out = group_distribution_stats(h, w, bias=b, group_ids=torch.tensor([1, 0, 1, 0, 0], device=DEVICE),
+                                   backend=backend)
     assert all(not t.requires_grad and t.grad_fn is None for t in out)
 
 
 @pytest.mark.parametrize("backend", [*FAST, "reference"])
 def test_empty_rows(backend):
-    w = torch.randn(40, 8)
-    out = group_distribution_stats(torch.zeros(0, 8), w, group_offsets=torch.tensor([0, 0, 0]), backend=backend)
+    w = torch.randn(40, 8, device=DEVICE)
+    out = group_distribution_stats(torch.zeros(0, 8, device=DEVICE), w,
+                                   group_offsets=torch.tensor([0, 0, 0], device=DEVICE), backend=backend)
     assert out.row_entropy.shape == (0,) and out.group_js.shape == (2,)
     assert bool((out.group_js == 0).all())
 
