@@ -144,8 +144,9 @@ def run_tests(out_dir: str, paths: str, timeout_s: int) -> dict:
     workers when pytest-xdist is installed, each test bounded when pytest-timeout is."""
     import importlib.util
 
-    cmd = [sys.executable, "-m", "pytest", *paths.split(","), "-q", "-p", "no:cacheprovider",
-           "-rfE"]
+    # -v: one line per test as it ends, so a suite cut short by the timeout still names failures
+    cmd = [sys.executable, "-m", "pytest", *paths.split(","), "-v", "-p", "no:cacheprovider",
+           "-rfE", "--tb=short"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "8"]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -161,7 +162,8 @@ def run_tests(out_dir: str, paths: str, timeout_s: int) -> dict:
     with open(os.path.join(out_dir, "pytest.log"), "w") as f:
         f.write(log)
     lines = log.strip().splitlines()
-    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    failed = sorted({ln.split(" FAILED ")[-1].split(" ERROR ")[-1].split(" - ")[0].strip()
+                     for ln in lines if " FAILED " in f" {ln}" or " ERROR " in f" {ln}"})
     return {"returncode": rc, "summary": lines[-1] if lines else "", "failed": failed[:40],
             "seconds": round(time.time() - t0, 1)}
 

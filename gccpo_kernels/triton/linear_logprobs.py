@@ -39,7 +39,7 @@ def _cfg(n: int, v: int, d: int, warps: int, stages: int, split: int = 8192) -> 
 
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "interpreter": {k: _cfg(64, 64, 64, 4, 1, split=512) for k in ("fwd16", "bwd16", "fwd32", "bwd32")},
-    "sm90": {"fwd16": _cfg(128, 128, 64, 8, 3), "bwd16": _cfg(128, 128, 64, 8, 3),
+    "sm90": {"fwd16": _cfg(128, 128, 64, 8, 4), "bwd16": _cfg(128, 128, 64, 8, 3),
              "fwd32": _cfg(128, 64, 32, 8, 3), "bwd32": _cfg(128, 64, 32, 8, 3)},
     "sm80": {"fwd16": _cfg(128, 128, 32, 8, 3), "bwd16": _cfg(128, 64, 32, 8, 3),
              "fwd32": _cfg(128, 64, 32, 8, 3), "bwd32": _cfg(128, 64, 32, 8, 3)},
