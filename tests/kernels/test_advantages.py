@@ -390,7 +390,10 @@ def test_torch_row_chunks_give_the_same_result(monkeypatch):
     whole = gk.token_advantages(**on(batch, "torch"), backend="torch")
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.001")
     chunked = gk.token_advantages(**on(batch, "torch"), backend="torch")
-    assert torch.equal(whole, chunked)
+    if whole.device.type == "cpu":
+        assert torch.equal(whole, chunked)
+    else:  # CUDA reductions pick their order by shape: equal to rounding, not bit for bit
+        torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     assert_close_to(chunked, reference64(batch), "torch")
 
 
