@@ -5,6 +5,7 @@ package, loaded offline from its GGUF file) on reasoning-gym ``chain_sum`` on th
 greedy accuracy before and after on held-out in-distribution and harder problems with 95%
 intervals. Options: ``--config run.yaml``, ``--algo grpo|gccpo``, ``--resume RUN_OR_CHECKPOINT``
 and any ``--section.key value`` (``gccpo-train --help`` lists them all with their defaults).
+Data parallel: ``accelerate launch --multi_gpu --num_processes N -m gccpo.train [options]`` (CPU too).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # missing optional packages: the message says what to install
         print(f"gccpo-train: {exc}", file=sys.stderr)
         return 2
-    print(f"gccpo-train: {config.algo} on {trainer.task.name} with {config.model.name} "
-          f"({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.0f}M parameters, {trainer.device}); "
-          f"run dir {trainer.run_dir}", flush=True)
+    if trainer.dp.is_main:
+        world = f", {trainer.dp.world_size} data-parallel processes" if trainer.dp.enabled else ""
+        print(f"gccpo-train: {config.algo} on {trainer.task.name} with {config.model.name} "
+              f"({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.0f}M parameters, {trainer.device}"
+              f"{world}); run dir {trainer.run_dir}", flush=True)
     trainer.train()
     return 0

@@ -163,11 +163,19 @@ class RewardConfig:
         divergence: ``"kl"``, ``"js"`` or ``"tv"``.
         effectiveness: ``"answer"`` (KL to the batch mixture at the same episode index) or
             ``"latent"``.
+        process_gate: *choice* beyond SPEC §6 (which has ``"none"``): ``"outcome"`` (default)
+            zeroes the process advantage of every group whose outcome rewards are all equal. Such a
+            group has no outcome advantage, yet its group-normalized process advantage still has
+            unit scale, so the policy is pushed by the causal reward alone; measured on the
+            embedded default (docs/trainer.md), that is reward hacking of effectiveness (answer
+            distributions pulled away from the batch mixture, accuracy 0.19 -> 0.005). With the
+            gate, the causal reward only redistributes credit where the outcome says which
+            completions were right.
         gamma, scale, surprise_weighting, normalize_returns, eps: :func:`token_advantages` options.
         seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
     """
 
-    eta: float = 1.0
+    eta: float = 0.5
     w_rob: float = 0.9
     w_eff: float = 0.8
     readout: str = "probe"
@@ -181,6 +189,7 @@ class RewardConfig:
     alpha: float = 0.5
     divergence: str = "kl"
     effectiveness: str = "answer"
+    process_gate: str = "outcome"
     gamma: float = 1.0
     scale: str = "group"
     surprise_weighting: bool = True
@@ -307,6 +316,8 @@ class Config:
              f"reward.answer_tokens must be 'auto', 'digits' or 'full', got {self.reward.answer_tokens!r}"),
             (self.reward.effectiveness in ("answer", "latent"),
              f"reward.effectiveness must be 'answer' or 'latent', got {self.reward.effectiveness!r}"),
+            (self.reward.process_gate in ("none", "outcome"),
+             f"reward.process_gate must be 'none' or 'outcome', got {self.reward.process_gate!r}"),
             (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
             (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
             (self.train.report_to in ("none", "tensorboard", "wandb"),

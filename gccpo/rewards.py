@@ -239,6 +239,27 @@ class CausalReward:
                 "causal/robustness_min": float(self.robustness[v].min()) if v.any() else 0.0}
 
 
+def gate_by_outcome(episode_rewards: torch.Tensor, outcome: torch.Tensor, group_index: torch.Tensor,
+                    ) -> torch.Tensor:
+    """``[B, K]`` episode rewards with every row of a group whose outcome rewards are all equal set
+    to 0, so :func:`gccpo_kernels.token_advantages` gives those groups no process advantage (a
+    group's normalized process rewards are 0 when its episode rewards are all equal).
+
+    Args:
+        episode_rewards: ``[B, K]``; outcome: ``[B]`` outcome rewards; group_index: ``[B]`` int64.
+    """
+    if outcome.shape[0] == 0:
+        return episode_rewards
+    groups = int(group_index.max()) + 1
+    g = group_index.long()
+    lo = torch.full((groups,), float("inf"), device=outcome.device).scatter_reduce(
+        0, g, outcome.float(), "amin")
+    hi = torch.full((groups,), float("-inf"), device=outcome.device).scatter_reduce(
+        0, g, outcome.float(), "amax")
+    signal = (hi > lo)[g]
+    return episode_rewards * signal.unsqueeze(1).to(episode_rewards.dtype)
+
+
 def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor, shape: tuple[int, int],
                   weight: torch.Tensor, bias: torch.Tensor | None, config: RewardConfig, *,
                   logit_scale: float = 1.0, softcap: float | None = None,

@@ -35,9 +35,10 @@ import torch
 import gccpo_kernels as gk
 
 from .config import EMBEDDED_MODEL, Config, ModelConfig, format_config
+from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, outcome_rewards,
-                      packed_probe_forward, probe_latents)
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, gate_by_outcome,
+                      outcome_rewards, packed_probe_forward, probe_latents)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .tasks import Task, build_task
 
@@ -189,10 +190,11 @@ class Trainer:
         cfg = self.config
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = torch.device(cfg.model.device if cfg.model.device != "auto"
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
-        random.seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
+        self.dp = DataParallel.from_env(cpu=cfg.model.device == "cpu")  # accelerate launch: a process per device
+        self.device = torch.device(cfg.model.device if cfg.model.device != "auto" else
+                                   (self.dp.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        random.seed(cfg.train.seed + self.dp.rank)  # each process samples its own completions
+        torch.manual_seed(cfg.train.seed + self.dp.rank)
         resume = self._find_checkpoint(cfg.train.resume) if cfg.train.resume else None
         self.run_dir = Path(cfg.train.output_dir or (Path(resume).parent if resume else
                                                      Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
@@ -229,7 +231,7 @@ class Trainer:
         warm = max(cfg.optim.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.reward.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.reward.seed + self.dp.rank)
         self.sampler = None
         if cfg.rollout.backend == "vllm":
             self.sampler = VLLMSampler(resume or cfg.model.name, self.tokenizer,
@@ -251,7 +253,8 @@ class Trainer:
         t0 = time.perf_counter()
 
         # 1. sample G completions for each of Q questions
-        problems = self.task.next_problems(cfg.rollout.questions_per_step)
+        # every process draws the same Q * world questions (one shared cursor) and takes its slice
+        problems = self.dp.shard(self.task.next_problems(cfg.rollout.questions_per_step * self.dp.world_size))
         prompts = [self.task.prompt_text(p, tok) for p in problems]
         rollout = self.sample(prompts, G)
         return self.train_on(problems, rollout, started=t0)
@@ -280,6 +283,8 @@ class Trainer:
         K = episodes.num_episodes
         ep_rewards = causal.reward if causal is not None else torch.zeros(
             rollout.completion_ids.shape[0], max(K, 1), device=self.device)
+        if causal is not None and cfg.reward.process_gate == "outcome":
+            ep_rewards = gate_by_outcome(ep_rewards, rewards, rollout.group_index.to(self.device))
         advantages = gk.token_advantages(
             rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
             eta=cfg.reward.eta if cfg.causal else 0.0, gamma=cfg.reward.gamma, scale=cfg.reward.scale,
@@ -314,6 +319,8 @@ class Trainer:
             "completion/length": n_tokens / max(m.shape[0], 1),
             "completion/truncated": float(self._truncated(rollout).float().mean()),
             "advantage/abs_mean": float((advantages.abs() * m).sum() / max(n_tokens, 1)),
+            "advantage/process_groups": float(((ep_rewards != 0).any(1).float().mean())) if causal is not None
+            else 0.0,
             "check/old_vs_sampling_logp": float(gap),
             **opt_metrics,
             "perf/sample_s": t_sample - t0,
@@ -458,6 +465,7 @@ class Trainer:
             total_loss += float(out.loss.detach())
             _add_metrics(metrics, out.metrics)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dp.average_gradients(params)  # data parallel: mean over processes, before clipping
         if cfg.optim.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
         else:
@@ -478,23 +486,27 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy (with 95% Wilson intervals) on the held-out ID and OOD problems."""
         out: dict[str, float] = {"step": self.step}
-        for split, problems in (("id", self.task.eval_set), ("ood", self.task.ood_set)):
-            if not problems:
+        for split, all_problems in (("id", self.task.eval_set), ("ood", self.task.ood_set)):
+            if not all_problems:
                 continue
+            problems = self.dp.shard(all_problems)  # data parallel: each process its slice, counts summed
             prompts = [self.task.prompt_text(p, self.tokenizer) for p in problems]
-            bar = f"eval {split} (step {self.step})" if self.config.train.progress else None
+            bar = f"eval {split} (step {self.step})" if self._show_progress else None
             r = self.sample(prompts, 1, greedy=True, max_new_tokens=self.config.rollout.eval_max_new_tokens,
                             progress=bar)
             texts = self.tokenizer.batch_decode([ids[m] for ids, m in zip(r.completion_ids, r.completion_mask)],
                                                 skip_special_tokens=True)
             scores = outcome_rewards(self.task, problems, texts)
-            k, n = int((scores >= 1.0).sum()), len(problems)
-            lo, hi = wilson_interval(k, n)
             eps = split_episodes(r.completion_ids, r.completion_mask, self.tokenizer, self.episode_config)
+            k, n, ep_sum, len_sum = self.dp.sum([float((scores >= 1.0).sum()), len(problems),
+                                                 float(eps.episode_counts.float().sum()),
+                                                 float(r.completion_mask.sum())])
+            k, n = int(k), int(n)
+            lo, hi = wilson_interval(k, n)
             out.update({f"eval/{split}_accuracy": k / n, f"eval/{split}_ci_low": lo, f"eval/{split}_ci_high": hi,
-                        f"eval/{split}_n": n, f"eval/{split}_episodes": float(eps.episode_counts.float().mean()),
-                        f"eval/{split}_length": float(r.completion_mask.sum(1).float().mean())})
-            if split == "id":
+                        f"eval/{split}_n": n, f"eval/{split}_episodes": ep_sum / n,
+                        f"eval/{split}_length": len_sum / n})
+            if split == "id" and self.dp.is_main:
                 (self.run_dir / f"eval_samples_step{self.step}.txt").write_text("\n\n=====\n\n".join(
                     f"Q: {p.question}\nREF: {p.answer}  SCORE: {s:.2f}\n{t}"
                     for p, t, s in list(zip(problems, texts, scores.tolist()))[:20]))
@@ -505,13 +517,14 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Evaluate, train ``train.steps`` steps (evaluating / saving periodically), evaluate, summarize."""
         cfg = self.config.train
-        (self.run_dir / "config.yaml").write_text(format_config(self.config))
-        self._open_loggers()
+        if self.dp.is_main:
+            (self.run_dir / "config.yaml").write_text(format_config(self.config))
+            self._open_loggers()
         if cfg.eval_before and self.step == 0 and not self.evals:
             self._log_eval(self.evaluate())
-        bar = _progress(range(self.step, cfg.steps), cfg.progress, initial=self.step, total=cfg.steps)
+        bar = _progress(range(self.step, cfg.steps), self._show_progress, initial=self.step, total=cfg.steps)
         for _ in bar:
-            metrics = self.train_step()
+            metrics = self.dp.mean_metrics(self.train_step())
             self._log(metrics)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{metrics['reward/outcome']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}",
@@ -524,9 +537,10 @@ class Trainer:
         if not self.evals or self.evals[-1]["step"] != self.step:
             self._log_eval(self.evaluate())
         summary = self.summary()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_summary(summary))
-        self.plot()
+        if self.dp.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary))
+            self.plot()
         for logger in self._loggers:
             getattr(logger, "close", getattr(logger, "finish", lambda: None))()
         return summary
@@ -562,7 +576,13 @@ class Trainer:
             self._loggers.append(wandb.init(project=self.config.train.wandb_project, dir=str(self.run_dir),
                                             config=self.config.to_dict(), resume="allow"))
 
+    @property
+    def _show_progress(self) -> bool:
+        return bool(self.config.train.progress) and self.dp.is_main
+
     def _write(self, row: dict[str, Any]) -> None:
+        if not self.dp.is_main:  # data parallel: metrics are already averaged over the processes
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         for logger in self._loggers:
@@ -580,6 +600,8 @@ class Trainer:
     def _log_eval(self, metrics: dict[str, Any]) -> None:
         self.evals.append(metrics)
         self._write(metrics)
+        if not self.dp.is_main:
+            return
         parts = [f"{s.upper()} {metrics[f'eval/{s}_accuracy']:.3f} [{metrics[f'eval/{s}_ci_low']:.3f}, "
                  f"{metrics[f'eval/{s}_ci_high']:.3f}] (n={metrics[f'eval/{s}_n']})"
                  for s in ("id", "ood") if f"eval/{s}_accuracy" in metrics]
@@ -632,6 +654,9 @@ class Trainer:
     def save(self) -> Path:
         """``<run>/checkpoint-<step>``: the model (``save_pretrained``), tokenizer, trainer state."""
         path = self.run_dir / f"checkpoint-{self.step}"
+        if not self.dp.is_main:  # every process holds the same weights and optimizer state
+            self.dp.barrier()
+            return path
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -645,6 +670,7 @@ class Trainer:
             "python_rng": random.getstate(), "history": self.history, "evals": self.evals,
         }
         torch.save(state, path / "trainer_state.pt")
+        self.dp.barrier()
         return path
 
     @staticmethod
@@ -669,6 +695,11 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
+        if self.dp.rank:  # the checkpoint holds rank 0's RNG states: re-derive the others' from it
+            seed = self.config.train.seed + self.dp.rank + 7919 * self.step
+            random.seed(seed)
+            torch.manual_seed(seed)
+            self.generator.manual_seed(self.config.reward.seed + seed)
         self.history = list(state.get("history", []))
         self.evals = list(state.get("evals", []))
 

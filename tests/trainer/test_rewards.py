@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from gccpo.config import RewardConfig  # noqa: E402
 from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
-from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward,  # noqa: E402
+from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
                            packed_probe_forward, probe_latents)
 from gccpo.rollout import generate, position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
@@ -118,3 +118,24 @@ def test_answer_token_ids_are_digits_and_minus():
     ids = answer_token_ids(tok)
     assert sorted(tok.decode([i]) for i in ids.tolist()) == sorted(list("0123456789-"))
     assert answer_token_ids(tok, "full") is None
+
+
+def test_gate_by_outcome_zeroes_groups_without_outcome_signal():
+    """Groups (in any row order) whose outcome rewards are all equal get all-zero episode rewards,
+    so token_advantages gives them no process advantage; the others keep theirs untouched."""
+    import gccpo_kernels as gk
+
+    group = torch.tensor([0, 1, 0, 2, 1, 2, 3])
+    outcome = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.0, 0.5, 1.0])   # groups 1, 2, 3 have no signal
+    ep = torch.arange(14, dtype=torch.float32).view(7, 2) + 1
+    gated = gate_by_outcome(ep, outcome, group)
+    keep = torch.tensor([True, False, True, False, False, False, False])
+    assert torch.equal(gated[keep], ep[keep]) and bool((gated[~keep] == 0).all())
+    assert gate_by_outcome(ep[:0], outcome[:0], group[:0]).shape == (0, 2)
+    ids = torch.tensor([[0, 0, 1, 1]] * 7)
+    mask = torch.ones(7, 4, dtype=torch.bool)
+    adv = gk.token_advantages(outcome, group, ids, gated, None, mask, eta=1.0, surprise_weighting=False,
+                              backend="torch")
+    grpo = gk.token_advantages(outcome, group, ids, gated, None, mask, eta=0.0, surprise_weighting=False,
+                               backend="torch")
+    assert bool((adv[~keep] == 0).all()) and not torch.equal(adv[keep], grpo[keep])

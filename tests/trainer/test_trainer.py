@@ -74,7 +74,10 @@ def tiny_config(tmp_path, *extra: str) -> Config:
             "--episodes.delimiter", "tokens", "--episodes.tokens_per_episode", "4",
             "--optim.lr", "1e-3", "--optim.grad_accum", "2", "--train.steps", "2",
             "--train.backend", "torch", "--train.progress", "false", "--train.plots", "true",
-            "--train.output_dir", str(tmp_path / "run"), "--reward.probe_text", "\nA:", *extra]
+            "--train.output_dir", str(tmp_path / "run"), "--reward.probe_text", "\nA:",
+            # the tiny random model never answers right: the default outcome gate would zero every
+            # process advantage, so these tests run SPEC §6 as written (the gate has its own tests)
+            "--reward.process_gate", "none", *extra]
     return load_config(args)
 
 
@@ -118,6 +121,19 @@ def test_training_changes_the_policy(tmp_path):
     trainer.train_step()
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "one step with non-zero advantages must update the weights"
+
+
+def test_outcome_gate_leaves_groups_without_outcome_signal_alone(tmp_path):
+    """With reward.process_gate = outcome and every completion wrong (no outcome signal in any
+    group), the causal reward is still computed and logged but no advantage is non-zero, so the
+    step leaves the weights as they were; with the gate off the same step moves them."""
+    trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.process_gate",
+                                       "outcome", "--optim.weight_decay", "0"))
+    before = copy.deepcopy(trainer.model.state_dict())
+    metrics = trainer.train_step()
+    assert metrics["reward/groups_with_signal"] == 0 and metrics["advantage/process_groups"] == 0
+    assert metrics["advantage/abs_mean"] == 0 and math.isfinite(metrics["causal/effectiveness"])
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
 def test_resume_gives_identical_next_step(tmp_path):
