@@ -230,6 +230,9 @@ class OptimConfig:
         grad_accum: micro-batches per optimizer step (the B completions of a step are split into
             this many micro-batches; the loss denominators are those of the whole step).
         epochs_per_batch: optimizer steps on each sampled batch (mu in GRPO; 1 = on-policy).
+        max_skipped_steps: a step whose loss or gradient is not finite never reaches the weights
+            (no optimizer or scheduler step; logged as ``optim/skipped``); after this many such
+            steps in a row the run stops with an error.
     """
 
     lr: float = 2e-5
@@ -239,6 +242,7 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     grad_accum: int = 2
     epochs_per_batch: int = 1
+    max_skipped_steps: int = 3
 
 
 @dataclass
@@ -320,6 +324,7 @@ class Config:
              f"reward.process_gate must be 'none' or 'outcome', got {self.reward.process_gate!r}"),
             (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
             (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
+            (self.optim.max_skipped_steps >= 0, "optim.max_skipped_steps must be >= 0"),
             (self.train.report_to in ("none", "tensorboard", "wandb"),
              f"train.report_to must be 'none', 'tensorboard' or 'wandb', got {self.train.report_to!r}"),
             (self.task.answer_fallback in ("last_number", "none"),

@@ -24,6 +24,7 @@ temperature, renormalized over the digit and minus tokens for numeric tasks.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -41,9 +42,41 @@ _DIGITS = re.compile(r"\d+|-")
 PACKED_ATTENTION = ("sdpa", "eager")
 
 
-def outcome_rewards(task: Any, problems: Sequence[Any], texts: Sequence[str]) -> torch.Tensor:
-    """``[B]`` float32 verifier scores of the completions (``problems[i]`` is row i's problem)."""
-    return torch.tensor([task.score(t, p) for t, p in zip(texts, problems)], dtype=torch.float32)
+def outcome_rewards(task: Any, problems: Sequence[Any], texts: Sequence[str],
+                    counts: dict[str, int] | None = None) -> torch.Tensor:
+    """``[B]`` float32 verifier scores of the completions (``problems[i]`` is row i's problem).
+
+    Never lets one completion stop the run: a verifier that raises, or returns a non-finite or
+    out-of-[0, 1] value, scores 0 (clamped, for out of range). When ``counts`` is given it gets,
+    over these completions: ``empty`` (no text), ``unparsable`` (no answer could be extracted,
+    when the task has an ``extract`` method), ``verifier_errors``, ``nonfinite``, ``out_of_range``.
+    """
+    tally = dict.fromkeys(("empty", "unparsable", "verifier_errors", "nonfinite", "out_of_range"), 0)
+    scores = []
+    for text, problem in zip(texts, problems):
+        tally["empty"] += not text.strip()
+        extract = getattr(task, "extract", None)
+        if extract is not None:
+            try:
+                tally["unparsable"] += extract(text) is None
+            except Exception:
+                tally["unparsable"] += 1
+        try:
+            value = float(task.score(text, problem))
+        except Exception:
+            tally["verifier_errors"] += 1
+            value = 0.0
+        if not math.isfinite(value):
+            tally["nonfinite"] += 1
+            value = 0.0
+        elif not 0.0 <= value <= 1.0:
+            tally["out_of_range"] += 1
+            value = min(max(value, 0.0), 1.0)
+        scores.append(value)
+    if counts is not None:
+        for k, v in tally.items():
+            counts[k] = counts.get(k, 0) + v
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def answer_token_ids(tokenizer: Any, mode: str = "digits") -> torch.Tensor | None:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ class Trainer:
                                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                                        seed=cfg.train.seed)
         self.step = 0
+        self.skipped_in_row = self.skipped_total = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self._loggers: list[Any] = []
@@ -270,7 +272,8 @@ class Trainer:
         texts = tok.batch_decode([ids[m] for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
                                  skip_special_tokens=True)
         rows_problem = [problems[i] for i in rollout.group_index.tolist()]
-        rewards = outcome_rewards(self.task, rows_problem, texts).to(self.device)
+        faults: dict[str, int] = {}
+        rewards = outcome_rewards(self.task, rows_problem, texts, faults).to(self.device)
         episodes = split_episodes(rollout.completion_ids, rollout.completion_mask, tok, self.episode_config)
 
         # 3. one no-grad forward (probes included): hidden states -> old_logp, episode latents
@@ -322,6 +325,7 @@ class Trainer:
             "advantage/process_groups": float(((ep_rewards != 0).any(1).float().mean())) if causal is not None
             else 0.0,
             "check/old_vs_sampling_logp": float(gap),
+            **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
             **opt_metrics,
             "perf/sample_s": t_sample - t0,
             "perf/reward_s": t_reward - t_sample,
@@ -466,17 +470,30 @@ class Trainer:
             _add_metrics(metrics, out.metrics)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.dp.average_gradients(params)  # data parallel: mean over processes, before clipping
-        if cfg.optim.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-        else:
-            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-        self.optimizer.step()
-        self.scheduler.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+            if grads else 0.0
+        finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
+        if finite:
+            if cfg.optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.skipped_in_row = 0
+        else:  # never let a non-finite loss or gradient reach the weights or the optimizer state
+            self.skipped_in_row += 1
+            self.skipped_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        if not finite and self.skipped_in_row > cfg.optim.max_skipped_steps:
+            raise RuntimeError(
+                f"step {self.step + 1}: {self.skipped_in_row} optimizer steps in a row had a non-finite loss "
+                f"({total_loss}) or gradient norm ({grad_norm}) and were skipped (optim.max_skipped_steps = "
+                f"{cfg.optim.max_skipped_steps}); lower optim.lr, check the data, or raise the limit")
         reduced = gk.reduce_metrics(metrics)
         out_metrics = {"loss": total_loss, "optim/grad_norm": grad_norm,
-                       "optim/lr": self.scheduler.get_last_lr()[0]}
+                       "optim/lr": self.scheduler.get_last_lr()[0], "optim/skipped": float(not finite),
+                       "optim/skipped_total": float(self.skipped_total)}
         out_metrics.update({f"policy/{k}": float(v) for k, v in reduced.items()})
         return out_metrics
 
@@ -652,24 +669,43 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """``<run>/checkpoint-<step>``: the model (``save_pretrained``), tokenizer, trainer state."""
+        """``<run>/checkpoint-<step>``: the model (``save_pretrained``), tokenizer, trainer state
+        (optimizer, scheduler, every RNG, the data cursor, the history).
+
+        Atomic: everything is written into ``<run>/.checkpoint-<step>.partial`` and renamed into
+        place only when complete, so a run killed at any moment leaves either the previous
+        checkpoints or the new one, never a half-written one (``--resume`` skips dot-folders).
+        """
         path = self.run_dir / f"checkpoint-{self.step}"
         if not self.dp.is_main:  # every process holds the same weights and optimizer state
             self.dp.barrier()
             return path
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        partial = self.run_dir / f".checkpoint-{self.step}.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        self.model.save_pretrained(partial)
+        self.tokenizer.save_pretrained(partial)
         if self.ref_model is not None:
-            self.ref_model.save_pretrained(path / "reference")
+            self.ref_model.save_pretrained(partial / "reference")
         state = {
             "step": self.step, "task_cursor": self.task.cursor, "config": self.config.to_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(), "history": self.history, "evals": self.evals,
+            "skipped_in_row": self.skipped_in_row, "skipped_total": self.skipped_total,
         }
-        torch.save(state, path / "trainer_state.pt")
+        torch.save(state, partial / "trainer_state.pt")
+        if path.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
+            old = self.run_dir / f".checkpoint-{self.step}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(partial, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, path)
         self.dp.barrier()
         return path
 
@@ -678,7 +714,8 @@ class Trainer:
         p = Path(path)
         if (p / "trainer_state.pt").exists():
             return str(p)
-        ckpts = sorted(p.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
+        ckpts = sorted((c for c in p.glob("checkpoint-*") if (c / "trainer_state.pt").exists()),
+                       key=lambda c: int(c.name.split("-")[-1]))
         if not ckpts:
             raise FileNotFoundError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run "
                                     "directory with checkpoint-<step> folders")
@@ -701,6 +738,8 @@ class Trainer:
             torch.manual_seed(seed)
             self.generator.manual_seed(self.config.reward.seed + seed)
         self.history = list(state.get("history", []))
+        self.skipped_in_row = int(state.get("skipped_in_row", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
         self.evals = list(state.get("evals", []))
 
 
