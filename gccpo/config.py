@@ -163,14 +163,16 @@ class RewardConfig:
         divergence: ``"kl"``, ``"js"`` or ``"tv"``.
         effectiveness: ``"answer"`` (KL to the batch mixture at the same episode index) or
             ``"latent"``.
-        process_gate: *choice* beyond SPEC §6 (which has ``"none"``): ``"outcome"`` (default)
-            zeroes the process advantage of every group whose outcome rewards are all equal. Such a
-            group has no outcome advantage, yet its group-normalized process advantage still has
-            unit scale, so the policy is pushed by the causal reward alone; measured on the
-            embedded default (docs/trainer.md), that is reward hacking of effectiveness (answer
-            distributions pulled away from the batch mixture, accuracy 0.19 -> 0.005). With the
-            gate, the causal reward only redistributes credit where the outcome says which
-            completions were right.
+        process_gate: *choice* beyond SPEC §6 (which is ``"none"``), how the process advantage
+            meets the outcome: ``"signal"`` zeroes it in every group whose outcome rewards are all
+            equal; ``"outcome"`` (default) scales each row's process advantage by that row's
+            |outcome advantage|, A_t = A_out + eta * |A_out| * omega_t * R^ (zero where the
+            outcome has no signal, and the process term can shift credit between a completion's
+            steps but, with eta * |omega R^| < 1, not flip the sign the outcome gave the
+            completion). Why: without it a group where all G completions failed has no outcome
+            advantage but a unit-scale process advantage, and the policy is trained on the causal
+            reward alone; measured on the embedded default (docs/trainer.md) that is reward
+            hacking of effectiveness (accuracy 0.19 -> 0.005).
         gamma, scale, surprise_weighting, normalize_returns, eps: :func:`token_advantages` options.
         seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
     """
@@ -320,8 +322,8 @@ class Config:
              f"reward.answer_tokens must be 'auto', 'digits' or 'full', got {self.reward.answer_tokens!r}"),
             (self.reward.effectiveness in ("answer", "latent"),
              f"reward.effectiveness must be 'answer' or 'latent', got {self.reward.effectiveness!r}"),
-            (self.reward.process_gate in ("none", "outcome"),
-             f"reward.process_gate must be 'none' or 'outcome', got {self.reward.process_gate!r}"),
+            (self.reward.process_gate in ("none", "signal", "outcome"),
+             f"reward.process_gate must be 'none', 'signal' or 'outcome', got {self.reward.process_gate!r}"),
             (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
             (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
             (self.optim.max_skipped_steps >= 0, "optim.max_skipped_steps must be >= 0"),

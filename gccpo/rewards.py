@@ -293,6 +293,13 @@ def gate_by_outcome(episode_rewards: torch.Tensor, outcome: torch.Tensor, group_
     return episode_rewards * signal.unsqueeze(1).to(episode_rewards.dtype)
 
 
+def scale_process_by_outcome(advantages: torch.Tensor, outcome_advantages: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` A_out + |A_out| * (A - A_out): the process part of ``advantages`` (from
+    :func:`gccpo_kernels.token_advantages` with eta > 0) scaled per token by the magnitude of the
+    outcome advantage ``outcome_advantages`` (the same call with eta = 0, constant along a row)."""
+    return outcome_advantages + outcome_advantages.abs() * (advantages - outcome_advantages)
+
+
 def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor, shape: tuple[int, int],
                   weight: torch.Tensor, bias: torch.Tensor | None, config: RewardConfig, *,
                   logit_scale: float = 1.0, softcap: float | None = None,

@@ -39,7 +39,7 @@ from .config import EMBEDDED_MODEL, Config, ModelConfig, format_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, gate_by_outcome,
-                      outcome_rewards, packed_probe_forward, probe_latents)
+                      outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .tasks import Task, build_task
 
@@ -286,13 +286,20 @@ class Trainer:
         K = episodes.num_episodes
         ep_rewards = causal.reward if causal is not None else torch.zeros(
             rollout.completion_ids.shape[0], max(K, 1), device=self.device)
-        if causal is not None and cfg.reward.process_gate == "outcome":
+        if causal is not None and cfg.reward.process_gate == "signal":
             ep_rewards = gate_by_outcome(ep_rewards, rewards, rollout.group_index.to(self.device))
-        advantages = gk.token_advantages(
-            rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
-            eta=cfg.reward.eta if cfg.causal else 0.0, gamma=cfg.reward.gamma, scale=cfg.reward.scale,
-            surprise_weighting=cfg.reward.surprise_weighting, normalize_returns=cfg.reward.normalize_returns,
-            eps=cfg.reward.eps, backend=cfg.train.backend)
+
+        def advantages_with(eta: float) -> torch.Tensor:
+            return gk.token_advantages(
+                rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
+                eta=eta, gamma=cfg.reward.gamma, scale=cfg.reward.scale,
+                surprise_weighting=cfg.reward.surprise_weighting, normalize_returns=cfg.reward.normalize_returns,
+                eps=cfg.reward.eps, backend=cfg.train.backend)
+
+        advantages = advantages_with(cfg.reward.eta if cfg.causal else 0.0)
+        outcome_adv = advantages_with(0.0) if causal is not None else advantages
+        if causal is not None and cfg.reward.process_gate == "outcome":
+            advantages = scale_process_by_outcome(advantages, outcome_adv)
 
         # 5. fused policy loss, backward, clip, AdamW
         opt_metrics = {}
@@ -322,8 +329,9 @@ class Trainer:
             "completion/length": n_tokens / max(m.shape[0], 1),
             "completion/truncated": float(self._truncated(rollout).float().mean()),
             "advantage/abs_mean": float((advantages.abs() * m).sum() / max(n_tokens, 1)),
-            "advantage/process_groups": float(((ep_rewards != 0).any(1).float().mean())) if causal is not None
-            else 0.0,
+            # the fraction of completions with a non-zero process part, and its mean size
+            "advantage/process_groups": float(((advantages - outcome_adv).abs() * m).amax(1).gt(0).float().mean()),
+            "advantage/process_abs_mean": float(((advantages - outcome_adv).abs() * m).sum() / max(n_tokens, 1)),
             "check/old_vs_sampling_logp": float(gap),
             **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
             **opt_metrics,

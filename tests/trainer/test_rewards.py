@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from gccpo.config import RewardConfig  # noqa: E402
 from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
 from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
-                           packed_probe_forward, probe_latents)
+                           packed_probe_forward, probe_latents, scale_process_by_outcome)
 from gccpo.rollout import generate, position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -139,3 +139,15 @@ def test_gate_by_outcome_zeroes_groups_without_outcome_signal():
     grpo = gk.token_advantages(outcome, group, ids, gated, None, mask, eta=0.0, surprise_weighting=False,
                                backend="torch")
     assert bool((adv[~keep] == 0).all()) and not torch.equal(adv[keep], grpo[keep])
+
+
+def test_process_advantage_scaled_by_the_outcome_advantage():
+    """A = A_out + |A_out| (A_eta - A_out): zero process part where A_out = 0, the outcome's sign
+    kept while eta |omega R^| < 1, and the process part's ordering within a row kept."""
+    a_out = torch.tensor([[1.5, 1.5, 1.5], [-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]])
+    proc = torch.tensor([[0.4, -0.4, 0.2], [0.6, -0.6, 0.0], [0.9, -0.9, 0.3]])
+    got = scale_process_by_outcome(a_out + proc, a_out)
+    torch.testing.assert_close(got, a_out + a_out.abs() * proc)
+    assert torch.equal(got[2], torch.zeros(3))
+    assert bool((got[:2].sign() == a_out[:2].sign()).all())
+    assert got[0, 0] > got[0, 2] > got[0, 1] and got[1, 0] > got[1, 2] > got[1, 1]

@@ -123,16 +123,19 @@ def test_training_changes_the_policy(tmp_path):
     assert changed, "one step with non-zero advantages must update the weights"
 
 
-def test_outcome_gate_leaves_groups_without_outcome_signal_alone(tmp_path):
-    """With reward.process_gate = outcome and every completion wrong (no outcome signal in any
-    group), the causal reward is still computed and logged but no advantage is non-zero, so the
-    step leaves the weights as they were; with the gate off the same step moves them."""
+@pytest.mark.parametrize("gate", ["signal", "outcome"])
+def test_outcome_gate_leaves_groups_without_outcome_signal_alone(tmp_path, gate):
+    """With reward.process_gate signal / outcome and every completion wrong (no outcome signal in
+    any group), the causal reward is still computed and logged but no advantage is non-zero, so
+    the step leaves the weights as they were (test_training_changes_the_policy: with the gate off
+    the same step moves them)."""
     trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.process_gate",
-                                       "outcome", "--optim.weight_decay", "0"))
+                                       gate, "--optim.weight_decay", "0"))
     before = copy.deepcopy(trainer.model.state_dict())
     metrics = trainer.train_step()
     assert metrics["reward/groups_with_signal"] == 0 and metrics["advantage/process_groups"] == 0
-    assert metrics["advantage/abs_mean"] == 0 and math.isfinite(metrics["causal/effectiveness"])
+    assert metrics["advantage/abs_mean"] == 0 and metrics["advantage/process_abs_mean"] == 0
+    assert math.isfinite(metrics["causal/effectiveness"])
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
