@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from . import _ops
 from ._backend import resolve_backend
 from ._validation import check_float, check_same_device
 
@@ -43,9 +44,15 @@ def episode_rewards(robustness: torch.Tensor, effectiveness: torch.Tensor, *, w_
     for name, value in (("w_rob", w_rob), ("w_eff", w_eff)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return _ops.episode_rewards(robustness, effectiveness, float(w_rob), float(w_eff))
+
+
+def rewards_forward(robustness: torch.Tensor, effectiveness: torch.Tensor, w_rob: float,
+                    w_eff: float) -> torch.Tensor:
+    """The body of the ``gccpo::episode_rewards`` op (float64 when either input is, else float32)."""
     wide = torch.float64 in (robustness.dtype, effectiveness.dtype)
     dtype = torch.float64 if wide else torch.float32
-    return float(w_rob) * robustness.to(dtype) + float(w_eff) * effectiveness.to(dtype)
+    return w_rob * robustness.to(dtype) + w_eff * effectiveness.to(dtype)
 
 
 def _check_int(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -177,8 +184,22 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     if old_logp is not None and surprise_weighting:
         floats.append(old_logp.dtype)
     dtype = torch.float64 if torch.float64 in floats else torch.float32
+    name = resolve_backend(backend, episode_ids.device, dtype)
+    return _ops.token_advantages(
+        outcome_rewards.detach(), group_index, episode_ids, episode_rewards.detach(),
+        None if old_logp is None else old_logp.detach(), mask, float(eta), float(gamma), scale,
+        bool(surprise_weighting), bool(normalize_returns), float(eps), name, bool(validate), dtype)
+
+
+def advantages_forward(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
+                       episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
+                       old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float,
+                       gamma: float, scale: str, surprise_weighting: bool, normalize_returns: bool,
+                       eps: float, name: str, validate: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The body of the ``gccpo::token_advantages`` op: value checks (one host sync, when
+    ``validate``), then the backend ``name`` on inputs already checked for shape and device."""
+    B, T = episode_ids.shape
     device = episode_ids.device
-    name = resolve_backend(backend, device, dtype)
     inside = mask != 0
     if validate:
         _validate_values(outcome_rewards, episode_ids, episode_rewards, old_logp, inside,

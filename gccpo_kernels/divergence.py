@@ -15,9 +15,11 @@ import math
 
 import torch
 
+from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import check_answer_ids, check_finite, check_float, check_lm_head, out_dtype_for
+from .linear_logprobs import check_outputs_finite
 
 KINDS = ("kl", "js", "tv")
 MODES = ("gaussian", "sibling")
@@ -82,13 +84,8 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
     if generator is not None and generator.device.type != hidden.device.type:
         raise ValueError(f"generator is on {generator.device} but hidden is on {hidden.device}; "
                          "create it with torch.Generator(device=hidden.device)")
-    r, _ = hidden.shape
-    m = num_perturbations
-    cd = out_dtype_for(hidden.dtype)
-    with torch.no_grad():
-        h = hidden.detach().to(cd)
-        if mode == "gaussian":
-            return _tangent_gaussian(h, m, float(sigma), generator).to(hidden.dtype)
+    if mode == "sibling":
+        r = hidden.shape[0]
         if group_index is None:
             raise ValueError("mode='sibling' needs group_index ([R] group id per row); pass "
                              "torch.zeros(R, dtype=torch.long) to treat all rows as one group")
@@ -99,6 +96,24 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
                              f"{tuple(getattr(group_index, 'shape', ()))}")
         if group_index.device != hidden.device:
             raise ValueError(f"group_index is on {group_index.device} but hidden is on {hidden.device}")
+    else:
+        group_index = None
+    return _ops.perturb_latents(hidden.detach(), num_perturbations, float(sigma), mode, float(alpha),
+                                group_index, generator)
+
+
+def perturbations(hidden: torch.Tensor, num_perturbations: int, sigma: float, mode: str,
+                  alpha: float, group_index: torch.Tensor | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The body of the ``gccpo::perturb_latents`` op, on arguments already checked for type, shape
+    and device (the sign of the group ids is checked here: a host sync). Returns [R, M, D]."""
+    r, _ = hidden.shape
+    m = num_perturbations
+    cd = out_dtype_for(hidden.dtype)
+    with torch.no_grad():
+        h = hidden.detach().to(cd)
+        if mode == "gaussian":
+            return _tangent_gaussian(h, m, float(sigma), generator).to(hidden.dtype)
         if r > 0 and bool((group_index < 0).any()):
             raise ValueError("group_index must hold non-negative group ids")
         gid = group_index.long()
@@ -177,15 +192,27 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
         raise TypeError(f"deltas ({deltas.dtype}) must have hidden's dtype ({hidden.dtype})")
     if deltas.device != hidden.device:
         raise ValueError(f"deltas are on {deltas.device} but hidden is on {hidden.device}")
+    # value checks (one host sync each) run inside the op, where torch.compile does not trace
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams.of(temperature, logit_scale, softcap)
+    # forward-only: the op sees detached inputs, so its output never carries a graph
+    return _ops.counterfactual_divergence(
+        hidden.detach(), weight.detach(), deltas.detach(), None if bias is None else bias.detach(),
+        answer_token_ids, params, kind, name, validate)
+
+
+def divergence_forward(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor,
+                       bias: torch.Tensor | None, answer_token_ids: torch.Tensor | None,
+                       params: LogitParams, kind: str, name: str, validate: bool) -> torch.Tensor:
+    """The body of the ``gccpo::counterfactual_divergence`` op: value checks, then the backend
+    ``name`` on inputs already checked for shape, dtype and device. Returns [R, M]."""
     check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams.of(temperature, logit_scale, softcap)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
-        hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()
-        bias = None if bias is None else bias.detach().contiguous()
+        bias = None if bias is None else bias.contiguous()
         if name == "reference":
             from . import reference
 
@@ -201,4 +228,6 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
             from .triton import divergence as impl
         else:
             from .chunked import divergence as impl
-        return impl.forward(h, w, b, dl, params, kind)
+        out = impl.forward(h, w, b, dl, params, kind)
+    check_outputs_finite("counterfactual_divergence", (out,), validate)
+    return out

@@ -12,9 +12,11 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import check_answer_ids, check_finite, check_lm_head, out_dtype_for
+from .linear_logprobs import check_outputs_finite
 
 
 class GroupStats(NamedTuple):
@@ -127,16 +129,46 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     check_lm_head(hidden, weight, bias)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    check_group_args(hidden.device, group_offsets, group_ids, num_groups)
+    # value checks (one host sync each) run inside the op, where torch.compile does not trace
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams.of(temperature, logit_scale, softcap)
+    # forward-only: the op sees detached inputs, so its outputs never carry a graph
+    return GroupStats(*_ops.group_distribution_stats(
+        hidden.detach(), weight.detach(), group_offsets, group_ids, num_groups,
+        None if bias is None else bias.detach(), answer_token_ids, params, name, validate))
+
+
+def check_group_args(device: torch.device, group_offsets: torch.Tensor | None,
+                     group_ids: torch.Tensor | None, num_groups: int | None) -> None:
+    """The free checks of a group layout (which one is given, dtypes, dims, devices); the values
+    are checked by :func:`resolve_groups`."""
+    if (group_offsets is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_offsets ([G+1] CSR offsets from 0 to R) or "
+                         "group_ids ([R] group id per row)")
+    if group_offsets is not None:
+        _check_int_vector("group_offsets", group_offsets, device)
+    else:
+        _check_int_vector("group_ids", group_ids, device)
+    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int)):
+        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
+
+
+def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor | None,
+                  group_ids: torch.Tensor | None, num_groups: int | None,
+                  bias: torch.Tensor | None, answer_token_ids: torch.Tensor | None,
+                  params: LogitParams, name: str, validate: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of the ``gccpo::group_distribution_stats`` op: the group layout's values (always),
+    the answer ids and finiteness (when ``validate``), then the backend ``name``."""
     r = hidden.shape[0]
     offsets, order = resolve_groups(r, hidden.device, group_offsets, group_ids, num_groups)
     check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
     check_finite("hidden", hidden, validate)
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams.of(temperature, logit_scale, softcap)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
-        hidden, weight = hidden.detach(), weight.detach()
-        bias = None if bias is None else bias.detach().contiguous()
+        bias = None if bias is None else bias.contiguous()
         if name == "reference":
             from . import reference
 
@@ -150,7 +182,7 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
                 hidden, weight, ids, num_g, bias=bias, temperature=params.temperature,
                 logit_scale=params.logit_scale, softcap=params.softcap,
                 answer_token_ids=answer_token_ids)
-            return GroupStats(*(t.to(out_dtype) for t in outs))
+            return tuple(t.to(out_dtype) for t in outs)
         w, b = restrict_head(weight, bias, answer_token_ids)
         w = w if w.is_contiguous() else w.contiguous()
         h = hidden if order is None else hidden.index_select(0, order)
@@ -163,4 +195,6 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
         if order is not None:
             row_entropy = torch.empty_like(row_entropy).scatter_(0, order, row_entropy)
             row_kl = torch.empty_like(row_kl).scatter_(0, order, row_kl)
-        return GroupStats(row_entropy, row_kl, mix_entropy, mean_entropy, js)
+    outs = (row_entropy, row_kl, mix_entropy, mean_entropy, js)
+    check_outputs_finite("group_distribution_stats", outs, validate)
+    return outs

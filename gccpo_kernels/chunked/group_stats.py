@@ -5,8 +5,9 @@ Rows arrive sorted by group (CSR ``offsets``). Two passes over W, each one GEMM 
 
 1. logits of the chunk -> per row lse and entropy H(q_i) = log S - sum_v e_v (z_v - m) / S (shifted by
    the row max m, S = sum e, so no cancellation against lse); the chunk's probabilities are added
-   into the group mixtures with one small GEMM, ``sums[g_lo:g_hi] += A @ q`` (A the [groups, C]
-   0/1 membership matrix): deterministic, no atomics. Then q_bar = sums / n_g, H(q_bar), log q_bar.
+   into the group mixtures with one segment sum per chunk, ``sums[g_lo:g_hi] += segment_sum(q)``
+   (each group sums its own rows: deterministic, no atomics, and a NaN row cannot reach
+   another group as it would through a 0/1 membership GEMM). Then q_bar = sums / n_g, H(q_bar), log q_bar.
 2. logits again -> KL(q_i || q_bar_g) = sum_v q_v (log q_v - log q_bar_v), term by term, with
    log q = z - lse exact in log space.
 
@@ -74,12 +75,14 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             lse[start:stop] = m.squeeze(1) + log_s
             row_entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
             q = e.div_(s.unsqueeze(1))
-            # groups of rows start and stop - 1 (empty groups share an offset and are skipped)
+            # groups of rows start and stop - 1 (empty groups share an offset and are skipped);
+            # each group sums its own rows (a segment sum, no atomics): a NaN row stays in its
+            # group, where a 0/1 membership GEMM would spread 0 * NaN to every group of the chunk
             g_lo = bisect.bisect_right(offsets, start) - 1
             g_hi = bisect.bisect_right(offsets, stop - 1)
-            member = (gid[start:stop].unsqueeze(0) ==
-                      torch.arange(g_lo, g_hi, device=device).unsqueeze(1)).to(cd)
-            mix[g_lo:g_hi].addmm_(member, q)
+            lengths = [min(offsets[g + 1], stop) - max(offsets[g], start) for g in range(g_lo, g_hi)]
+            mix[g_lo:g_hi] += torch.segment_reduce(q, "sum", lengths=torch.tensor(lengths, device=device),
+                                                   axis=0)
     mix.div_(sizes.clamp_min(1).unsqueeze(1).to(cd))
     mixture_entropy = -torch.special.xlogy(mix, mix).sum(dim=1)
     # q_bar_v = 0 only where every member's q_v underflowed to 0: those terms are 0 * finite

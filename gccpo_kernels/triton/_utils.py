@@ -42,6 +42,22 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype in (torch.bfloat16, torch.float16)
 
 
+def fold_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 as a left fold, ((x_0 + x_1) + x_2) + ..., one elementwise add per slice.
+
+    Used to merge vocabulary-split partials ([S, rows, ...]) on the host side. torch's reductions
+    pick their summation order from the tensor's shape (on the CPU a lone column is summed with
+    vectorized partial sums, a wide [S, N] block column by column; CUDA picks a reduction config
+    by the number of outputs), so ``x.sum(0)`` of a row differs in the last bits with the batch
+    around it. Elementwise adds do not: each output element sees the same S additions in the same
+    order whatever the other rows. Cost: S - 1 elementwise launches (S = ceil(V / V_SPLIT)).
+    """
+    acc = x[0].clone()
+    for i in range(1, x.shape[0]):
+        acc.add_(x[i])
+    return acc
+
+
 @triton.jit
 def tanh(x):
     """tanh through exp (libdevice is unavailable in the interpreter); exact to float32 rounding

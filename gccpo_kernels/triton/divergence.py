@@ -12,10 +12,12 @@ read once for the base row and all M perturbed rows. The perturbed logits are ne
 
 Two passes over W:
   1. ``_cf_stats_kernel``: per (row, split) online softmax statistics of z (max m, S = sum e^(z-m)),
-     C = sum e^(z-m) Delta_m, the max k_m of Delta_m with T = sum e^(z-m) e^(Delta_m - k_m), and
-     (JS, TV) E = sum e^(z-m) expm1(Delta_m - sh_m) around the running mean sh_m = C/S. The host
-     merges the splits: lse, c_m = E_q[Delta_m] and L_m = lse(z~_m) - lse(z) = c_m + log1p(E/S)
-     (E re-centred on c_m; relative accuracy), or k_m + log(T/S) when E/S > 1 (large shifts).
+     C = sum e^(z-m) Delta_m, the max k_m of the perturbed logits z~_m = z + Delta_m with
+     T = sum e^(z~_m - k_m), and (JS, TV) E = sum e^(z-m) expm1(Delta_m - sh_m) around the running
+     mean sh_m = C/S. The host merges the splits: lse, c_m = E_q[Delta_m] and
+     L_m = lse(z~_m) - lse(z) = c_m + log1p(E/S) (E re-centred on c_m; relative accuracy), or
+     k_m + log T - lse(z) when E/S > 1 or the two disagree beyond the latter's rounding (large
+     shifts, where a token of underflowing base probability can dominate q~).
   2. ``_cf_integrand_kernel``: per (row, split) sum_v q_v f(x_v), with q = e^(z - lse) and
      KL: f = phi(Delta - c), phi(t) = e^t - 1 - t  -> KL = log1p(sum)   (sum > 1: L_T - c)
      TV: f = |expm1(Delta - L)|                   -> TV = sum / 2
@@ -40,7 +42,8 @@ import triton
 import triton.language as tl
 
 from .._logits import LogitParams
-from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, tanh, upcast_dots
+from ._utils import (TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, tanh,
+                     upcast_dots)
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - x) = 0, 0 * it finite
 KIND_CODES = {"kl": 0, "tv": 1, "js": 2}
@@ -244,11 +247,15 @@ def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, di
                      BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (row, split): m, S = sum e^(z-m), C = sum e^(z-m) Delta, the max k of Delta with
-    T = sum e^(z-m) e^(Delta-k) (the overflow-proof form of lse(z~) - lse(z), used for large
-    divergences), and, when NEED_L, the running mean sh = C/S with E = sum e^(z-m) expm1(Delta - sh),
-    re-centred on every tile: moving the shift by d maps E to e^-d E + expm1(-d) S, so E/S stays
-    O(|Delta - c|) and L = sh + log1p(E/S) keeps relative accuracy where T would lose ~eps in L."""
+    """Per (row, split): m, S = sum e^(z-m), C = sum e^(z-m) Delta, the max k of the perturbed
+    logits z~ = z + Delta with T = sum e^(z~ - k) (lse(z~) = k + log T: the overflow- and
+    underflow-proof form of L = lse(z~) - lse(z), used for large divergences; one exponential of
+    the sum, so a token whose base probability underflows but whose shift makes it the perturbed
+    mode still counts), and, when NEED_L, the running mean sh = C/S with
+    E = sum e^(z-m) expm1(Delta - sh), re-centred on every tile: moving the shift by d maps E to
+    e^-d E + expm1(-d) S, so E/S stays O(|Delta - c|) and L = sh + log1p(E/S) keeps relative
+    accuracy where T would lose ~eps in L. Exponents in E are clamped to +-80 and E to 1e30 (a
+    shift that large means E/S >> 1, where the host takes L from T), so E never turns NaN."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + split_offset
     r0 = pid_r * BLOCK_R
@@ -275,15 +282,18 @@ def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, di
         s = s_old + tl.sum(w, axis=1)
         w3 = w[:, None, :]
         c = alpha[:, None] * c + tl.sum(w3 * delta, axis=2)
-        delta = tl.where(col_ok[None, None, :], delta, _NEG_BIG)
-        k_new = tl.maximum(k, tl.max(delta, axis=2))
-        t = (alpha[:, None] * tl.exp(k - k_new)) * t + tl.sum(w3 * tl.exp(delta - k_new[:, :, None]), axis=2)
+        zt = z[:, None, :] + delta                  # perturbed logits; ~ -1e30 off the vocabulary
+        k_new = tl.maximum(k, tl.max(zt, axis=2))
+        t = tl.exp(k - k_new) * t + tl.sum(tl.exp(zt - k_new[:, :, None]), axis=2)
         k = k_new
         if NEED_L:
             sh_new = c / s[:, None]
             d = sh_new - sh
-            e = tl.exp(-d) * (alpha[:, None] * e) + _expm1(-d) * s_old[:, None]
-            e += tl.sum(w3 * _expm1(tl.maximum(delta - sh_new[:, :, None], -80.0)), axis=2)
+            nd = tl.minimum(-d, 80.0)
+            e = tl.exp(nd) * (alpha[:, None] * e) + _expm1(nd) * s_old[:, None]
+            x = tl.minimum(tl.maximum(delta - sh_new[:, :, None], -80.0), 80.0)
+            e += tl.sum(w3 * _expm1(x), axis=2)
+            e = tl.where(-d > 80.0, 1.0e30, tl.minimum(e, 1.0e30))
             sh = sh_new
         m = m_new
     row_ok = rows < n_rows
@@ -394,28 +404,37 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                   PRECISION=dot_precision(hidden.dtype))
     _launch(_cf_stats_kernel, cfg, cfg["BLOCK_R"], r, vocab,
             (*head, pm, ps, pc, pk, pt, psh, pe, *sizes), dict(consts, NEED_L=need_l))
-    # merge the splits in a fixed order
+    # merge the splits in a fixed order (maxima are exact; sums are left folds, independent of R)
     top = pm.amax(dim=0)                                          # [R]
     a = torch.exp(pm - top)                                       # [S, R]
     s_split = a * ps                                              # [S, R]
-    s = s_split.sum(dim=0).unsqueeze(1)                           # [R, 1]
+    s = fold_sum(s_split).unsqueeze(1)                            # [R, 1]
     lse = top + torch.log(s.squeeze(1))
     a3 = a.unsqueeze(2)
-    c = (a3 * pc).sum(dim=0) / s                                  # E_q[Delta], [R, M]
-    k = pk.amax(dim=0)
-    l_big = k + torch.log((a3 * torch.exp(pk - k) * pt).sum(dim=0) / s)   # lse(z~) - lse(z)
+    c = fold_sum(a3 * pc) / s                                     # E_q[Delta], [R, M]
+    k = pk.amax(dim=0)                                            # max of z~, [R, M]
+    lse_t = k + torch.log(fold_sum(torch.exp(pk - k) * pt))       # lse(z~)
+    l_big = lse_t - lse.unsqueeze(1)                              # L = lse(z~) - lse(z)
     if not need_l:
         shift = c
     else:
         # re-centre every split's E on the global mean c: L = c + log1p(E / S) while E/S <= 1
         d = c - psh                                               # [S, R, M]
-        e = (torch.exp(-d) * (a3 * pe) + torch.expm1(-d) * s_split.unsqueeze(2)).sum(dim=0) / s
-        shift = torch.where(e <= 1.0, c + torch.log1p(e), l_big)
+        nd = (-d).clamp(max=80.0)
+        e = fold_sum(torch.exp(nd) * (a3 * pe) + torch.expm1(nd) * s_split.unsqueeze(2)) / s
+        e = torch.where((-d > 80.0).any(dim=0), math.inf, e)
+        l_small = c + torch.log1p(e)
+        # l_big is exact to a few float32 ulps of the logits; l_small is far more accurate where
+        # E/S is small and right, and the two agree there. Where they disagree beyond l_big's
+        # rounding, E missed terms (base probabilities that underflow under huge shifts): l_big.
+        ulps = 16 * torch.finfo(torch.float32).eps * (1.0 + k.abs() + lse_t.abs() + lse.abs().unsqueeze(1))
+        agree = (e <= 1.0) & ((l_small - l_big).abs() <= ulps)
+        shift = torch.where(agree, l_small, l_big)
     pf = torch.empty_like(pc)
     _launch(_cf_integrand_kernel, cfg, cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"], r, vocab,
             (*head, lse.contiguous(), shift.contiguous(), pf, *sizes),
             dict(consts, KIND=KIND_CODES[kind]))
-    f = pf.sum(dim=0)
+    f = fold_sum(pf)
     if kind == "kl":
         # F <= 1: KL = log1p(F) without cancellation; beyond (KL > ln 2, or an overflowed F), the
         # difference of log-normalizers is accurate in relative terms

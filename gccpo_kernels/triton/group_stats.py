@@ -3,14 +3,20 @@
 Three passes over W (6RVD FLOPs), none holding an R x V tensor:
   1. row statistics lse_i and H(q_i): the SPEC §1 forward kernel (``triton.linear_logprobs``),
      whose per-row running max / sum / entropy accumulator is exactly what is needed.
-  2. ``_mixture_kernel``: a program owns GB consecutive groups and one [BLOCK_V] vocabulary tile.
-     It walks the rows of its groups in blocks of BLOCK_R, recomputes their logit tile, forms
-     q = e^(z - lse) and adds it into its [GB, BLOCK_V] accumulator with one small dot against the
-     0/1 membership matrix (float32, ieee). No other program writes that part of q_bar: no
-     atomics, deterministic, any group sizes (a group of 100k rows is just a longer loop).
+  2. ``_mixture_kernel``: a program owns one group and one [BLOCK_V] vocabulary tile. It walks
+     the group's rows in blocks of BLOCK_R that start at the group's first row, recomputes their
+     logit tile, forms q = e^(z - lse) and sums it over the block's rows. No other program writes
+     that part of q_bar: no atomics, deterministic, any group sizes (a group of 100k rows is just
+     a longer loop). Blocks start at the group's own first row, so a group's sums see the same
+     rows in the same places whatever groups come before it: the statistics of a group are
+     bitwise the same alone or inside any batch (batch invariance). The price: a group of s rows
+     costs ceil(s / BLOCK_R) logit tiles, so groups much smaller than BLOCK_R (64 rows on a GPU)
+     waste part of pass 2 (a group of 8 rows: 8 / 64 of each tile is used).
   3. ``_row_kl_kernel``: per (row block, vocabulary split) sum_v q_v (log q_v - log q_bar_g,v),
      term by term, reading log q_bar from the [G, V] buffer (SPEC §4 allows O(groups * V)).
-H(q_bar) is an O(G * V) elementwise reduction on the host side (torch), as are the group means.
+H(q_bar) and the group means are segmented sums in ``_segment_sum_kernel`` (one program per
+segment, blocks aligned to the segment's start: a fixed order, unlike torch's shape-dependent
+reductions); the vocabulary splits of pass 3 are merged by a left fold (``_utils.fold_sum``).
 """
 
 from __future__ import annotations
@@ -20,16 +26,17 @@ import triton
 import triton.language as tl
 
 from .._logits import LogitParams
-from ..chunked.group_stats import segment_mean
-from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, upcast_dots
+from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, upcast_dots
 from .linear_logprobs import _logit_tile
 from .linear_logprobs import forward as _row_forward
 
 
-def _cfg(r: int, v: int, d: int, warps: int, stages: int, gb: int = 16,
-         split: int = 8192) -> dict[str, int]:
-    return dict(BLOCK_R=r, BLOCK_V=v, BLOCK_D=d, GB=gb, V_SPLIT=split, num_warps=warps,
+def _cfg(r: int, v: int, d: int, warps: int, stages: int, split: int = 8192) -> dict[str, int]:
+    return dict(BLOCK_R=r, BLOCK_V=v, BLOCK_D=d, V_SPLIT=split, num_warps=warps,
                 num_stages=stages)
+
+
+SEGMENT_BLOCK = 1024  # elements per step of _segment_sum_kernel (pinned: part of the fixed order)
 
 
 # Pinned per architecture and input width, never by R or G.
@@ -41,36 +48,54 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 
 
 @triton.jit
-def _mixture_kernel(H, W, B, LSE, GID, OFF, MIX, n_rows, vocab, dim, n_groups, stride_h, stride_w,
-                    stride_mix, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+def _mixture_kernel(H, W, B, LSE, OFF, MIX, n_rows, vocab, dim, stride_h, stride_w, stride_mix,
+                    scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    GB: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    pid_g = tl.program_id(0)
+                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    g = tl.program_id(0)
     pid_v = tl.program_id(1)
-    g0 = pid_g * GB
-    gs = g0 + tl.arange(0, GB)
-    g_ok = gs < n_groups
-    lo = tl.load(OFF + g0)
-    hi = tl.load(OFF + tl.minimum(g0 + GB, n_groups))
+    lo = tl.load(OFF + g)
+    hi = tl.load(OFF + g + 1)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab
-    acc = tl.zeros([GB, BLOCK_V], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < hi
         z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
                         softcap, HAS_BIAS, HAS_CAP, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
                         PRECISION)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + rows.to(tl.int64), mask=row_ok, other=0.0)
         q = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
-        gid = tl.load(GID + rows, mask=row_ok, other=-1)
-        member = tl.where(gid[None, :] == gs[:, None], 1.0, 0.0)
-        acc = tl.dot(member, q, acc, input_precision="ieee")
-    size = tl.load(OFF + gs + 1, mask=g_ok, other=1) - tl.load(OFF + gs, mask=g_ok, other=0)
-    mix = acc / tl.maximum(size, 1).to(tl.float32)[:, None]
-    ptr = MIX + gs.to(tl.int64)[:, None] * stride_mix + cols[None, :]
-    tl.store(ptr, mix, mask=g_ok[:, None] & col_ok[None, :])
+        acc += tl.sum(q, axis=0)
+    mix = acc / tl.maximum(hi - lo, 1).to(tl.float32)
+    ptr = MIX + g.to(tl.int64) * stride_mix + cols
+    tl.store(ptr, mix, mask=col_ok)
+
+
+@triton.jit
+def _segment_sum_kernel(X, OFF, OUT, BLOCK: tl.constexpr):
+    """OUT[g] = sum of X[OFF[g]:OFF[g+1]] in blocks of BLOCK aligned to OFF[g]: the order depends
+    only on the segment's own length."""
+    g = tl.program_id(0)
+    lo = tl.load(OFF + g)
+    hi = tl.load(OFF + g + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # relative offsets in the loop (a segment is shorter than 2^31), the 64-bit start added to them
+    for i0 in range(0, hi - lo, BLOCK):
+        idx = lo + i0 + tl.arange(0, BLOCK)
+        acc += tl.load(X + idx, mask=idx < hi, other=0.0)
+    tl.store(OUT + g, tl.sum(acc, axis=0))
+
+
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[G] float32 sums of the contiguous float32 ``values`` over the int64 CSR ``offsets`` [G+1],
+    in a fixed order (see ``_segment_sum_kernel``); 0 for empty segments."""
+    num = offsets.shape[0] - 1
+    out = torch.empty(num, dtype=torch.float32, device=values.device)
+    if num > 0:
+        _segment_sum_kernel[(num,)](values, offsets, out, BLOCK=SEGMENT_BLOCK, num_warps=4)
+    return out
 
 
 @triton.jit
@@ -123,7 +148,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         e = torch.zeros(0, dtype=torch.float32, device=dev)
         return e, e.clone(), z, z.clone(), z.clone()
     gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
-    off = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    off = torch.tensor(offsets, dtype=torch.int64, device=dev)
     # pass 1: lse and entropy per row (the SPEC §1 forward; its log-prob output is not used)
     _, row_entropy, lse = _row_forward(hidden, weight, bias, torch.zeros(r, dtype=torch.long, device=dev),
                                        params)
@@ -138,11 +163,12 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     # pass 2: mixtures
     mix = torch.empty(num_groups, vocab, dtype=torch.float32, device=dev)
     if num_groups > 0:
-        grid = (triton.cdiv(num_groups, cfg["GB"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-        _mixture_kernel[grid](hidden, weight, b_arg, lse, gid, off, mix, r, vocab, dim, num_groups,
+        grid = (num_groups, triton.cdiv(vocab, cfg["BLOCK_V"]))
+        _mixture_kernel[grid](hidden, weight, b_arg, lse, off, mix, r, vocab, dim,
                               hidden.stride(0), weight.stride(0), mix.stride(0), params.scale,
-                              params.softcap or 1.0, GB=cfg["GB"], **common)
-    mixture_entropy = -torch.special.xlogy(mix, mix).sum(dim=1)
+                              params.softcap or 1.0, **common)
+    vocab_offsets = torch.arange(num_groups + 1, device=dev, dtype=torch.int64) * vocab
+    mixture_entropy = segment_sum(-torch.special.xlogy(mix, mix).reshape(-1), vocab_offsets)
     log_mix = mix.clamp_min_(torch.finfo(torch.float32).tiny).log_()
     # pass 3: KL(q_i || q_bar_g) per row and vocabulary split
     splits = triton.cdiv(vocab, cfg["V_SPLIT"])
@@ -156,10 +182,11 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             hidden, weight, b_arg, lse, gid, log_mix, pk, r, vocab, dim, hidden.stride(0),
             weight.stride(0), log_mix.stride(0), params.scale, params.softcap or 1.0, split_offset,
             n_tiles, V_SPLIT=cfg["V_SPLIT"], **common)
-    row_kl = pk.sum(dim=0)
+    row_kl = fold_sum(pk)
     row_kl.masked_fill_(sizes.index_select(0, gid.long()) == 1, 0.0)
-    mean_entropy = segment_mean(row_entropy, sizes)
-    js = segment_mean(row_kl, sizes)
+    count = sizes.clamp_min(1).to(torch.float32)
+    mean_entropy = segment_sum(row_entropy.contiguous(), off) / count
+    js = segment_sum(row_kl, off) / count
     return row_entropy, row_kl, mixture_entropy, mean_entropy, js
 
 
@@ -179,9 +206,10 @@ def compile_cases(arch: str) -> list[CompileCase]:
         tag = f"{t}{'-all-flags' if full else ''}"
         large = dtype == torch.bfloat16
         div = ("dim", "stride_h", "stride_w", "stride_mix")
-        mix_const = {**flags, "GB": cfg["GB"], **tail}
-        mix_sig = {**head, "OFF": "*i32", "MIX": "*fp32", "n_rows": "i32", "vocab": "i32",
-                   "dim": "i32", "n_groups": "i32", "stride_h": "i64", "stride_w": "i64",
+        mix_const = {**flags, **tail}
+        mix_head = {k: v for k, v in head.items() if k != "GID"}
+        mix_sig = {**mix_head, "OFF": "*i64", "MIX": "*fp32", "n_rows": "i32", "vocab": "i32",
+                   "dim": "i32", "stride_h": "i64", "stride_w": "i64",
                    "stride_mix": "i64", "scale": "fp32", "softcap": "fp32",
                    **{k: "constexpr" for k in mix_const}}
         cases.append(CompileCase(f"mixture-{tag}", _mixture_kernel, mix_sig, mix_const,
@@ -195,4 +223,7 @@ def compile_cases(arch: str) -> list[CompileCase]:
         cases.append(CompileCase(f"row_kl-{tag}", _row_kl_kernel, kl_sig, kl_const,
                                  cfg["num_warps"], cfg["num_stages"], large_shape_config=large,
                                  divisible_ints=div))
+    cases.append(CompileCase("segment_sum", _segment_sum_kernel,
+                             {"X": "*fp32", "OFF": "*i64", "OUT": "*fp32", "BLOCK": "constexpr"},
+                             {"BLOCK": SEGMENT_BLOCK}, 4, 1, uses_dot=False))
     return cases

@@ -4,7 +4,8 @@ Forward (``_logprob_forward_kernel``): a program owns BLOCK_N rows and one vocab
 V_SPLIT columns. For each [BLOCK_N, BLOCK_V] tile it computes the logits with tl.dot over D
 (wgmma on Hopper for 16-bit inputs), applies bias, scale and soft cap, and folds the tile into
 per-row running statistics: max m, s = sum exp(z - m), t = sum exp(z - m) (z - m), and the target
-logit. Splits are combined on the device in a fixed order (no atomics), so the result is
+logit. Splits are combined on the device in a fixed order (no atomics; left folds, see
+``_utils.fold_sum``), so the result is
 deterministic and a row's result does not depend on the other rows of the batch: configurations
 are pinned per architecture and never depend on N. Nothing of size N x V is ever written.
 
@@ -28,7 +29,8 @@ import triton.language as tl
 from .._logits import LogitParams
 from .._validation import out_dtype_for
 from .._workspace import tile_shape, workspace_bytes
-from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, tanh, upcast_dots
+from ._utils import (TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, tanh,
+                     upcast_dots)
 
 # Pinned configurations (no run-time autotuning; independent of N for batch invariance), per
 # architecture, kernel and input width. Chosen from the sm_90 / sm_80 compile reports
@@ -107,7 +109,8 @@ def _logprob_forward_kernel(H, W, B, Y, PM, PS, PT, PZ, n_rows, vocab, dim, stri
         z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
                         softcap, HAS_BIAS, HAS_CAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
                         PRECISION)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        # col_ok: columns past V hold the clamped last column's logit and must match no target
+        zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
         z = tl.where(col_ok[None, :], z, _NEG_BIG)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -174,15 +177,16 @@ def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
 
 def _combine_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor, pz: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge per-split (m, s, t, z_target) [S, N] into (logp, entropy, lse) [N], fixed order."""
+    """Merge per-split (m, s, t, z_target) [S, N] into (logp, entropy, lse) [N] in a fixed order
+    that does not depend on N (the max is exact in any order; the sums are left folds)."""
     m = pm.amax(dim=0)
     w = torch.exp(pm - m)
-    s = (w * ps).sum(dim=0)
-    t = (w * (pt + ps * (pm - m))).sum(dim=0)
+    s = fold_sum(w * ps)
+    t = fold_sum(w * (pt + ps * (pm - m)))
     log_s = torch.log(s)
     lse = m + log_s
     entropy = log_s - t / s
-    logp = pz.sum(dim=0) - lse
+    logp = fold_sum(pz) - lse
     return logp, entropy, lse
 
 
