@@ -13,8 +13,10 @@ dtypes to the tracer. The §1 primitive has an autograd formula whose backward i
 
 Ops (``torch.ops.gccpo.<name>``): ``linear_logprobs``, ``linear_logprobs_backward``,
 ``counterfactual_divergence``, ``perturb_latents``, ``group_distribution_stats``,
-``token_advantages``, ``episode_rewards``. ``policy_loss`` is plain differentiable torch code that
-dynamo traces as it is, and ``fused_linear_policy_loss`` composes it with ``linear_logprobs``.
+``token_advantages``, ``episode_rewards``, and the policy loss's value checks ``checked_mask``,
+``finite_advantages``, ``masked_targets``. ``policy_loss`` is otherwise plain differentiable torch
+code that dynamo traces as it is, and ``fused_linear_policy_loss`` composes it with
+``linear_logprobs``: both compile with ``validate=True``.
 
 Not traceable: a ``torch.Generator`` argument (dynamo cannot take one as a graph input), so
 ``perturb_latents(..., generator=g)`` runs outside a compiled region (it is a rollout-time,
@@ -35,7 +37,7 @@ from ._validation import out_dtype_for
 NAMESPACE = "gccpo"
 OPS: tuple[str, ...] = ("linear_logprobs", "linear_logprobs_backward", "counterfactual_divergence",
                         "perturb_latents", "group_distribution_stats", "token_advantages",
-                        "episode_rewards")
+                        "episode_rewards", "checked_mask", "finite_advantages", "masked_targets")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,3 +326,83 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     return torch.ops.gccpo.token_advantages(
         outcome_rewards, group_index, episode_ids, episode_rewards, old_logp, mask, eta, gamma,
         scale, surprise_weighting, normalize_returns, eps, backend, validate, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# SPEC §2: the policy loss's value checks (its math is plain torch code that dynamo traces)
+# ------------------------------------------------------------------------------------------------
+# Each check needs a host synchronisation; inside an op it runs eagerly, also in a compiled graph,
+# and its output (what the loss goes on to use) keeps it from being dropped as dead code.
+
+
+@torch.library.custom_op("gccpo::checked_mask", mutates_args=())
+def _checked_mask(mask: torch.Tensor) -> torch.Tensor:
+    if mask.numel() > 0:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            value = mask[bad].flatten()[0].item()
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool), found {value!r}; pass mask > 0 "
+                             "(or mask.bool()) if it holds weights, and put weights into is_weights")
+    return mask != 0
+
+
+@_checked_mask.register_fake
+def _checked_mask_fake(mask):
+    return torch.empty_like(mask, dtype=torch.bool)
+
+
+def checked_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask != 0`` after checking that a non-bool mask holds only 0 and 1."""
+    return torch.ops.gccpo.checked_mask(mask)
+
+
+@torch.library.custom_op("gccpo::finite_advantages", mutates_args=())
+def _finite_advantages(advantages: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    bad = ~torch.isfinite(advantages) & used
+    if bool(bad.any()):
+        raise ValueError(f"advantages hold {int(bad.sum())} NaN/inf value(s) on unmasked tokens; "
+                         "check the reward / advantage computation (e.g. a group std of 0)")
+    return torch.where(used, advantages, torch.zeros((), dtype=advantages.dtype, device=advantages.device))
+
+
+@_finite_advantages.register_fake
+def _finite_advantages_fake(advantages, used):
+    return torch.empty(torch.broadcast_shapes(advantages.shape, used.shape), dtype=advantages.dtype,
+                       device=advantages.device)
+
+
+def _finite_advantages_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _finite_advantages_grad(ctx, grad):
+    (used,) = ctx.saved_tensors
+    return torch.where(used, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+_finite_advantages.register_autograd(_finite_advantages_grad, setup_context=_finite_advantages_setup)
+
+
+def finite_advantages(advantages: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """``advantages`` where ``used`` (0 elsewhere: masked garbage never reaches the backward), after
+    checking that every used value is finite."""
+    return torch.ops.gccpo.finite_advantages(advantages, used)
+
+
+@torch.library.custom_op("gccpo::masked_targets", mutates_args=())
+def _masked_targets(targets: torch.Tensor, mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    if targets.numel() > 0 and bool((mask & (targets == ignore_index)).any()):
+        raise ValueError(f"targets == ignore_index ({ignore_index}) on tokens where mask is 1: "
+                         "set mask to 0 there (the loss would silently count them with logp = 0)")
+    return targets.masked_fill(~mask, ignore_index)
+
+
+@_masked_targets.register_fake
+def _masked_targets_fake(targets, mask, ignore_index):
+    return torch.empty_like(targets)
+
+
+def masked_targets(targets: torch.Tensor, mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``targets`` with ``ignore_index`` where ``mask`` is False, after checking that no unmasked
+    target already is ``ignore_index``."""
+    return torch.ops.gccpo.masked_targets(targets, mask, ignore_index)

@@ -259,10 +259,10 @@ def _as_mask(mask: torch.Tensor, shape: torch.Size, validate: bool) -> torch.Ten
         return mask
     if mask.is_complex():
         raise TypeError(f"mask must be bool or a 0/1 int/float tensor, got {mask.dtype}")
-    if validate and mask.numel() > 0 and bool(((mask != 0) & (mask != 1)).any()):
-        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
-        raise ValueError(f"mask must hold only 0 and 1 (or be bool), found {bad!r}; pass mask > 0 "
-                         "(or mask.bool()) if it holds weights, and put weights into is_weights")
+    if validate:  # the value check runs in a custom op: no graph break under torch.compile
+        from ._ops import checked_mask
+
+        return checked_mask(mask)
     return mask != 0
 
 
@@ -402,14 +402,15 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     count_rows = mf.sum(1)  # [B]
     tokens = count_rows.sum()
     adv = _as_2d(advantages, cd)
-    if validate and adv.numel() > 0:
-        bad = ~torch.isfinite(adv) & _used(m, adv)
-        if bool(bad.any()):
-            raise ValueError(f"advantages hold {int(bad.sum())} NaN/inf value(s) on unmasked tokens; "
-                             "check the reward / advantage computation (e.g. a group std of 0)")
     # garbage (NaN/inf) on masked tokens must not reach the backward: with a [B, 1] sequence-level
-    # ratio, the row's gradient sums 0 * adv over all its tokens, and 0 * NaN is NaN
-    adv = torch.where(_used(m, adv), adv, zero)
+    # ratio, the row's gradient sums 0 * adv over all its tokens, and 0 * NaN is NaN. With validate,
+    # non-finite values where they are used raise (in a custom op: no graph break when compiled).
+    if validate:
+        from ._ops import finite_advantages
+
+        adv = finite_advantages(adv, _used(m, adv))
+    else:
+        adv = torch.where(_used(m, adv), adv, zero)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=logp.device, dtype=cd).reshape(())
     if isinstance(loss_scale, torch.Tensor):
@@ -567,11 +568,15 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
     if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:2]:
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets must be [B, T] = {tuple(hidden.shape[:2])} like hidden's leading dims, got {shape}")
+    if isinstance(mask, torch.Tensor):  # before the mask meets the targets (also inside an op)
+        check_same_device(hidden=hidden, targets=targets, mask=mask)
     m = _as_mask(mask, targets.shape, validate)
-    if validate and targets.numel() > 0 and bool((m & (targets == ignore_index)).any()):
-        raise ValueError(f"targets == ignore_index ({ignore_index}) on tokens where mask is 1: "
-                         "set mask to 0 there (the loss would silently count them with logp = 0)")
-    y = targets.masked_fill(~m, ignore_index)
+    if validate:  # checked in a custom op: no graph break under torch.compile
+        from ._ops import masked_targets
+
+        y = masked_targets(targets, m, ignore_index)
+    else:
+        y = targets.masked_fill(~m, ignore_index)
     from .linear_logprobs import fused_linear_logprobs
 
     logp, entropy = fused_linear_logprobs(

@@ -10,8 +10,9 @@ so a compiled training step traces through it without graph breaks.
 
 Compiler backend: ``aot_eager`` (dynamo + AOTAutograd, the same graph capture and
 functionalization as inductor, without code generation; inductor's C++ build alone takes ~20 s
-per graph on this CPU). ``policy_loss``'s own value checks need host syncs, so the compiled steps
-pass ``validate=False``; the primitive's checks run inside its op and compile with validate=True.
+per graph on this CPU). Every value check that needs a host sync (the primitive's, and the policy
+loss's mask / advantage / target checks) runs inside an op, so the compiled steps keep the default
+``validate=True`` and still reject bad values.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def _opcheck_cases():
                              batch["episode_rewards"], batch["old_logp"], batch["mask"], 1.0, 1.0, "group",
                              True, True, 1e-4, "torch", True, torch.float32),
         "episode_rewards": (rob.requires_grad_(), eff.requires_grad_(), 0.9, 0.8),
+        "checked_mask": (torch.tensor([[1, 0, 1], [0, 0, 1]], device=DEVICE),),
+        "finite_advantages": (torch.randn(2, 3, device=DEVICE, requires_grad=True),
+                              torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)),
+        "masked_targets": (torch.tensor([[4, -100, 2], [1, 5, 0]], device=DEVICE),
+                           torch.tensor([[True, False, True], [True, True, False]], device=DEVICE), -100),
     }
 
 
@@ -197,7 +203,7 @@ def test_compiled_training_step_matches_eager(backend, dtype):
 
     def step(hh, ww, bb):
         out = gk.fused_linear_policy_loss(hh, ww, y, adv, mask, old_logp=old, ref_logp=ref, bias=bb, config=cfg,
-                                          temperature=0.9, backend=backend, validate=False)
+                                          temperature=0.9, backend=backend)       # validate=True
         return out.loss
 
     def run(fn):
@@ -225,3 +231,27 @@ def test_compiled_training_step_matches_eager(backend, dtype):
     torch.testing.assert_close(recorded[0], eager[0], **tol)
     assert "gccpo.linear_logprobs" in fw.targets(), sorted(fw.targets())
     assert "gccpo.linear_logprobs_backward" in bw.targets(), sorted(bw.targets())
+
+
+def test_policy_loss_value_checks_run_inside_the_compiled_graph():
+    """The policy loss's host-sync checks (mask values, NaN advantages on used tokens, targets equal
+    to ignore_index under the mask) are ops: the fused loss compiles with validate=True and still
+    raises the same errors; NaN advantages on masked tokens stay harmless."""
+    h, w, b = head(6, 16, 40)
+    h = h.reshape(2, 3, 16)
+    y = torch.tensor([[1, 2, 3], [4, 5, 6]], device=DEVICE)
+    fn = torch.compile(lambda hh, yy, adv, mask: gk.fused_linear_policy_loss(hh, w, yy, adv, mask, backend="torch").loss,
+                       fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], device=DEVICE)
+    adv = torch.tensor([1.0, -1.0], device=DEVICE)
+    eager = gk.fused_linear_policy_loss(h, w, y, adv, mask, backend="torch").loss
+    torch.testing.assert_close(fn(h, y, adv, mask), eager)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        fn(h, y, adv, torch.tensor([[1, 2, 0], [1, 0, 1]], device=DEVICE))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fn(h, y, torch.tensor([float("nan"), 1.0], device=DEVICE), mask)
+    with pytest.raises(ValueError, match="ignore_index"):
+        fn(h, torch.tensor([[1, -100, 3], [4, 5, 6]], device=DEVICE), adv, mask)
+    token_adv = torch.tensor([[1.0, 2.0, float("nan")], [0.5, float("inf"), 1.0]], device=DEVICE)
+    assert torch.isfinite(fn(h, y, token_adv, mask))               # garbage only where mask is 0

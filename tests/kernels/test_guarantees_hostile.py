@@ -299,8 +299,7 @@ def test_mixed_devices_raise_clear_errors():
     for call in cases:
         with pytest.raises(ValueError, match=match):
             call()
-    # the fused loss's mask meets the targets (masked_fill) before policy_loss's device check: the
-    # error is torch's own RuntimeError, which names both devices
-    with pytest.raises(RuntimeError, match="device"):
+    # the fused loss checks the mask's device before the mask meets the targets
+    with pytest.raises(ValueError, match=match):
         gk.fused_linear_policy_loss(h.reshape(1, 4, 8), w, y.reshape(1, 4), torch.ones(1, device=DEVICE),
                                     meta(torch.ones(1, 4, dtype=torch.bool)))
