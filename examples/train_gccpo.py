@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--G", type=int, default=8)
-    ap.add_argument("--eta", type=float, default=1.0, help="process-advantage weight (0 = GRPO)")
+    ap.add_argument("--eta", type=float, default=0.25, help="process-advantage weight (0 = GRPO)")
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
@@ -78,9 +78,15 @@ def main() -> None:
         rob[idx.rows, idx.ks] = -kl.mean(1)
         eff[idx.rows, idx.ks] = stats.row_kl_to_mixture
         episode_reward = gk.episode_rewards(rob, eff, w_rob=0.9, w_eff=0.8)
-        # 5. token advantages: group-normalized outcome + eta * surprise-weighted normalized returns
+        # 5. token advantages: group-normalized outcome + eta * surprise-weighted normalized returns,
+        #    the process part scaled by |A_out| (the trainer's default process_gate "outcome": no
+        #    process push in groups whose outcomes carry no signal; without it the policy games
+        #    the effectiveness reward, see docs/trainer.md)
         adv = gk.token_advantages(reward, r.group_index, ep.episode_ids, episode_reward, old_logp,
                                   r.completion_mask, eta=args.eta)
+        a_out = gk.token_advantages(reward, r.group_index, ep.episode_ids, episode_reward, old_logp,
+                                    r.completion_mask, eta=0.0)
+        adv = a_out + a_out.abs() * (adv - a_out)
         # 6. fused clipped policy loss from the backbone's hidden states, backward, AdamW
         model.train()
         am = r.attention_mask

@@ -8,7 +8,7 @@ the defaults here, then ``--config file.yaml`` (a mapping of section -> {key: va
 ``--algo grpo`` is GCCPO with the causal reward switched off (``reward.eta = 0``, and the probe
 forward / kernels of SPEC §3-§4 are skipped because their result would be multiplied by 0), so
 every GRPO-vs-GCCPO comparison runs through the same code. ``--algo gccpo`` (the default) leaves
-``reward.eta`` as configured (1.0 by default).
+``reward.eta`` as configured (0.25 by default).
 
 Values on the command line are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[1, 2]``,
 ``{min_terms: 3}``) and then checked against the field's type, so a typo or a wrong type fails
@@ -177,7 +177,7 @@ class RewardConfig:
         seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
     """
 
-    eta: float = 0.5
+    eta: float = 0.25
     w_rob: float = 0.9
     w_eff: float = 0.8
     readout: str = "probe"

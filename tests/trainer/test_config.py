@@ -9,7 +9,7 @@ from gccpo.config import Config, format_config, load_config, parse_overrides
 
 def test_defaults():
     c = load_config([])
-    assert c.algo == "gccpo" and c.causal and c.reward.eta == 0.5 and c.reward.process_gate == "outcome"
+    assert c.algo == "gccpo" and c.causal and c.reward.eta == 0.25 and c.reward.process_gate == "outcome"
     assert (c.reward.w_rob, c.reward.w_eff, c.reward.readout, c.reward.probe_text) == (0.9, 0.8, "probe", "\nAnswer:")
     assert c.model.name == "smollm2" and c.task.name == "chain_sum" and c.task.eval_size >= 200
 
