@@ -53,5 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gccpo-train: {config.algo} on {trainer.task.name} with {config.model.name} "
               f"({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.0f}M parameters, {trainer.device}"
               f"{world}); run dir {trainer.run_dir}", flush=True)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.dp.close()
     return 0

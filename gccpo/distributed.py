@@ -38,6 +38,7 @@ class DataParallel:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None
+    owns_group: bool = False  # from_env joined the process group (and close() leaves it)
 
     @property
     def is_main(self) -> bool:
@@ -61,11 +62,12 @@ class DataParallel:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and not cpu
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             if cuda:
                 torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl" if cuda else "gloo")
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns)
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This process's contiguous slice of ``items`` (``len(items)`` a multiple of the world size
@@ -131,6 +133,17 @@ class DataParallel:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def close(self) -> None:
+        """Wait for every process, then leave the process group if :meth:`from_env` joined it (a
+        process exiting with a live gloo group can abort in its teardown)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                if self.owns_group:
+                    dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
         import torch.distributed as dist

@@ -24,7 +24,6 @@ temperature, renormalized over the digit and minus tokens for numeric tasks.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -36,6 +35,7 @@ import gccpo_kernels as gk
 from .config import RewardConfig
 from .episodes import Episodes
 from .rollout import position_ids
+from .tasks import sanitize_reward
 
 _DIGITS = re.compile(r"\d+|-")
 #: attention implementations that take the 4D mask of :func:`packed_probe_forward`.
@@ -46,32 +46,31 @@ def outcome_rewards(task: Any, problems: Sequence[Any], texts: Sequence[str],
                     counts: dict[str, int] | None = None) -> torch.Tensor:
     """``[B]`` float32 verifier scores of the completions (``problems[i]`` is row i's problem).
 
-    Never lets one completion stop the run: a verifier that raises, or returns a non-finite or
-    out-of-[0, 1] value, scores 0 (clamped, for out of range). When ``counts`` is given it gets,
-    over these completions: ``empty`` (no text), ``unparsable`` (no answer could be extracted,
-    when the task has an ``extract`` method), ``verifier_errors``, ``nonfinite``, ``out_of_range``.
+    Never lets one completion stop the run: a verifier that raises scores 0; a non-finite or
+    out-of-[0, 1] value scores 0 or is clamped (:func:`gccpo.tasks.sanitize_reward`). When
+    ``counts`` is given it gets, over these completions: ``empty`` (no text), ``unparsable`` (no
+    answer could be extracted), ``verifier_errors``, ``nonfinite``, ``out_of_range``. A task with
+    ``extract`` and ``verify`` (:class:`gccpo.tasks.Task`) has each answer extracted once;
+    otherwise its ``score(text, problem)`` is the verifier.
     """
     tally = dict.fromkeys(("empty", "unparsable", "verifier_errors", "nonfinite", "out_of_range"), 0)
+    staged = hasattr(task, "extract") and hasattr(task, "verify")
     scores = []
     for text, problem in zip(texts, problems):
         tally["empty"] += not text.strip()
-        extract = getattr(task, "extract", None)
-        if extract is not None:
-            try:
-                tally["unparsable"] += extract(text) is None
-            except Exception:
-                tally["unparsable"] += 1
         try:
-            value = float(task.score(text, problem))
+            if staged:
+                answer = task.extract(text)
+                tally["unparsable"] += answer is None
+                raw = float(task.verify(answer, problem))
+            else:
+                raw = float(task.score(text, problem))
         except Exception:
             tally["verifier_errors"] += 1
-            value = 0.0
-        if not math.isfinite(value):
-            tally["nonfinite"] += 1
-            value = 0.0
-        elif not 0.0 <= value <= 1.0:
-            tally["out_of_range"] += 1
-            value = min(max(value, 0.0), 1.0)
+            raw = 0.0
+        value, fault = sanitize_reward(raw)
+        if fault is not None:
+            tally[fault] += 1
         scores.append(value)
     if counts is not None:
         for k, v in tally.items():

@@ -151,10 +151,23 @@ class Task:
     def extract(self, text: str) -> str | None:
         return extract_answer(text, numeric=self.numeric, fallback=self.config.answer_fallback)
 
+    def verify(self, answer: str | None, problem: Problem) -> float:
+        """The verifier's raw value for an extracted answer (not yet checked or clamped)."""
+        return float(self._score_fn(answer, problem))
+
     def score(self, text: str, problem: Problem) -> float:
         """Outcome reward in [0, 1] of a completion's text."""
-        value = float(self._score_fn(self.extract(text), problem))
-        return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
+        return sanitize_reward(self.verify(self.extract(text), problem))[0]
+
+
+def sanitize_reward(value: float) -> tuple[float, str | None]:
+    """A verifier value as an outcome reward in [0, 1], and what was wrong with it: non-finite
+    values score 0 (``"nonfinite"``), values outside [0, 1] are clamped (``"out_of_range"``)."""
+    if not math.isfinite(value):
+        return 0.0, "nonfinite"
+    if not 0.0 <= value <= 1.0:
+        return min(max(value, 0.0), 1.0), "out_of_range"
+    return value, None
 
 
 # --------------------------------------------------------------------------------------------

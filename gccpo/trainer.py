@@ -310,6 +310,7 @@ class Trainer:
         # 6. metrics
         m = rollout.completion_mask
         n_tokens = int(m.sum())
+        process = (advantages - outcome_adv).abs() * m  # [B, T] size of the process part per token
         correct = (rewards >= 1.0).float()
         by_group = correct.view(-1, G) if correct.numel() % G == 0 else correct.unsqueeze(0)
         rew_group = rewards.view(-1, G) if rewards.numel() % G == 0 else rewards.unsqueeze(0)
@@ -330,8 +331,8 @@ class Trainer:
             "completion/truncated": float(self._truncated(rollout).float().mean()),
             "advantage/abs_mean": float((advantages.abs() * m).sum() / max(n_tokens, 1)),
             # the fraction of completions with a non-zero process part, and its mean size
-            "advantage/process_groups": float(((advantages - outcome_adv).abs() * m).amax(1).gt(0).float().mean()),
-            "advantage/process_abs_mean": float(((advantages - outcome_adv).abs() * m).sum() / max(n_tokens, 1)),
+            "advantage/process_groups": float(process.amax(1).gt(0).float().mean()),
+            "advantage/process_abs_mean": float(process.sum() / max(n_tokens, 1)),
             "check/old_vs_sampling_logp": float(gap),
             **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
             **opt_metrics,
@@ -478,13 +479,14 @@ class Trainer:
             _add_metrics(metrics, out.metrics)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.dp.average_gradients(params)  # data parallel: mean over processes, before clipping
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
-            if grads else 0.0
+        if cfg.optim.max_grad_norm:  # clipping scales by a NaN factor on non-finite grads: skipped below
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+        else:
+            grads = [p.grad.float() for p in params if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+                if grads else 0.0
         finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
         if finite:
-            if cfg.optim.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.skipped_in_row = 0

@@ -6,6 +6,7 @@ here, at collection time, and only when CUDA is absent (on a GPU machine the ker
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -18,6 +19,17 @@ import pytest  # noqa: E402
 from gccpo_kernels._backend import triton_unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lm_head(n: int, d: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+            wscale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden rows [n, d], an LM head [v, d] with O(1..10) logits (scaled by ``wscale``) and a bias
+    [v], drawn in float64 in that order from ``seed``, then cast to ``dtype`` on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * wscale / math.sqrt(d)
+    b = 0.3 * torch.randn(v, generator=g, dtype=torch.float64)
+    return h.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), b.to(dtype).to(DEVICE)
 
 
 def available_backends() -> list[str]:

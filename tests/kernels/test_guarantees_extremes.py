@@ -26,7 +26,7 @@ import torch
 import gccpo_kernels as gk
 from gccpo_kernels import reference as ref
 from gccpo_kernels.policy_loss import PolicyLossConfig
-from tests.conftest import DEVICE, available_backends
+from tests.conftest import DEVICE, available_backends, lm_head
 from tests.kernels.test_advantages import make_batch, on
 
 BACKENDS = available_backends()
@@ -35,10 +35,8 @@ F64 = torch.float64
 
 
 def head(n: int, d: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, wscale: float = 2.0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=F64)
-    w = torch.randn(v, d, generator=g, dtype=F64) * wscale / math.sqrt(d)
-    return h.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
+    """Hidden rows and an LM head (no bias) from the shared generator of tests/conftest.py."""
+    return lm_head(n, d, v, seed=seed, dtype=dtype, wscale=wscale)[:2]
 
 
 def dtype_for(backend: str) -> torch.dtype:

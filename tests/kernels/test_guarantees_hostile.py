@@ -18,27 +18,18 @@ Every public op, every backend where the input reaches it.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 import gccpo_kernels as gk
 from gccpo_kernels import reference as ref
-from tests.conftest import DEVICE, available_backends
+from tests.conftest import DEVICE, available_backends, lm_head as head
 from tests.kernels.test_advantages import make_batch, on
 
 BACKENDS = available_backends()
 FAST = [b for b in BACKENDS if b != "reference"]
 F64 = torch.float64
-
-
-def head(n: int, d: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=F64).to(dtype).to(DEVICE)
-    w = (torch.randn(v, d, generator=g, dtype=F64) * 2.0 / math.sqrt(d)).to(dtype).to(DEVICE)
-    b = (0.3 * torch.randn(v, generator=g, dtype=F64)).to(dtype).to(DEVICE)
-    return h, w, b
 
 
 def dtype_for(backend: str) -> torch.dtype:

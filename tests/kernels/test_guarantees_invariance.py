@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 import pathlib
 import re
 
@@ -24,21 +23,12 @@ import torch
 
 import gccpo_kernels as gk
 from gccpo_kernels.policy_loss import PolicyLossConfig
-from tests.conftest import DEVICE, available_backends
+from tests.conftest import DEVICE, available_backends, lm_head
 from tests.kernels.test_advantages import make_batch, on
 
 BACKENDS = available_backends()
 TRITON = pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not importable here")
 F64 = torch.float64
-
-
-def lm_head(n: int, d: int, v: int, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Hidden rows, a head with O(1..10) logits and a bias, on the test device."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=F64)
-    w = torch.randn(v, d, generator=g, dtype=F64) * 2.0 / math.sqrt(d)
-    b = 0.3 * torch.randn(v, generator=g, dtype=F64)
-    return tuple(t.to(dtype).to(DEVICE) for t in (h, w, b))
 
 
 def same(a, b) -> bool:

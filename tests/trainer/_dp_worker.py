@@ -33,6 +33,7 @@ def main(tmp: str, *extra: str) -> None:
     torch.save({"state": trainer.model.state_dict(), "initial": initial, "prompts": seen,
                 "rank": trainer.dp.rank, "world": trainer.dp.world_size, "summary": summary},
                Path(config.train.output_dir) / f"rank{trainer.dp.rank}.pt")
+    trainer.dp.close()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save({"rank": dp.rank, "world": dp.world_size, "a": a.grad, "b": b.grad, "c": c.grad,
                 "metrics": metrics, "sum": dp.sum([rank, 1]), "shard": dp.shard(list(range(5)))},
                f"{out}/r{rank}.pt")
+    dp.close()
+    assert not torch.distributed.is_initialized()
 
 
 def test_gradient_and_metric_reductions_in_two_gloo_processes(tmp_path):

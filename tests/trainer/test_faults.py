@@ -84,14 +84,14 @@ def test_bad_completions_verifiers_and_rewards_are_counted(tmp_path):
     trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false"))
     calls = {"n": 0}
 
-    def hostile_score(text, problem):
+    def hostile_verifier(answer, problem):
         calls["n"] += 1
         k = calls["n"] % 4
         if k == 0:
             raise ZeroDivisionError("verifier bug")
         return [float("nan"), 7.0, 0.0][k - 1]
 
-    trainer.task.score = hostile_score
+    trainer.task._score_fn = hostile_verifier  # the task's verifier, behind Task.verify / Task.score
     metrics = trainer.train_step()
     n = calls["n"]
     assert n == 8
