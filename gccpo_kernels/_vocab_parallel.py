@@ -98,3 +98,96 @@ def vocab_shard(weight: torch.Tensor, process_group: Any) -> VocabShard | None:
 def log_total(shard: VocabShard | None, local_vocab: int) -> float:
     """log V of the full vocabulary (the entropy's upper bound)."""
     return math.log(max(shard.total if shard is not None else local_vocab, 1))
+
+
+def all_gather(shard: VocabShard, t: torch.Tensor) -> torch.Tensor:
+    """``[P, *t.shape]``: every rank's ``t`` in rank order (one all-gather, P * numel received).
+    Unlike an all-reduce, the values arrive exact, so a combine over dim 0 in a fixed order
+    gives identical bits on every rank whatever the collective's algorithm or message size."""
+    import torch.distributed as dist
+
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(shard.world)]
+    dist.all_gather(parts, t, group=shard.group)
+    return torch.stack(parts)
+
+
+def combine_softmax_stats(shard: VocabShard, lse: torch.Tensor, entropy: torch.Tensor,
+                          *sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row statistics of the softmax over the full vocabulary from each rank's statistics of
+    the softmax over its slice: ``lse`` (-inf for an empty slice), ``entropy`` (0 there) and any
+    number of plain per-row sums (e.g. the target logit, nonzero on one rank). Returns (lse,
+    entropy, *sums) over all shards, identical on every rank.
+
+    One all-gather of (2 + len(sums)) x numel values, combined in rank order by elementwise
+    left folds (deterministic, independent of the batch size). With w_r = exp(lse_r - lse), the
+    entropy is the chain rule H = sum_r w_r (H_r + lse - lse_r), evaluated as
+    T / S + log S with S = sum_r e_r, T = sum_r e_r (H_r + m - lse_r), e_r = exp(lse_r - m),
+    m = max_r lse_r: every term is >= 0, so nothing cancels.
+    """
+    g = all_gather(shard, torch.stack([lse, entropy, *sums]))
+    lse_r, ent_r = g[:, 0], g[:, 1]
+    m = lse_r.amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    live = torch.isfinite(lse_r)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    e = torch.where(live, torch.exp(lse_r - m), zero)
+    t = torch.where(live, e * (ent_r + (m - lse_r)), zero)
+    s_sum, t_sum = e[0].clone(), t[0].clone()
+    for r in range(1, shard.world):
+        s_sum.add_(e[r])
+        t_sum.add_(t[r])
+    log_s = torch.log(s_sum)
+    out = [m + log_s, t_sum / s_sum + log_s]
+    for i in range(len(sums)):
+        acc = g[0, 2 + i].clone()
+        for r in range(1, shard.world):
+            acc.add_(g[r, 2 + i])
+        out.append(acc)
+    return tuple(out)
+
+
+def rank_sum(shard: VocabShard, t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over the ranks, ((t_0 + t_1) + t_2) + ... in rank order: one all-gather
+    (:func:`all_gather`), then elementwise adds. Bitwise the same on every rank, and each element's
+    sum is independent of the tensor's size (batch invariance), which an all-reduce does not
+    promise (its summation order follows the message's chunking)."""
+    g = all_gather(shard, t)
+    acc = g[0].clone()
+    for r in range(1, shard.world):
+        acc.add_(g[r])
+    return acc
+
+
+def local_answer_ids(shard: VocabShard, answer_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The global ``answer_token_ids`` inside this rank's slice, relative to its first row
+    (possibly none: a [0] tensor), in their given order; None stays None. A boolean selection (one
+    host sync). Every answer id lands on exactly one rank."""
+    if answer_token_ids is None:
+        return None
+    rel = answer_token_ids.long() - shard.offset
+    return rel[(rel >= 0) & (rel < shard.local)]
+
+
+def check_local_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``_validation.check_lm_head`` for a vocabulary slice, which may be empty ([0, D] weight, [0]
+    bias): the same dtype, shape and device checks; the full vocabulary's V >= 1 is checked on
+    the shard (``VocabShard.total``)."""
+    from ._validation import check_lm_head
+
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 0:
+        if bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (0,):
+            raise ValueError(f"bias must be [V_local] = [0], got {tuple(bias.shape)}")
+        # every other check on a one-row stand-in of the slice's dtype and device
+        stand_in_bias = None if bias is None or not isinstance(bias, torch.Tensor) else bias.new_zeros(1)
+        check_lm_head(hidden, weight.new_zeros(1, weight.shape[1]),
+                      bias if stand_in_bias is None else stand_in_bias)
+    else:
+        check_lm_head(hidden, weight, bias)
+
+
+def check_total_vocab(shard: VocabShard) -> None:
+    """The full vocabulary (every rank's slice together) must have a row."""
+    if shard.total < 1:
+        raise ValueError("every rank's vocabulary slice is empty (V = 0): the LM head needs at "
+                         "least one row")

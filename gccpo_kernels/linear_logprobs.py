@@ -5,6 +5,12 @@ Public: :func:`fused_linear_logprobs` and the :class:`FusedLinearLogprobs` modul
 backends never hold an N x V tensor: the forward keeps per-row running statistics (max, sum of
 exponentials, target logit, entropy accumulator), the backward recomputes the logits a bounded
 chunk at a time.
+
+With ``process_group=`` (vocabulary parallelism, docs/vocab_parallel.md) each rank holds a slice
+of the LM head: the same backend kernels compute the slice's statistics, which
+:func:`forward_shard` combines across ranks with one all-gather of 3N values; the backend's
+backward, given the global lse and entropy, gives the slice's gradients, and one all-reduce of
+N x D sums the ranks' shares of d hidden (:func:`backward_shard`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams
 from ._validation import check_finite, check_lm_head, check_logit_params, check_targets, out_dtype_for
+from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab,
+                              combine_softmax_stats, vocab_shard)
 
 
 def _impl(backend: str):
@@ -123,11 +131,176 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------
+# vocabulary parallelism (process_group=...): each rank holds a slice of the LM head
+# ------------------------------------------------------------------------------------------------
+
+def forward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, ignore_index: int, params: LogitParams, backend: str,
+                  validate: bool, shard: VocabShard,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward_rows` with the LM head split over ``shard``'s group: hidden [N, D] (every
+    token), weight [V_local, D] and bias [V_local] | None (this rank's slice), targets [N] GLOBAL
+    ids -> (logp, entropy, lse) [N] over the whole vocabulary, identical on every rank.
+
+    The backend computes the slice's statistics (target logit where the target is in the slice,
+    lse and entropy of the softmax over the slice) with the same kernels as the unsharded op;
+    :func:`gccpo_kernels._vocab_parallel.combine_softmax_stats` merges them with one all-gather
+    of 3N values. The collective always covers all N rows (ignored rows are zeroed afterwards),
+    so its size never depends on the data.
+    """
+    check_targets(targets, targets.shape, shard.total, ignore_index, validate, hidden.device)
+    check_finite("hidden", hidden, validate)
+    n = hidden.shape[0]
+    cd = out_dtype_for(hidden.dtype)
+    rows = _kept_rows(targets, ignore_index)
+    kept = n if rows is None else rows.numel()
+    stats = hidden.new_zeros(3, n, dtype=cd)  # lse, entropy, target logit of this slice
+    if shard.local == 0:  # an empty slice: softmax over nothing
+        stats[0].fill_(-math.inf)
+    elif kept > 0:
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        y = _in_reach(targets if rows is None else targets.index_select(0, rows), shard.total)
+        y_local, _ = shard.local_targets(y)
+        if backend == "reference":
+            from . import reference
+
+            z_y, ent, lse = reference.linear_logprobs_shard_stats(
+                h, weight, y_local, bias=bias, temperature=params.temperature,
+                logit_scale=params.logit_scale, softcap=params.softcap, dtype=cd)
+        else:
+            z_y, ent, lse = _impl(backend).forward_stats(h, weight, bias, y_local, params)
+        ent.clamp_(min=0.0, max=math.log(shard.local))
+        local = torch.stack([lse, ent, z_y]).to(cd)
+        if rows is None:
+            stats = local
+        else:
+            stats.index_copy_(1, rows, local)
+    if n == 0:
+        return stats[0], stats[1], stats[2]
+    lse, entropy, z_y = combine_softmax_stats(shard, stats[0], stats[1], stats[2])
+    entropy.clamp_(min=0.0, max=math.log(shard.total))
+    logp = z_y - lse
+    if rows is not None:
+        ignored = targets == ignore_index
+        zero = torch.zeros((), dtype=cd, device=hidden.device)
+        logp, entropy, lse = (torch.where(ignored, zero, t) for t in (logp, entropy, lse))
+    check_outputs_finite("fused_linear_logprobs", (logp, entropy), validate)
+    return logp, entropy, lse
+
+
+def backward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                   grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                   ignore_index: int, params: LogitParams, backend: str,
+                   needs: tuple[bool, bool, bool], shard: VocabShard,
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`backward_rows` with the LM head split over ``shard``'s group: (the FULL d hidden,
+    identical on every rank; this rank's d weight slice; its d bias slice). ``lse`` and
+    ``entropy`` are the global values from :func:`forward_shard`, so the unchanged backend
+    backward gives this slice's exact logit gradient. The ranks' shares of d hidden are summed by
+    one all-reduce of N x D values in the compute dtype (float32 / float64), then cast to
+    hidden's dtype. The upstream gradients must be the same on every rank (they are when every
+    rank computes the same loss from the identical outputs)."""
+    need_h, need_w, need_b = needs
+    if (grad_logp is None and grad_entropy is None) or not any(needs):
+        return None, None, None
+    cd = lse.dtype
+    n, dim = hidden.shape
+    rows = _kept_rows(targets, ignore_index)
+    kept = n if rows is None else rows.numel()
+    dh_v = dw = db = None
+    if shard.local > 0 and kept > 0:
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.to(cd)
+            return t.contiguous() if rows is None else t.index_select(0, rows)
+
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        y = _in_reach(targets if rows is None else targets.index_select(0, rows), shard.total)
+        y_local, _ = shard.local_targets(y)
+        if backend == "reference":
+            from . import reference
+
+            dh_v, dw, db = reference.linear_logprobs_shard_grads(
+                h, weight, y_local, pick(lse), pick(entropy), pick(grad_logp),
+                pick(grad_entropy), bias=bias, temperature=params.temperature,
+                logit_scale=params.logit_scale, softcap=params.softcap, dtype=cd)
+            dh_v, dw, db = (dh_v if need_h else None, dw if need_w else None,
+                            db if need_b else None)
+        else:
+            dh_v, dw, db = _impl(backend).backward(
+                h, weight, bias, y_local, pick(lse), pick(entropy), pick(grad_logp),
+                pick(grad_entropy), params, needs, dh_dtype=cd)
+    if need_w and dw is None:
+        dw = torch.zeros_like(weight)
+    if need_b and db is None:
+        db = torch.zeros_like(bias)
+    dh = None
+    if need_h:
+        if dh_v is None:
+            dh = hidden.new_zeros(n, dim, dtype=cd)
+        elif rows is None:
+            dh = dh_v
+        else:
+            dh = dh_v.new_zeros(n, dim).index_copy_(0, rows, dh_v)
+        if n > 0:
+            import torch.distributed as dist
+
+            # in place on a buffer this function owns (no copy of N x D)
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=shard.group)
+        dh = dh.to(hidden.dtype)
+    return dh, dw, db
+
+
+@torch.compiler.disable
+def _vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, ignore_index: int, params: LogitParams,
+                             backend: str, validate: bool, process_group,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) [N] of the vocabulary-parallel path. Kept out of torch.compile's graphs
+    (collectives, host syncs and a ProcessGroup argument): a compiled caller graph-breaks here
+    and runs this eagerly."""
+    shard = vocab_shard(weight, process_group)
+    check_total_vocab(shard)
+    return _VocabParallelLinearLogprobs.apply(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        targets.long().contiguous(), ignore_index, params, backend, validate, shard)
+
+
+class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    """(logp, entropy) with the LM head split over a process group: :func:`forward_shard` and
+    :func:`backward_shard`. A plain autograd.Function, not a ``torch.library`` custom op (an op
+    cannot take a ProcessGroup), so under torch.compile it is a graph break, not a traced op."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, params, backend, validate, shard):
+        logp, entropy, lse = forward_shard(hidden, weight, bias, targets, ignore_index, params,
+                                           backend, validate, shard)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.opts = (ignore_index, params, backend, shard)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        ignore_index, params, backend, shard = ctx.opts
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.has_bias and ctx.needs_input_grad[2])
+        dh, dw, db = backward_shard(hidden, weight, bias, targets, lse, entropy, grad_logp,
+                                    grad_entropy, ignore_index, params, backend, needs, shard)
+        return dh, dw, db, None, None, None, None, None, None
+
+
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
                           logit_scale: float = 1.0, softcap: float | None = None,
                           ignore_index: int = -100, return_entropy: bool = False,
                           backend: str | None = None, validate: bool = True,
+                          process_group=None,
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of ``targets`` (and the entropy) under ``softmax(z)``, without N x V logits.
 
@@ -136,29 +309,48 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     Args:
         hidden: ``[..., D]`` float16 / bfloat16 / float32 / float64 last hidden states.
-        weight: ``[V, D]`` LM-head weight of hidden's dtype and device.
+        weight: ``[V, D]`` LM-head weight of hidden's dtype and device (with ``process_group``:
+            this rank's contiguous slice ``[V_local, D]``, see below).
         targets: ``[...]`` int64 token ids in ``[0, V)``, or ``ignore_index``.
-        bias: optional ``[V]`` LM-head bias.
+        bias: optional ``[V]`` LM-head bias (with ``process_group``: this rank's ``[V_local]``).
         temperature, logit_scale, softcap: the logit transform (Cohere/Granite scaling, Gemma cap).
         ignore_index: rows with this target give logp = entropy = 0, no gradient, and no matmul.
         return_entropy: also return the entropy (else ``None``, and its work is skipped in backward).
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
         validate: check target ranges and finiteness of hidden (one pass + one host sync each).
+        process_group: vocabulary parallelism (docs/vocab_parallel.md). None (default): weight is
+            the whole head. A ``torch.distributed`` process group (or ``True`` for the default
+            group): every rank passes the hidden rows and targets of ALL tokens (the same on
+            every rank) and its slice ``weight[offset : offset + V_local]`` of the head, slices in
+            rank order (offset = the lower ranks' sizes; sizes may differ, one may be empty).
+            Targets are global ids in ``[0, sum V_local)``. Outputs are the unsharded values,
+            identical on every rank; the backward gives every rank the full d hidden and its own
+            d weight / d bias slice. Collectives: forward one all-reduce of P ints (slice
+            sizes) and one all-gather of 3N floats; backward one all-reduce of N x D floats (when
+            hidden needs a gradient). This path is a torch.autograd.Function, not a custom op:
+            torch.compile graph-breaks on it (not tested under fullgraph).
 
     Returns:
         ``(logp, entropy)`` of targets' shape, float32 (float64 for float64 inputs),
         differentiable with respect to hidden, weight and bias.
 
-    Cost: forward 2NVD FLOPs, forward + backward 8NVD (the backward recomputes the logits).
+    Cost: forward 2NVD FLOPs, forward + backward 8NVD (the backward recomputes the logits); with
+    ``process_group`` each rank does its V_local share of both.
     Memory: O(N + V*D) plus a bounded [chunk, V] workspace; never N x V.
     """
-    check_lm_head(hidden, weight, bias)
+    sharded = process_group is not None
+    (check_local_lm_head if sharded else check_lm_head)(hidden, weight, bias)
     lead = hidden.shape[:-1]
     vocab, dim = weight.shape
     # value checks (one host sync each) run inside the op, where torch.compile does not trace
     check_targets(targets, lead, vocab, ignore_index, False, hidden.device)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     params = LogitParams.of(temperature, logit_scale, softcap)
+    if sharded:
+        logp, entropy = _vocab_parallel_logprobs(
+            hidden.reshape(-1, dim), weight, bias, targets.reshape(-1), int(ignore_index), params,
+            name, validate, process_group)
+        return logp.reshape(lead), (entropy.reshape(lead) if return_entropy else None)
     if name == "reference":
         from . import reference
 
@@ -182,26 +374,31 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 class FusedLinearLogprobs(torch.nn.Module):
     """Module form of :func:`fused_linear_logprobs`; holds only the options, not the weight.
 
-    ``FusedLinearLogprobs(temperature=0.7)(hidden, model.lm_head.weight, targets)``.
+    ``FusedLinearLogprobs(temperature=0.7)(hidden, model.lm_head.weight, targets)``; with
+    ``process_group=`` the weight passed to ``forward`` is this rank's vocabulary slice (see
+    :func:`fused_linear_logprobs`).
     """
 
     def __init__(self, *, temperature: float = 1.0, logit_scale: float = 1.0,
                  softcap: float | None = None, ignore_index: int = -100,
-                 return_entropy: bool = False, backend: str | None = None, validate: bool = True):
+                 return_entropy: bool = False, backend: str | None = None, validate: bool = True,
+                 process_group=None):
         super().__init__()
         check_logit_params(temperature, logit_scale, softcap)
         self.temperature, self.logit_scale, self.softcap = temperature, logit_scale, softcap
         self.ignore_index, self.return_entropy = ignore_index, return_entropy
-        self.backend, self.validate = backend, validate
+        self.backend, self.validate, self.process_group = backend, validate, process_group
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return fused_linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=self.temperature,
             logit_scale=self.logit_scale, softcap=self.softcap, ignore_index=self.ignore_index,
-            return_entropy=self.return_entropy, backend=self.backend, validate=self.validate)
+            return_entropy=self.return_entropy, backend=self.backend, validate=self.validate,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, logit_scale={self.logit_scale}, "
                 f"softcap={self.softcap}, ignore_index={self.ignore_index}, "
-                f"return_entropy={self.return_entropy}, backend={self.backend}")
+                f"return_entropy={self.return_entropy}, backend={self.backend}"
+                + ("" if self.process_group is None else ", vocab_parallel=True"))

@@ -531,7 +531,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
                              config: PolicyLossConfig | None = None,
                              normalizer: float | torch.Tensor | None = None,
                              loss_scale: float | torch.Tensor = 1.0, backend: str | None = None,
-                             ignore_index: int = -100, validate: bool = True) -> PolicyLossOutput:
+                             ignore_index: int = -100, validate: bool = True,
+                             process_group=None) -> PolicyLossOutput:
     """SPEC §2's loss straight from hidden states and the LM head, without ``[B*T, V]`` logits.
 
     Composition: targets are set to ``ignore_index`` where ``mask`` is 0 (so masked tokens cost no
@@ -553,6 +554,11 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         temperature, logit_scale, softcap: the logit transform of SPEC §1.
         backend: ``"triton"`` / ``"torch"`` / ``"reference"`` / None (automatic) for the primitive.
         validate: value checks (targets, hidden finiteness, mask values, NaN advantages).
+        process_group: vocabulary parallelism, passed to :func:`gccpo_kernels.fused_linear_logprobs`
+            (docs/vocab_parallel.md): ``weight`` / ``bias`` are this rank's slice, every other
+            input holds all tokens and is the same on every rank; the loss, logp, entropy and
+            metrics are the unsharded values on every rank, and the backward gives the full
+            d hidden and this rank's d weight / d bias slice. Not a torch.compile-traced path.
 
     Returns:
         :class:`PolicyLossOutput` ``(loss, logp, entropy, metrics)``; logp and entropy are
@@ -581,7 +587,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
 
     logp, entropy = fused_linear_logprobs(
         hidden, weight, y, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-        ignore_index=ignore_index, return_entropy=True, backend=backend, validate=validate)
+        ignore_index=ignore_index, return_entropy=True, backend=backend, validate=validate,
+        process_group=process_group)
     ent_in = entropy if cfg.entropy_coef != 0 else entropy.detach()
     loss, metrics = policy_loss(logp, old_logp, advantages, m, ref_logp=ref_logp, entropy=ent_in,
                                 is_weights=is_weights, config=cfg, normalizer=normalizer,
@@ -594,11 +601,12 @@ class FusedLinearPolicyLoss(torch.nn.Module):
 
     ``loss_fn = FusedLinearPolicyLoss(PolicyLossConfig.from_trl("dapo"))``;
     ``out = loss_fn(hidden, model.lm_head.weight, targets, advantages, mask, old_logp=old)``.
+    With ``process_group=`` the weight (and bias) passed in is this rank's vocabulary slice.
     """
 
     def __init__(self, config: PolicyLossConfig | None = None, *, temperature: float = 1.0,
                  logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
-                 backend: str | None = None, validate: bool = True):
+                 backend: str | None = None, validate: bool = True, process_group=None):
         super().__init__()
         from ._validation import check_logit_params
 
@@ -606,6 +614,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         self.config = PolicyLossConfig() if config is None else config
         self.temperature, self.logit_scale, self.softcap = temperature, logit_scale, softcap
         self.ignore_index, self.backend, self.validate = ignore_index, backend, validate
+        self.process_group = process_group
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 advantages: torch.Tensor, mask: torch.Tensor, *, old_logp: torch.Tensor | None = None,
@@ -616,7 +625,8 @@ class FusedLinearPolicyLoss(torch.nn.Module):
             hidden, weight, targets, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, bias=bias,
             temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
             is_weights=is_weights, config=self.config, normalizer=normalizer, loss_scale=loss_scale,
-            backend=self.backend, ignore_index=self.ignore_index, validate=self.validate)
+            backend=self.backend, ignore_index=self.ignore_index, validate=self.validate,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"config={self.config}, temperature={self.temperature}, logit_scale={self.logit_scale}, "

@@ -50,6 +50,72 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
 
+
+def linear_logprobs_shard_stats(hidden: torch.Tensor, weight: torch.Tensor,
+                                local_targets: torch.Tensor, *, bias: torch.Tensor | None = None,
+                                temperature: float = 1.0, logit_scale: float = 1.0,
+                                softcap: float | None = None, dtype: torch.dtype | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §1 restricted to one vocabulary shard (``weight`` [V_local, D], rows of the full head):
+    (target logit z_y, entropy of the softmax over the slice, lse over the slice), each [N],
+    from the slice's materialized [N, V_local] logits. ``local_targets`` are relative to the
+    slice; -1 (a token of another shard) gives z_y = 0. Not differentiable (values only): the
+    gradient is :func:`linear_logprobs_shard_grads`."""
+    with torch.no_grad():
+        z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
+                   softcap=softcap, dtype=dtype)
+        lse = torch.logsumexp(z, dim=-1)
+        logprobs = z - lse[:, None]
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        inside = (local_targets >= 0) & (local_targets < weight.shape[0])
+        picked = z.gather(-1, torch.where(inside, local_targets, 0).long()[:, None]).squeeze(-1)
+        z_target = torch.where(inside, picked, torch.zeros_like(picked))
+    return z_target, entropy, lse
+
+
+def linear_logprobs_shard_grads(hidden: torch.Tensor, weight: torch.Tensor,
+                                local_targets: torch.Tensor, lse: torch.Tensor,
+                                entropy: torch.Tensor, grad_logp: torch.Tensor | None,
+                                grad_entropy: torch.Tensor | None, *,
+                                bias: torch.Tensor | None = None, temperature: float = 1.0,
+                                logit_scale: float = 1.0, softcap: float | None = None,
+                                dtype: torch.dtype | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """SPEC §1's backward on one vocabulary shard, from the rows' GLOBAL ``lse`` and ``entropy``
+    (over the whole vocabulary): with p = exp(z - lse) and mu = lse - entropy = sum_v p_v z_v,
+    g_z = g_logp (onehot - p) - g_ent p (z - mu) on the slice's columns (the one-hot only where
+    the target is in the slice), chained through the logit transform by autograd. Returns (this
+    shard's share of d hidden in the compute dtype, d weight slice, d bias slice or None); the
+    full d hidden is the sum of every shard's share."""
+    if dtype is None:
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    with torch.enable_grad():
+        z = logits(h, w, b, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                   dtype=dtype)
+    zd = z.detach()
+    p = torch.exp(zd - lse[:, None].to(zd.dtype))
+    g = torch.zeros_like(zd)
+    if grad_logp is not None:
+        gl = grad_logp.to(zd.dtype)
+        inside = (local_targets >= 0) & (local_targets < weight.shape[0])
+        onehot = torch.zeros_like(zd)
+        onehot.scatter_(1, torch.where(inside, local_targets, 0).long()[:, None],
+                        inside.to(zd.dtype)[:, None])
+        g = g + gl[:, None] * (onehot - p)
+    if grad_entropy is not None:
+        mu = (lse - entropy).to(zd.dtype)
+        g = g - grad_entropy.to(zd.dtype)[:, None] * p * (zd - mu[:, None])
+    inputs = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(z, inputs, grad_outputs=g)
+    dh = grads[0]
+    dw = grads[1].to(weight.dtype)
+    db = None if b is None else grads[2].to(bias.dtype)
+    return dh, dw, db
+
+
 # ---------------------------------------------------------------------------------------------
 # §2  Token-level clipped policy loss
 # ---------------------------------------------------------------------------------------------

@@ -27,13 +27,23 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     t = sum e^{z-m} (z-m), target logit). Extra memory: two tiles plus the upcast weight for
     16-bit inputs.
     """
+    z_target, entropy, lse = forward_stats(hidden, weight, bias, targets, params)
+    return z_target.sub_(lse), entropy, lse
+
+
+def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, params: LogitParams,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward`'s statistics before the last subtraction: (target logit z_y, entropy,
+    lse), each [N]. A target outside [0, V) (e.g. -1: another vocabulary shard's token) matches
+    no column and gives z_y = 0. The vocabulary-parallel path combines these across shards."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cd, w, b = compute_operands(hidden, weight, bias)
-    logp = torch.empty(n, dtype=cd, device=hidden.device)
-    entropy = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    z_target = torch.empty(n, dtype=cd, device=hidden.device)
+    entropy = torch.empty_like(z_target)
+    lse = torch.empty_like(z_target)
     if n == 0:
-        return logp, entropy, lse
+        return z_target, entropy, lse
     rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, hidden.device, buffers=2)
     zbuf = torch.empty(rows, cols, dtype=cd, device=hidden.device)
     ebuf = torch.empty_like(zbuf)
@@ -62,16 +72,23 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         log_s = torch.log(s)
         lse[r0:r1] = m + log_s
         entropy[r0:r1] = log_s - t / s
-        logp[r0:r1] = zy - lse[r0:r1]
-    return logp, entropy, lse
+        z_target[r0:r1] = zy
+    return z_target, entropy, lse
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
              grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
              params: LogitParams, needs: tuple[bool, bool, bool],
+             dh_dtype: torch.dtype | None = None,
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (d hidden, d weight, d bias) of sum(g_logp*logp + g_ent*entropy).
+
+    ``lse`` and ``entropy`` are the rows' values over the whole softmax: with a vocabulary shard
+    as ``weight`` (targets relative to it, -1 for another shard's token) and the global lse and
+    entropy, the result is this shard's share of d hidden and its slice of d weight / d bias.
+    ``dh_dtype``: dtype of the returned d hidden (None: hidden's; the vocabulary-parallel path
+    keeps the float32 accumulator for its all-reduce).
 
     g_z = g_logp (onehot - p) - g_ent p (z - (lse - H)); with a cap g_u = g_z (1 - (z/c)^2);
     dh = (s/tau) g_u W, dW = (s/tau) g_u^T h, db = (s/tau) sum_n g_u. Per tile: one GEMM to
@@ -86,7 +103,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dw = torch.zeros(vocab, weight.shape[1], dtype=cd, device=device) if need_w else None
     db = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
     if n == 0 or not (need_h or need_w or need_b) or (grad_logp is None and grad_entropy is None):
-        return _finish(dh, dw, db, hidden, weight, bias)
+        return _finish(dh, dw, db, hidden, weight, bias, dh_dtype)
     buffers = 3 if params.softcap is not None else 2
     rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, device, buffers=buffers)
     gbuf = torch.empty(rows, cols, dtype=cd, device=device)
@@ -132,12 +149,12 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 dw[v0:v1].addmm_(g.T, h)
             if need_b:
                 db[v0:v1].add_(g.sum(dim=0))
-    return _finish(dh, dw, db, hidden, weight, bias)
+    return _finish(dh, dw, db, hidden, weight, bias, dh_dtype)
 
 
-def _finish(dh, dw, db, hidden, weight, bias):
+def _finish(dh, dw, db, hidden, weight, bias, dh_dtype=None):
     return (
-        None if dh is None else dh.to(hidden.dtype),
+        None if dh is None else dh.to(dh_dtype or hidden.dtype),
         None if dw is None else dw.to(weight.dtype),
         None if db is None else db.to(bias.dtype),
     )

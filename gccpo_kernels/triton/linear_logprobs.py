@@ -177,8 +177,8 @@ def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
 
 def _combine_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor, pz: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge per-split (m, s, t, z_target) [S, N] into (logp, entropy, lse) [N] in a fixed order
-    that does not depend on N (the max is exact in any order; the sums are left folds)."""
+    """Merge per-split (m, s, t, z_target) [S, N] into (z_target, entropy, lse) [N] in a fixed
+    order that does not depend on N (the max is exact in any order; the sums are left folds)."""
     m = pm.amax(dim=0)
     w = torch.exp(pm - m)
     s = fold_sum(w * ps)
@@ -186,8 +186,7 @@ def _combine_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor, pz: to
     log_s = torch.log(s)
     lse = m + log_s
     entropy = log_s - t / s
-    logp = fold_sum(pz) - lse
-    return logp, entropy, lse
+    return fold_sum(pz), entropy, lse
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -198,12 +197,23 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Outputs float32 [N]. Extra memory: split statistics of 4 * ceil(V / V_SPLIT) floats per row, for
     at most as many rows at once as the workspace budget allows (launches go by row chunks).
     """
+    z_target, entropy, lse = forward_stats(hidden, weight, bias, targets, params)
+    return z_target.sub_(lse), entropy, lse
+
+
+def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, params: LogitParams,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward`'s statistics before the last subtraction: (target logit z_y, entropy,
+    lse), each float32 [N]. A target outside [0, V) (e.g. -1: another vocabulary shard's token)
+    matches no column and gives z_y = 0. The vocabulary-parallel path combines these across
+    shards; the kernel is the same."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _config(hidden.device, "fwd", hidden.dtype)
     splits = triton.cdiv(vocab, cfg["V_SPLIT"])
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+    z_target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy, lse = torch.empty_like(z_target), torch.empty_like(z_target)
     # Split statistics are [4, splits, rows] floats, plus about as much again while merging; rows
     # per launch are bounded by the workspace budget so nothing here grows with N * V.
     per_row = 4 * splits * 4 * 2
@@ -220,8 +230,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             V_SPLIT=cfg["V_SPLIT"], EVEN_D=dim % cfg["BLOCK_D"] == 0,
             UPCAST=upcast_dots(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
             **_launch_opts(cfg))
-        logp[r0:r1], entropy[r0:r1], lse[r0:r1] = _combine_splits(p[0], p[1], p[2], p[3])
-    return logp, entropy, lse
+        z_target[r0:r1], entropy[r0:r1], lse[r0:r1] = _combine_splits(p[0], p[1], p[2], p[3])
+    return z_target, entropy, lse
 
 
 _OUT_DTYPE_MM: dict[str, bool] = {}
@@ -248,8 +258,15 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
              targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
              grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
              params: LogitParams, needs: tuple[bool, bool, bool],
+             dh_dtype: torch.dtype | None = None,
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias) of sum(g_logp * logp + g_ent * entropy); see module docstring.
+
+    ``lse`` and ``entropy`` are the rows' values over the whole softmax: given a vocabulary
+    shard as ``weight`` (targets relative to it, -1 for another shard's token) and the global
+    lse and entropy, the same kernel gives this shard's share of d hidden and its slice of
+    d weight / d bias. ``dh_dtype``: dtype of the returned d hidden (None: hidden's; the
+    vocabulary-parallel path keeps the float32 accumulator for its all-reduce).
 
     Tiles of [R, Vc] (R up to 8192 rows, Vc from the workspace budget): the kernel writes the
     tile's logit gradient into the workspace, then dh += g W_v (float32 accumulator) and
@@ -294,7 +311,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                     _accumulate_mm(dw[v0:v1], g.T, h)
                 if need_b:
                     db[v0:v1].add_(g.sum(dim=0, dtype=acc_dtype))
-    return (None if dh is None else dh.to(hidden.dtype),
+    return (None if dh is None else dh.to(dh_dtype or hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
