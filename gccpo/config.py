@@ -259,6 +259,7 @@ class TrainConfig:
             last step); 0: only before and after.
         eval_before: evaluate before training.
         save_every: checkpoint every this many steps (and at the end); 0: only at the end.
+        save_final: write the final checkpoint (``gccpo-compare`` turns it off for its many runs).
         resume: a checkpoint directory (``<run>/checkpoint-<step>``) or a run directory (its
             latest checkpoint) to continue from.
         backend: kernel backend for every ``gccpo_kernels`` call (None: automatic).
@@ -267,6 +268,10 @@ class TrainConfig:
         plots: write PNG plots (needs matplotlib).
         progress: show a tqdm progress bar.
         threads: torch CPU threads (0: torch's default).
+        share_prompt: encode each distinct prompt once per micro-batch and expand its KV cache to
+            the G completions (:mod:`gccpo.prefix`; exact up to rounding, ~2x faster training
+            forwards on the default task); off, or automatically when the backbone returns no
+            cache (gradient checkpointing), every row runs the plain forward.
     """
 
     steps: int = 30
@@ -275,6 +280,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_before: bool = True
     save_every: int = 0
+    save_final: bool = True
     resume: str | None = None
     backend: str | None = None
     report_to: str = "none"
@@ -282,6 +288,7 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True
     threads: int = 0
+    share_prompt: bool = True
 
 
 @dataclass

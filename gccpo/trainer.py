@@ -40,6 +40,7 @@ from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, gate_by_outcome,
                       outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
+from .prefix import shared_prompt_hidden
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .tasks import Task, build_task
 
@@ -242,6 +243,9 @@ class Trainer:
         self.skipped_in_row = self.skipped_total = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
+        #: per-problem greedy correctness of each evaluation: {step: {"id": [0/1, ...], "ood": [...]}}
+        #: (this process's problems, in eval-set order; paired comparisons use it)
+        self.eval_correct: dict[int, dict[str, list[int]]] = {}
         self._loggers: list[Any] = []
         if resume:
             self._load_state(resume)
@@ -278,7 +282,9 @@ class Trainer:
 
         # 3. one no-grad forward (probes included): hidden states -> old_logp, episode latents
         old_logp, latents = self.rollout_forward(rollout, episodes)
+        t_causal = time.perf_counter()
         causal = self.causal_reward(rollout, episodes, latents) if cfg.causal else None
+        t_causal = time.perf_counter() - t_causal if causal is not None else 0.0
         ref_logp = self.policy_logprobs(self.ref_model, rollout) if self.ref_model is not None else None
         t_reward = time.perf_counter()
 
@@ -338,6 +344,7 @@ class Trainer:
             **opt_metrics,
             "perf/sample_s": t_sample - t0,
             "perf/reward_s": t_reward - t_sample,
+            "perf/causal_s": t_causal,  # SPEC §3-§5 kernels only (the probe forward is in reward_s)
             "perf/train_s": t_end - t_reward,
             "perf/step_s": t_end - t0,
             "perf/tokens_per_s": n_tokens / max(t_end - t0, 1e-9),
@@ -380,6 +387,11 @@ class Trainer:
 
         am = rollout.attention_mask
         with self._autocast():
+            if self.config.train.share_prompt:  # each distinct prompt encoded once (gccpo/prefix.py)
+                hidden = shared_prompt_hidden(backbone_of(model), rollout.prompt_ids, rollout.prompt_mask,
+                                              rollout.completion_ids, rollout.completion_mask)
+                if hidden is not None:
+                    return hidden
             return backbone_of(model)(input_ids=rollout.input_ids, attention_mask=am,
                                       position_ids=position_ids(am), use_cache=False).last_hidden_state
 
@@ -525,6 +537,7 @@ class Trainer:
                                                 skip_special_tokens=True)
             scores = outcome_rewards(self.task, problems, texts)
             eps = split_episodes(r.completion_ids, r.completion_mask, self.tokenizer, self.episode_config)
+            self.eval_correct.setdefault(self.step, {})[split] = (scores >= 1.0).int().tolist()
             k, n, ep_sum, len_sum = self.dp.sum([float((scores >= 1.0).sum()), len(problems),
                                                  float(eps.episode_counts.float().sum()),
                                                  float(r.completion_mask.sum())])
@@ -559,7 +572,7 @@ class Trainer:
             last = self.step == cfg.steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                 self._log_eval(self.evaluate())
-            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+            if (cfg.save_every and self.step % cfg.save_every == 0) or (last and cfg.save_final):
                 self.save()
         if not self.evals or self.evals[-1]["step"] != self.step:
             self._log_eval(self.evaluate())

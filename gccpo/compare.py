@@ -1,0 +1,321 @@
+"""``gccpo-compare`` / ``python -m gccpo.compare``: GRPO vs GCCPO (and ablations), several seeds,
+paired, in-distribution and out-of-distribution.
+
+Every arm trains from the same initial weights with the same question stream, sampling budget,
+optimizer and evaluation sets; an arm differs from ``grpo`` only in its reward options (the
+``ARMS`` table below). For each seed s the runs of all arms share s (``train.seed`` = s,
+``reward.seed`` = 1234 + s), so arm − grpo differences are paired by seed and, on the fixed
+evaluation sets, by problem. The initial model is evaluated once (greedy decoding is
+deterministic) and every run evaluates after its last step.
+
+Usage::
+
+    gccpo-compare                                         # grpo vs gccpo, seeds 0,1,2, the embedded default
+    gccpo-compare --arms grpo,gccpo,rob_only,eff_only,js,sibling --seeds 0,1 --out runs/ablation
+    gccpo-compare --train.steps 20 --task.eval_size 400  # any gccpo-train option applies to every arm
+
+Writes to ``--out`` (default ``runs/compare``): one run directory per arm and seed (with its
+``metrics.jsonl``), ``before.json``, ``compare.json`` (every number), ``compare.md`` (the table)
+and ``compare.png`` (learning curves and final accuracies). A finished run's ``result.json`` is
+reused, so an interrupted comparison continues where it stopped.
+
+Statistics. For each arm and split: mean ± standard error over seeds of the after-training greedy
+accuracy. For each arm other than the baseline: the paired difference arm − baseline, its mean over
+seeds and a 95% interval from Student's t over seeds (seed-to-seed variation and evaluation noise;
+needs ≥ 2 seeds), and a problem-level 95% interval (per problem, the seed-averaged difference of
+correctness; evaluation-set noise only, narrower). The target half-width (``--target``, default
+0.05) is judged on the seed-level interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import load_config
+
+#: Arm name -> the ``gccpo-train`` options that make it (applied after the shared options).
+ARMS: dict[str, list[str]] = {
+    "grpo": ["--algo", "grpo"],
+    "gccpo": ["--algo", "gccpo"],
+    "rob_only": ["--algo", "gccpo", "--reward.w_eff", "0"],       # robustness only
+    "eff_only": ["--algo", "gccpo", "--reward.w_rob", "0"],       # effectiveness only
+    "js": ["--algo", "gccpo", "--reward.divergence", "js"],       # JS instead of KL (both terms)
+    "sibling": ["--algo", "gccpo", "--reward.perturbation", "sibling"],  # sibling, not gaussian, perturbations
+}
+BASELINE = "grpo"
+SPLITS = ("id", "ood")
+
+# two-sided 95% quantiles of Student's t, df = 1..30 (larger df: the normal 1.96 + 2.4/df correction)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); SE is NaN for fewer than 2 values."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    if n < 2:
+        return m, math.nan
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def paired(arm: Sequence[float], base: Sequence[float]) -> dict[str, float]:
+    """Seed-paired difference arm − base: mean, SE, 95% t interval (NaN with one seed)."""
+    d = [a - b for a, b in zip(arm, base)]
+    m, se = mean_se(d)
+    half = t975(len(d) - 1) * se if len(d) >= 2 else math.nan
+    return {"mean": m, "se": se, "ci_low": m - half, "ci_high": m + half, "half_width": half, "n_seeds": len(d)}
+
+
+def paired_problems(arm: Sequence[Sequence[int]], base: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Problem-level paired difference: per problem the seed-averaged correctness difference, then
+    the mean over problems with a normal 95% interval (evaluation-set noise only)."""
+    seeds = len(arm)
+    n = len(arm[0]) if seeds else 0
+    if not n or any(len(a) != n for a in list(arm) + list(base)):
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "half_width": math.nan, "n_problems": n}
+    per = [sum(arm[s][i] - base[s][i] for s in range(seeds)) / seeds for i in range(n)]
+    m, se = mean_se(per)
+    return {"mean": m, "ci_low": m - 1.96 * se, "ci_high": m + 1.96 * se, "half_width": 1.96 * se, "n_problems": n}
+
+
+def _run_config(shared: list[str], arm: str, seed: int, run_dir: Path):
+    cfg = load_config(list(shared) + ARMS[arm] + [
+        "--train.seed", str(seed), "--reward.seed", str(1234 + seed), "--train.output_dir", str(run_dir),
+        "--train.eval_before", "false", "--train.eval_every", "0", "--train.save_final", "false"])
+    return cfg
+
+
+def _log(msg: str) -> None:
+    print(f"[gccpo-compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(arms: Sequence[str], seeds: Sequence[int], out: Path, shared: list[str], *,
+        model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Train every (arm, seed), evaluate, and write ``compare.json`` / ``compare.md`` / ``compare.png``
+    under ``out``. ``model`` / ``tokenizer`` (tests) replace loading ``--model.name``; every run
+    starts from a deep copy of the same initial model."""
+    from .trainer import Trainer, load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    base_cfg = _run_config(shared, arms[0], seeds[0], out / "before")
+    if model is None:
+        import torch
+
+        device = torch.device(base_cfg.model.device if base_cfg.model.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tokenizer = load_model(base_cfg.model, device)
+
+    before_path = out / "before.json"
+    if before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        _log("evaluating the initial model")
+        t0 = time.perf_counter()
+        trainer = Trainer(base_cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
+        metrics = trainer.evaluate()
+        before = {"metrics": metrics, "correct": trainer.eval_correct[0], "seconds": time.perf_counter() - t0}
+        before_path.write_text(json.dumps(before))
+        del trainer
+    results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+    total, done = len(arms) * len(seeds), 0
+    for seed in seeds:
+        for arm in arms:
+            run_dir = out / f"{arm}-seed{seed}"
+            result_path = run_dir / "result.json"
+            if result_path.exists():
+                results[arm][seed] = json.loads(result_path.read_text())
+                done += 1
+                continue
+            _log(f"run {done + 1}/{total}: {arm}, seed {seed} -> {run_dir}")
+            t0 = time.perf_counter()
+            trainer = Trainer(_run_config(shared, arm, seed, run_dir), model=copy.deepcopy(model), tokenizer=tokenizer)
+            trainer.train()
+            after = trainer.evals[-1]
+            result = {"arm": arm, "seed": seed, "after": after, "correct": trainer.eval_correct[trainer.step],
+                      "history": trainer.history, "seconds": time.perf_counter() - t0}
+            result_path.write_text(json.dumps(result))
+            results[arm][seed] = result
+            done += 1
+            del trainer
+            gc.collect()
+    report = summarize(arms, seeds, before, results, shared)
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    (out / "compare.md").write_text(format_table(report))
+    plot(report, results, out / "compare.png")
+    print(format_table(report))
+    return report
+
+
+def summarize(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any],
+              results: dict[str, dict[int, dict[str, Any]]], shared: list[str], target: float = 0.05) -> dict[str, Any]:
+    """Every number of the comparison (see the module docstring for the statistics)."""
+    report: dict[str, Any] = {"arms": list(arms), "seeds": list(seeds), "options": shared, "baseline": BASELINE,
+                              "target_half_width": target, "before": {}, "after": {}, "paired": {}, "cost": {},
+                              "runs": {a: {str(s): {k: results[a][s][k] for k in ("after", "seconds")}
+                                           for s in seeds} for a in arms}}
+    for split in SPLITS:
+        key = f"eval/{split}_accuracy"
+        if key not in before["metrics"]:
+            continue
+        report["before"][split] = {"accuracy": before["metrics"][key], "n": before["metrics"][f"eval/{split}_n"]}
+        for arm in arms:
+            accs = [results[arm][s]["after"][key] for s in seeds]
+            m, se = mean_se(accs)
+            report["after"].setdefault(arm, {})[split] = {"mean": m, "se": se, "per_seed": accs}
+        if BASELINE in arms:
+            base = [results[BASELINE][s]["after"][key] for s in seeds]
+            for arm in arms:
+                if arm == BASELINE:
+                    continue
+                seed_level = paired([results[arm][s]["after"][key] for s in seeds], base)
+                problem_level = paired_problems([results[arm][s]["correct"][split] for s in seeds],
+                                                [results[BASELINE][s]["correct"][split] for s in seeds])
+                report["paired"].setdefault(arm, {})[split] = {
+                    "seed_level": seed_level, "problem_level": problem_level,
+                    "target_reached": bool(seed_level["half_width"] <= target)}
+    for arm in arms:
+        steps = [h for s in seeds for h in results[arm][s]["history"]]
+        step_s = sum(h.get("perf/step_s", 0.0) for h in steps)
+        entry = {"step_s": step_s / max(len(steps), 1),
+                 "reward_s": sum(h.get("perf/reward_s", 0.0) for h in steps) / max(len(steps), 1),
+                 "causal_kernels_share": sum(h.get("perf/causal_s", 0.0) for h in steps) / step_s if step_s else 0.0,
+                 "run_minutes": mean_se([results[arm][s]["seconds"] / 60 for s in seeds])[0]}
+        report["cost"][arm] = entry
+    if BASELINE in arms:
+        base_reward = report["cost"][BASELINE]["reward_s"]
+        for arm in arms:
+            c = report["cost"][arm]
+            # the causal reward's whole extra cost: probe tokens in the no-grad forward + the kernels
+            c["causal_total_share"] = max(c["reward_s"] - base_reward, 0.0) / c["step_s"] if c["step_s"] else 0.0
+    return report
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The markdown table: accuracy (%) before, after (mean ± SE over seeds), paired differences."""
+    lines = [f"Seeds: {report['seeds']}; options: `{' '.join(report['options']) or '(defaults)'}`", "",
+             "| arm | split | before | after (mean ± SE) | per seed |", "|---|---|---|---|---|"]
+    for arm in report["arms"]:
+        for split, a in report["after"].get(arm, {}).items():
+            lines.append(f"| {arm} | {split} | {_pct(report['before'][split]['accuracy'])} | "
+                         f"{_pct(a['mean'])} ± {_pct(a['se'])} | {', '.join(_pct(x) for x in a['per_seed'])} |")
+    if report["paired"]:
+        lines += ["", f"Paired difference vs {report['baseline']} (points; 95% intervals):", "",
+                  "| arm | split | mean diff | seed-level CI (t) | problem-level CI | ±5 reached |",
+                  "|---|---|---|---|---|---|"]
+        for arm, splits in report["paired"].items():
+            for split, p in splits.items():
+                s, q = p["seed_level"], p["problem_level"]
+                lines.append(f"| {arm} | {split} | {_pct(s['mean'])} | [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}] | "
+                             f"[{_pct(q['ci_low'])}, {_pct(q['ci_high'])}] | {'yes' if p['target_reached'] else 'no'} |")
+    lines += ["", "| arm | s / step | causal kernels share | causal reward share (probes + kernels) | min / run |",
+              "|---|---|---|---|---|"]
+    for arm, c in report["cost"].items():
+        lines.append(f"| {arm} | {c['step_s']:.1f} | {_pct(c['causal_kernels_share'])}% | "
+                     f"{_pct(c.get('causal_total_share', math.nan))}% | {c['run_minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path | None:
+    """``compare.png``: train reward and accuracy per step (mean over seeds, ± SE band) per arm, and
+    the after-training greedy accuracy per split (mean ± SE, the initial model dashed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title in ((axes[0], "reward/outcome", "train reward (sampled)"),
+                           (axes[1], "reward/accuracy", "train accuracy (sampled)")):
+        for arm in report["arms"]:
+            runs = [results[arm][s]["history"] for s in report["seeds"]]
+            steps = min(len(h) for h in runs)
+            stats = [mean_se([h[i].get(key, math.nan) for h in runs]) for i in range(steps)]
+            xs = list(range(1, steps + 1))
+            ms = [m for m, _ in stats]
+            ax.plot(xs, ms, label=arm)
+            if len(runs) > 1:
+                ax.fill_between(xs, [m - se for m, se in stats], [m + se for m, se in stats], alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    width = 0.8 / max(len(report["arms"]), 1)
+    for j, arm in enumerate(report["arms"]):
+        splits = list(report["after"].get(arm, {}))
+        xs = [i + j * width for i in range(len(splits))]
+        ax.bar(xs, [report["after"][arm][s]["mean"] for s in splits], width,
+               yerr=[0 if math.isnan(report["after"][arm][s]["se"]) else report["after"][arm][s]["se"] for s in splits],
+               label=arm, capsize=3)
+    for i, split in enumerate(report["before"]):
+        ax.hlines(report["before"][split]["accuracy"], i - 0.1, i + 0.9, colors="k", linestyles="dashed")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(report["before"]))], list(report["before"]))
+    ax.set_title("greedy accuracy after training (dashed: before)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gccpo-compare [--arms a,b] [--seeds 0,1,2] [--out DIR] [gccpo-train options]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip() + "\n\narms: " + ", ".join(f"{k} ({' '.join(v)})" for k, v in ARMS.items()))
+        return 0
+    opts = {"--arms": "grpo,gccpo", "--seeds": "0,1,2", "--out": "runs/compare"}
+    shared: list[str] = []
+    i = 0
+    while i < len(args):
+        key, _, inline = args[i].partition("=")
+        if key in opts:
+            if not inline and i + 1 >= len(args):
+                print(f"gccpo-compare: {key} needs a value", file=sys.stderr)
+                return 2
+            opts[key] = inline or args[i + 1]
+            i += 1 if inline else 2
+        else:
+            shared.append(args[i])
+            i += 1
+    arms = [a.strip() for a in opts["--arms"].split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    try:
+        seeds = [int(s) for s in opts["--seeds"].split(",") if s.strip()]
+        if unknown or not arms or not seeds:
+            raise ValueError(f"unknown arms {unknown} (choose from {list(ARMS)})" if unknown else "no arms or seeds")
+        load_config(shared)  # fail on a bad option before any model loads
+    except ValueError as exc:
+        print(f"gccpo-compare: {exc}", file=sys.stderr)
+        return 2
+    if BASELINE not in arms:
+        _log(f"no {BASELINE} arm: no paired differences")
+    run(arms, seeds, Path(opts["--out"]), shared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

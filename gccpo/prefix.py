@@ -1,0 +1,67 @@
+"""Shared-prompt forward: the backbone runs each distinct prompt once per batch, not G times.
+
+A GRPO-family batch holds G completions of every prompt, and on the default task the prompt (chat
+template + instructions, ~85 tokens) is longer than the completion (~10-40 tokens), so a plain
+forward over ``[B, P + T]`` spends most of its FLOPs re-encoding the same prompt G times. Here the
+prompt rows are de-duplicated, encoded once with a KV cache, the cache is expanded to the B rows
+(``index_select``, differentiable: the gradient of every completion token reaches the prompt's
+activations and the parameters exactly as in the plain forward), and the completions run on top of
+it. The result is the same ``[B, P + T, D]`` hidden-state tensor as the plain forward, up to
+floating-point reassociation (tested against it, values and parameter gradients).
+
+Cost: prompt FLOPs divided by the number of rows per distinct prompt (G when micro-batches hold
+whole groups); extra memory: the expanded KV cache of the prompt, ``[B, P]`` keys and values per
+layer (the plain forward holds the same activations).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from .rollout import position_ids
+
+
+def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first row of each distinct prompt [U], row -> distinct prompt [B])``; a prompt is its
+    ids and its padding together (a pad id inside a real prompt cannot merge two prompts)."""
+    key = torch.cat([prompt_ids, prompt_mask.long()], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    # first occurrence of each distinct prompt, in row order
+    order = torch.arange(inverse.numel(), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1 if inverse.numel() else 0,), inverse.numel(),
+                       dtype=torch.long, device=inverse.device).scatter_reduce_(0, inverse, order, "amin")
+    return first, inverse
+
+
+def shared_prompt_hidden(backbone: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor | None:
+    """``[B, P + T, D]`` last hidden states of ``backbone`` over prompt + completion, encoding each
+    distinct prompt once; None when no prompt repeats or the backbone returns no KV cache (e.g.
+    gradient checkpointing turns caching off), so the caller runs the plain forward.
+
+    Args:
+        backbone: the decoder without its LM head (a transformers base model taking
+            ``past_key_values``).
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts (rows of a prompt identical).
+        completion_ids, completion_mask: ``[B, T]`` right-padded completions.
+    """
+    first, inverse = unique_prompts(prompt_ids, prompt_mask)
+    if first.numel() == prompt_ids.shape[0] or completion_ids.shape[1] == 0:
+        return None
+    p_mask = prompt_mask[first].long()
+    out = backbone(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=position_ids(p_mask),
+                   use_cache=True)
+    # transformers renamed past_key_values -> cache (5.2x); both spellings are still in use
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache = getattr(out, name, None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)
+    am = torch.cat([prompt_mask, completion_mask], 1).long()
+    P = prompt_ids.shape[1]
+    tail = backbone(input_ids=completion_ids, attention_mask=am, position_ids=position_ids(am)[:, P:],
+                    use_cache=True, **{name: cache}).last_hidden_state
+    return torch.cat([out.last_hidden_state.index_select(0, inverse), tail], 1)

@@ -1,0 +1,74 @@
+"""gccpo-compare (gccpo/compare.py): the statistics by hand, and a 2-arm x 2-seed comparison end to
+end on the tiny random model (1 step per run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gccpo.compare import ARMS, main, mean_se, paired, paired_problems, t975
+
+pytest.importorskip("transformers")
+
+
+def test_statistics_by_hand():
+    m, se = mean_se([0.2, 0.3, 0.4])
+    assert m == pytest.approx(0.3) and se == pytest.approx(0.1 / math.sqrt(3))
+    p = paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])  # differences 0.1, 0.2, 0.3
+    assert p["mean"] == pytest.approx(0.2)
+    assert p["half_width"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert p["ci_low"] < 0.2 < p["ci_high"]
+    assert math.isnan(paired([0.5], [0.4])["half_width"])  # one seed: no seed-level interval
+    assert t975(1) == pytest.approx(12.706) and t975(1000) == pytest.approx(1.96, abs=0.01)
+    q = paired_problems([[1, 0, 1, 1], [1, 1, 0, 1]], [[0, 0, 1, 1], [1, 0, 0, 1]])
+    assert q["mean"] == pytest.approx((0.5 + 0.5 + 0 + 0) / 4) and q["n_problems"] == 4
+
+
+def test_bad_arguments_fail_before_loading(capsys):
+    assert main(["--arms", "grpo,nope"]) == 2
+    assert "unknown arms" in capsys.readouterr().err
+    assert main(["--seeds", "x"]) == 2
+    assert main(["--reward.nope", "1"]) == 2
+    assert set(ARMS) >= {"grpo", "gccpo", "rob_only", "eff_only", "js", "sibling"}
+
+
+def test_two_arms_two_seeds_end_to_end(tmp_path):
+    from gccpo.compare import run
+    from tests.trainer.test_trainer import tiny_config, tiny_model, tiny_tokenizer
+
+    cfg_dir = tmp_path / "data"
+    tiny_config(cfg_dir)  # writes the jsonl files
+    shared = ["--task.name", "jsonl", "--task.train_file", str(cfg_dir / "train.jsonl"),
+              "--task.eval_file", str(cfg_dir / "eval.jsonl"), "--task.ood_file", str(cfg_dir / "eval.jsonl"),
+              "--task.eval_size", "4", "--task.ood_eval_size", "3", "--task.prompt", "Q {question}",
+              "--rollout.questions_per_step", "2", "--rollout.num_generations", "2",
+              "--rollout.max_new_tokens", "6", "--rollout.eval_max_new_tokens", "4",
+              "--episodes.delimiter", "tokens", "--episodes.tokens_per_episode", "3",
+              "--train.steps", "1", "--train.backend", "torch", "--train.progress", "false",
+              "--train.plots", "false", "--reward.probe_text", "\nA:", "--reward.process_gate", "none"]
+    tok = tiny_tokenizer()
+    out = tmp_path / "cmp"
+    report = run(["grpo", "gccpo"], [0, 1], out, shared, model=tiny_model(tok), tokenizer=tok)
+    for name in ("before.json", "compare.json", "compare.md", "compare.png"):
+        assert (out / name).exists(), name
+    assert report["before"]["id"]["n"] == 4 and report["before"]["ood"]["n"] == 3
+    for arm in ("grpo", "gccpo"):
+        for split in ("id", "ood"):
+            assert len(report["after"][arm][split]["per_seed"]) == 2
+        assert (out / f"{arm}-seed1" / "metrics.jsonl").exists()
+        assert not list((out / f"{arm}-seed1").glob("checkpoint-*"))  # compare runs keep no checkpoints
+    p = report["paired"]["gccpo"]["id"]
+    per_seed = [report["after"]["gccpo"]["id"]["per_seed"][i] - report["after"]["grpo"]["id"]["per_seed"][i]
+                for i in range(2)]
+    assert p["seed_level"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert report["cost"]["gccpo"]["causal_kernels_share"] > 0 and report["cost"]["grpo"]["causal_kernels_share"] == 0
+    # the same seed gives both arms the same questions: the first step's prompts agree
+    rows = {a: json.loads((out / f"{a}-seed0" / "result.json").read_text())["history"][0] for a in ("grpo", "gccpo")}
+    assert rows["grpo"]["step"] == rows["gccpo"]["step"] == 1
+    # a second call reuses the finished runs (nothing retrained)
+    stamp = (out / "grpo-seed0" / "result.json").stat().st_mtime
+    again = run(["grpo", "gccpo"], [0, 1], out, shared, model=tiny_model(tok), tokenizer=tok)
+    assert (out / "grpo-seed0" / "result.json").stat().st_mtime == stamp
+    assert again["after"] == report["after"]
