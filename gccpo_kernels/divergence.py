@@ -12,6 +12,7 @@ docs/counterfactual.md for the math.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import check_answer_ids, check_finite, check_float, check_lm_head, out_dtype_for
+from ._vocab_parallel import check_local_lm_head, check_total_vocab, local_answer_ids, vocab_shard
 from .linear_logprobs import check_outputs_finite
 
 KINDS = ("kl", "js", "tv")
@@ -147,7 +149,8 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
                               bias: torch.Tensor | None = None, temperature: float = 1.0,
                               logit_scale: float = 1.0, softcap: float | None = None,
                               kind: str = "kl", answer_token_ids: torch.Tensor | None = None,
-                              backend: str | None = None, validate: bool = True) -> torch.Tensor:
+                              backend: str | None = None, validate: bool = True,
+                              process_group: Any = None) -> torch.Tensor:
     """Divergence D(q(.|h_r) || q(.|h_r + delta_{r,m})) for every row r and perturbation m.
 
     q(.|h) = softmax(z(h)), z from SPEC §1 (u = logit_scale*(W h + b)/temperature, optional soft
@@ -165,6 +168,18 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
             over them (W and b are gathered to [K, D], [K]: cheap).
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
         validate: check finiteness of hidden and deltas and the answer ids (one pass + host sync each).
+        process_group: vocabulary parallelism (docs/vocab_parallel.md): a ``torch.distributed``
+            group, or ``True`` for the default group, or None (default: one device). Every rank
+            passes the same hidden, deltas and answer ids (global token ids) and its contiguous
+            slice ``weight[offset : offset + V_local]`` (and bias slice) in rank order; slices may
+            differ in size or be empty. Every rank gets the full [R, M] result (the same bits on
+            every rank). Costs one all-reduce of P ints (the slice sizes), then for KL one MAX
+            all-reduce of [R, 1+M] and two all-gathers of [R, 1+2M] and [R, M] values (JS, TV: one
+            more [R, M]; the triton backend's are per block of up to 4 perturbations), never R x V.
+            Raises ValueError when torch.distributed is not initialised. This path calls the
+            backend directly, not through the ``gccpo::counterfactual_divergence`` custom op (an
+            op cannot take a process group), behind ``torch.compiler.disable``: a compiled
+            caller graph-breaks there and runs it eagerly.
 
     Returns:
         ``[R, M]`` float32 (float64 for float64 inputs).
@@ -179,19 +194,11 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     vocabulary is in its workspace), the triton backend two (statistics, then integrands). Memory:
     O(R*M) outputs plus a bounded workspace; never R x V (only the reference backend materializes).
     """
+    if process_group is not None:
+        return _divergence_sharded(hidden, weight, deltas, bias, temperature, logit_scale, softcap,
+                                   kind, answer_token_ids, backend, validate, process_group)
     check_lm_head(hidden, weight, bias)
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
-    check_float("deltas", deltas)
-    r, d = hidden.shape
-    if deltas.dim() != 3 or deltas.shape[0] != r or deltas.shape[2] != d:
-        raise ValueError(f"deltas must be [R, M, D] = [{r}, M, {d}], got {tuple(deltas.shape)}")
-    if deltas.dtype != hidden.dtype:
-        raise TypeError(f"deltas ({deltas.dtype}) must have hidden's dtype ({hidden.dtype})")
-    if deltas.device != hidden.device:
-        raise ValueError(f"deltas are on {deltas.device} but hidden is on {hidden.device}")
+    _check_divergence_args(hidden, deltas, kind)
     # value checks (one host sync each) run inside the op, where torch.compile does not trace
     check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
@@ -229,5 +236,64 @@ def divergence_forward(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch
         else:
             from .chunked import divergence as impl
         out = impl.forward(h, w, b, dl, params, kind)
+    check_outputs_finite("counterfactual_divergence", (out,), validate)
+    return out
+
+
+def _check_divergence_args(hidden: torch.Tensor, deltas: torch.Tensor, kind: str) -> None:
+    """The free checks of kind, hidden and deltas (the LM head is checked by the caller)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    check_float("deltas", deltas)
+    r, d = hidden.shape
+    if deltas.dim() != 3 or deltas.shape[0] != r or deltas.shape[2] != d:
+        raise ValueError(f"deltas must be [R, M, D] = [{r}, M, {d}], got {tuple(deltas.shape)}")
+    if deltas.dtype != hidden.dtype:
+        raise TypeError(f"deltas ({deltas.dtype}) must have hidden's dtype ({hidden.dtype})")
+    if deltas.device != hidden.device:
+        raise ValueError(f"deltas are on {deltas.device} but hidden is on {hidden.device}")
+
+
+@torch.compiler.disable
+def _divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor,
+                        bias: torch.Tensor | None, temperature: float, logit_scale: float,
+                        softcap: float | None, kind: str, answer_token_ids: torch.Tensor | None,
+                        backend: str | None, validate: bool, process_group: Any) -> torch.Tensor:
+    """:func:`counterfactual_divergence` with ``weight`` this rank's vocabulary slice. The local
+    checks run before the first collective, so inputs that are wrong on every rank fail on every
+    rank instead of leaving the others waiting."""
+    check_local_lm_head(hidden, weight, bias)
+    _check_divergence_args(hidden, deltas, kind)
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams.of(temperature, logit_scale, softcap)
+    shard = vocab_shard(weight, process_group)     # raises ValueError without torch.distributed
+    check_total_vocab(shard)
+    check_answer_ids(answer_token_ids, shard.total, hidden.device, validate)
+    check_finite("hidden", hidden, validate)
+    check_finite("deltas", deltas, validate)
+    out_dtype = out_dtype_for(hidden.dtype)
+    with torch.no_grad():
+        hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()
+        bias = None if bias is None else bias.detach().contiguous()
+        if name == "reference":
+            from . import reference
+
+            out = reference.counterfactual_divergence_sharded(
+                hidden, weight, deltas, shard, bias=bias, temperature=params.temperature,
+                logit_scale=params.logit_scale, softcap=params.softcap, kind=kind,
+                answer_token_ids=answer_token_ids).to(out_dtype)
+        else:
+            w, b = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
+            w = w if w.is_contiguous() else w.contiguous()
+            h = hidden if hidden.is_contiguous() else hidden.contiguous()
+            dl = deltas if deltas.is_contiguous() else deltas.contiguous()
+            if name == "triton":
+                from .triton import divergence as impl
+            else:
+                from .chunked import divergence as impl
+            out = impl.forward_sharded(h, w, b, dl, params, kind, shard)
     check_outputs_finite("counterfactual_divergence", (out,), validate)
     return out

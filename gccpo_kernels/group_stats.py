@@ -8,7 +8,7 @@ O(groups*V)) and never hold an R x V tensor.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,6 +16,8 @@ from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import check_answer_ids, check_finite, check_lm_head, out_dtype_for
+from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab, local_answer_ids,
+                              vocab_shard)
 from .linear_logprobs import check_outputs_finite
 
 
@@ -99,7 +101,8 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
                              bias: torch.Tensor | None = None, temperature: float = 1.0,
                              logit_scale: float = 1.0, softcap: float | None = None,
                              answer_token_ids: torch.Tensor | None = None,
-                             backend: str | None = None, validate: bool = True) -> GroupStats:
+                             backend: str | None = None, validate: bool = True,
+                             process_group: Any = None) -> GroupStats:
     """Entropies, KL to the group mixture and group JS of the answer distributions (SPEC §4).
 
     q_i = softmax(z(h_i)) with z from SPEC §1, over the full vocabulary or renormalized over
@@ -115,6 +118,19 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
         answer_token_ids: optional ``[K]`` distinct token ids to restrict and renormalize over.
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
         validate: check finiteness of hidden and the answer ids (group layouts are always checked).
+        process_group: vocabulary parallelism (docs/vocab_parallel.md): a ``torch.distributed``
+            group, or ``True`` for the default group, or None (default: one device). Every rank
+            passes the same hidden, group layout and answer ids (global token ids) and its
+            contiguous slice ``weight[offset : offset + V_local]`` (and bias slice) in rank order;
+            slices may differ in size or be empty. Every rank gets the full outputs (the same bits
+            on every rank). Each rank keeps the mixture columns of its own tokens ([G, V_local]).
+            Costs one all-reduce of P ints (the slice sizes), one all-gather of [2, R] (lse and
+            entropy) and one of [R + G] (the KL and mixture-entropy shares), never R x V; the fast
+            backends make one more pass over the slice than unsharded (the mixtures need the
+            global normalizers). Raises ValueError when torch.distributed is not initialised.
+            This path calls the backend directly, not through the ``gccpo::group_distribution_stats``
+            custom op (an op cannot take a process group), behind ``torch.compiler.disable``: a
+            compiled caller graph-breaks there and runs it eagerly.
 
     Returns:
         :class:`GroupStats`, float32 (float64 for float64 inputs).
@@ -126,6 +142,10 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     statistics, mixtures, KL: 6RVD). Memory: the [G, V] mixtures plus a bounded workspace (and a
     sorted copy of hidden when group_ids are not sorted); never R x V.
     """
+    if process_group is not None:
+        return _stats_sharded(hidden, weight, group_offsets, group_ids, num_groups, bias,
+                              temperature, logit_scale, softcap, answer_token_ids, backend,
+                              validate, process_group)
     check_lm_head(hidden, weight, bias)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
@@ -158,13 +178,15 @@ def check_group_args(device: torch.device, group_offsets: torch.Tensor | None,
 def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor | None,
                   group_ids: torch.Tensor | None, num_groups: int | None,
                   bias: torch.Tensor | None, answer_token_ids: torch.Tensor | None,
-                  params: LogitParams, name: str, validate: bool,
+                  params: LogitParams, name: str, validate: bool, shard: VocabShard | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The body of the ``gccpo::group_distribution_stats`` op: the group layout's values (always),
-    the answer ids and finiteness (when ``validate``), then the backend ``name``."""
+    the answer ids and finiteness (when ``validate``), then the backend ``name``. With ``shard``
+    (called directly, not as the op), ``weight`` / ``bias`` are this rank's vocabulary slice."""
     r = hidden.shape[0]
     offsets, order = resolve_groups(r, hidden.device, group_offsets, group_ids, num_groups)
-    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
+    check_answer_ids(answer_token_ids, weight.shape[0] if shard is None else shard.total,
+                     hidden.device, validate)
     check_finite("hidden", hidden, validate)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
@@ -178,11 +200,16 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
             ids = torch.repeat_interleave(torch.arange(num_g, device=hidden.device), sizes)
             if order is not None:
                 ids = torch.empty_like(ids).scatter_(0, order, ids)
-            outs = reference.group_distribution_stats(
-                hidden, weight, ids, num_g, bias=bias, temperature=params.temperature,
-                logit_scale=params.logit_scale, softcap=params.softcap,
-                answer_token_ids=answer_token_ids)
+            kw = dict(bias=bias, temperature=params.temperature, logit_scale=params.logit_scale,
+                      softcap=params.softcap, answer_token_ids=answer_token_ids)
+            if shard is None:
+                outs = reference.group_distribution_stats(hidden, weight, ids, num_g, **kw)
+            else:
+                outs = reference.group_distribution_stats_sharded(hidden, weight, ids, num_g, shard,
+                                                                  **kw)
             return tuple(t.to(out_dtype) for t in outs)
+        if shard is not None:
+            answer_token_ids = local_answer_ids(shard, answer_token_ids)
         w, b = restrict_head(weight, bias, answer_token_ids)
         w = w if w.is_contiguous() else w.contiguous()
         h = hidden if order is None else hidden.index_select(0, order)
@@ -191,10 +218,39 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
             from .triton import group_stats as impl
         else:
             from .chunked import group_stats as impl
-        row_entropy, row_kl, mix_entropy, mean_entropy, js = impl.forward(h, w, b, offsets, params)
+        if shard is None:
+            row_entropy, row_kl, mix_entropy, mean_entropy, js = impl.forward(h, w, b, offsets, params)
+        else:
+            row_entropy, row_kl, mix_entropy, mean_entropy, js = impl.forward_sharded(
+                h, w, b, offsets, params, shard)
         if order is not None:
             row_entropy = torch.empty_like(row_entropy).scatter_(0, order, row_entropy)
             row_kl = torch.empty_like(row_kl).scatter_(0, order, row_kl)
     outs = (row_entropy, row_kl, mix_entropy, mean_entropy, js)
     check_outputs_finite("group_distribution_stats", outs, validate)
     return outs
+
+
+@torch.compiler.disable
+def _stats_sharded(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor | None,
+                   group_ids: torch.Tensor | None, num_groups: int | None,
+                   bias: torch.Tensor | None, temperature: float, logit_scale: float,
+                   softcap: float | None, answer_token_ids: torch.Tensor | None,
+                   backend: str | None, validate: bool, process_group: Any) -> GroupStats:
+    """:func:`group_distribution_stats` with ``weight`` this rank's vocabulary slice. The local
+    checks (the group layout's values included) run before the first collective, so inputs that
+    are wrong on every rank fail on every rank instead of leaving the others waiting."""
+    check_local_lm_head(hidden, weight, bias)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    check_group_args(hidden.device, group_offsets, group_ids, num_groups)
+    resolve_groups(hidden.shape[0], hidden.device, group_offsets, group_ids, num_groups)
+    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    params = LogitParams.of(temperature, logit_scale, softcap)
+    shard = vocab_shard(weight, process_group)     # raises ValueError without torch.distributed
+    check_total_vocab(shard)
+    outs = stats_forward(hidden.detach(), weight.detach(), group_offsets, group_ids, num_groups,
+                         None if bias is None else bias.detach(), answer_token_ids, params, name,
+                         validate, shard)
+    return GroupStats(*outs)

@@ -303,6 +303,43 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
 
 
+def counterfactual_divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor,
+                                      deltas: torch.Tensor, shard, *, bias: torch.Tensor | None = None,
+                                      temperature: float = 1.0, logit_scale: float = 1.0,
+                                      softcap: float | None = None, kind: str = "kl",
+                                      answer_token_ids: torch.Tensor | None = None,
+                                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """SPEC §3 with the vocabulary split over ranks: ``shard`` is this rank's
+    ``_vocab_parallel.VocabShard``, ``weight`` / ``bias`` its slice, ``answer_token_ids`` global ids.
+
+    The textbook forms of :func:`counterfactual_divergence` on this rank's [R, M, V_local] slice:
+    log q and log q~ are normalized by the global log-sum-exps (``shard.logsumexp``), each rank
+    sums the divergence's terms over its own tokens, and the shares are summed over ranks
+    (``shard.all_reduce``). Returns [R, M] in ``dtype``, the same on every rank.
+    """
+    if answer_token_ids is not None:
+        rel = answer_token_ids.long() - shard.offset
+        ids = rel[(rel >= 0) & (rel < weight.shape[0])]
+        weight = weight.index_select(0, ids)
+        bias = None if bias is None else bias.index_select(0, ids)
+    kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
+    z = logits(hidden, weight, bias, **kw)                                   # [R, V_local]
+    z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)
+    lq = (z - shard.logsumexp(torch.logsumexp(z, dim=-1)).unsqueeze(-1)).unsqueeze(1)
+    lq_pert = z_pert - shard.logsumexp(torch.logsumexp(z_pert, dim=-1)).unsqueeze(-1)
+    q, q_pert = lq.exp(), lq_pert.exp()
+    if kind == "kl":
+        local = (q * (lq - lq_pert)).sum(-1)
+    elif kind == "js":
+        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
+        local = 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
+    elif kind == "tv":
+        local = 0.5 * (q - q_pert).abs().sum(-1)
+    else:
+        raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
+    return shard.all_reduce(local)
+
+
 # ---------------------------------------------------------------------------------------------
 # §4  Group-wise answer-distribution statistics
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +380,55 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, group_i
         if members.numel() > 1:
             lqbar = torch.log(qbar)
             row_kl[members] = (q[members] * (lq[members] - lqbar)).sum(-1)
+            js[g] = mix_entropy[g] - mean_entropy[g]
+    return row_entropy, row_kl, mix_entropy, mean_entropy, js
+
+
+def group_distribution_stats_sharded(hidden: torch.Tensor, weight: torch.Tensor,
+                                     group_ids: torch.Tensor, num_groups: int, shard, *,
+                                     bias: torch.Tensor | None = None, temperature: float = 1.0,
+                                     logit_scale: float = 1.0, softcap: float | None = None,
+                                     answer_token_ids: torch.Tensor | None = None,
+                                     dtype: torch.dtype = torch.float64,
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §4 with the vocabulary split over ranks (``shard``: this rank's
+    ``_vocab_parallel.VocabShard``; ``weight`` / ``bias`` its slice; ``answer_token_ids`` global).
+
+    As :func:`group_distribution_stats` on this rank's [R, V_local] slice: q is normalized by the
+    global log-sum-exp (``shard.logsumexp``); the mixture q_bar_g of a token is the mean of its
+    members' q of that token, so each rank holds the mixture of its own tokens; every sum over
+    the vocabulary (entropies, KL to the mixture) is this rank's share, summed over ranks
+    (``shard.all_reduce``). Same outputs as the unsharded reference, the same on every rank.
+    """
+    if answer_token_ids is not None:
+        rel = answer_token_ids.long() - shard.offset
+        ids = rel[(rel >= 0) & (rel < weight.shape[0])]
+        weight = weight.index_select(0, ids)
+        bias = None if bias is None else bias.index_select(0, ids)
+    z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
+               softcap=softcap, dtype=dtype)
+    lq = z - shard.logsumexp(torch.logsumexp(z, dim=-1)).unsqueeze(-1)
+    q = lq.exp()
+    row_entropy = shard.all_reduce(-(q * lq).sum(-1))
+    row_kl = torch.zeros_like(row_entropy)
+    mix_entropy = torch.zeros(num_groups, dtype=dtype, device=z.device)
+    mean_entropy = torch.zeros_like(mix_entropy)
+    js = torch.zeros_like(mix_entropy)
+    sizes = [int((group_ids == g).sum()) for g in range(num_groups)]
+    for g in range(num_groups):
+        members = (group_ids == g).nonzero().squeeze(1)
+        if sizes[g] == 0:
+            continue
+        qbar = q.index_select(0, members).mean(0)
+        mix_entropy[g] = -torch.special.xlogy(qbar, qbar).sum()
+        if sizes[g] > 1:
+            row_kl[members] = (q[members] * (lq[members] - torch.log(qbar))).sum(-1)
+    row_kl = shard.all_reduce(row_kl)
+    mix_entropy = shard.all_reduce(mix_entropy)
+    for g in range(num_groups):
+        if sizes[g] > 0:
+            mean_entropy[g] = row_entropy[group_ids == g].mean()
+        if sizes[g] > 1:
             js[g] = mix_entropy[g] - mean_entropy[g]
     return row_entropy, row_kl, mix_entropy, mean_entropy, js
 

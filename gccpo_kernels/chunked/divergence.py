@@ -20,6 +20,12 @@ for float64 inputs. Workspace: the GEMM output [C(M+1), V] with C at least 512/(
 the GEMM stays efficient (65 MB at V = 32000 in float32), or more when the workspace budget
 (``gccpo_kernels._workspace``) allows; the elementwise work then runs on sub-chunks of C' rows whose
 ~3(M+1) [C', V] temporaries fit that budget (cache-sized on the CPU). Never R x V.
+
+Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): each rank
+computes the same quantities over its slice (lse_r, lse~_r, c_r, F_r under the slice's own
+softmax), and :func:`combine_slices` merges them exactly: with w_r = exp(lse_r - lse),
+c = sum_r w_r c_r and F = sum_r w_r (e^(c_r - c) F_r + phi(c_r - c)), every term >= 0. JS and TV
+need L = c + KL first, so they take a second pass over the slice for their integrands.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._logits import LogitParams
+from .._vocab_parallel import rank_sum
 from .._workspace import workspace_bytes
 from ._common import chunk_rows, compute_operands
 
@@ -114,18 +121,13 @@ def _chunk_divergence(z: torch.Tensor, delta: torch.Tensor, kind: str) -> torch.
     return js_integrand(x, lq).sum(dim=2).clamp_(min=0.0, max=LN2)
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
-    """hidden [R, D], weight [V, D], bias [V] | None, deltas [R, M, D] -> divergence [R, M].
-
-    Float32 output (float64 for float64 inputs). One pass over W per chunk of rows.
-    """
+def _shift_tiles(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 deltas: torch.Tensor, params: LogitParams, cd: torch.dtype):
+    """Yield (r0, r1, z [C', V], Delta [C', M, V]) for consecutive row ranges covering all R rows:
+    the logits and logit shifts of the rows r0..r1-1 over all of w's rows (the consumer may
+    overwrite both; they live in the chunk's workspace). R, M >= 1 and V >= 1."""
     r, m_pert, d = deltas.shape
-    vocab = weight.shape[0]
-    cd, w, b = compute_operands(hidden, weight, bias)
-    out = torch.empty(r, m_pert, dtype=cd, device=hidden.device)
-    if r == 0 or m_pert == 0:
-        return out
+    vocab = w.shape[0]
     sub = min(r, chunk_rows(vocab, 3 * m_pert + 3, cd, hidden.device, multiple=1))
     # the GEMM-efficiency floor applies only where it fits the workspace budget (SPEC §0)
     fits = max(1, workspace_bytes(hidden.device) // (vocab * (m_pert + 1) * (torch.finfo(cd).bits // 8)))
@@ -155,5 +157,129 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                 a = z / cap
                 z = torch.tanh(a).mul_(cap)
                 dl = capped_delta(a.unsqueeze(1), dl / cap, cap)
-            out[start + s0:start + s1] = _chunk_divergence(z, dl, kind)
+            yield start + s0, start + s1, z, dl
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
+    """hidden [R, D], weight [V, D], bias [V] | None, deltas [R, M, D] -> divergence [R, M].
+
+    Float32 output (float64 for float64 inputs). One pass over W per chunk of rows.
+    """
+    r, m_pert, d = deltas.shape
+    cd, w, b = compute_operands(hidden, weight, bias)
+    out = torch.empty(r, m_pert, dtype=cd, device=hidden.device)
+    if r == 0 or m_pert == 0:
+        return out
+    for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
+        out[r0:r1] = _chunk_divergence(z, dl, kind)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary parallelism: this rank holds a slice of W's rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _slice_stats(z: torch.Tensor, delta: torch.Tensor):
+    """z [C, V] logits and delta [C, M, V] shifts of one vocabulary slice (both overwritten) ->
+    the slice's (lse [C], lse~ [C, M], c [C, M], F [C, M]): log-sum-exps of z and z~ = z + Delta,
+    c = E_q'[Delta] and F = E_q'[phi(Delta - c)] under q' = the softmax over the slice alone."""
+    m = z.amax(dim=1, keepdim=True)
+    zm = z.sub_(m)
+    e = torch.exp(zm)
+    s = e.sum(dim=1, keepdim=True)
+    log_s = torch.log(s)
+    lse = (m + log_s).squeeze(1)
+    lq = zm.sub_(log_s).unsqueeze(1)               # log q', [C, 1, V]
+    tmp = torch.add(lq, delta)
+    lse_t = torch.logsumexp(tmp, dim=2).add_(lse.unsqueeze(1))
+    pcol = e.div_(s).unsqueeze(2)                  # q', [C, V, 1]
+    c = torch.bmm(delta, pcol)
+    x = delta.sub_(c)
+    torch.expm1(x, out=tmp).sub_(x)                # phi(Delta - c) >= 0
+    f = torch.bmm(tmp, pcol)
+    return lse, lse_t, c.squeeze(2), f.squeeze(2)
+
+
+def _phi(t: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(t).sub_(t)
+
+
+def combine_slices(shard, lse_l: torch.Tensor, lse_t_l: torch.Tensor, c_l: torch.Tensor,
+                   f_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's slice statistics (from :func:`_slice_stats`; lse = lse~ = -inf, c = F = 0
+    for an empty slice) -> the global (lse [R], c [R, M], KL [R, M]), the same on every rank.
+
+    With w_r = exp(lse_r - lse) the slice weights and c = sum_r w_r c_r, the exact identity
+    F = E_q[phi(Delta - c)] = sum_r w_r (e^(c_r - c) F_r + phi(c_r - c)) (because
+    sum_r w_r (c_r - c) = 0) has only non-negative terms: KL = log1p(F) keeps its relative
+    accuracy; for F > 1, KL = lse(z~) - lse(z) - c as on one device.
+    Collectives: one MAX all-reduce of [R, 1+M], two rank sums (all-gathers) of [R, 1+2M], [R, M].
+    """
+    m_pert = c_l.shape[1]
+    mx = shard.all_reduce(torch.cat([lse_l.unsqueeze(1), lse_t_l], dim=1), "max")  # finite: V >= 1
+    m0, mt = mx[:, :1], mx[:, 1:]
+    t = torch.exp(lse_l.unsqueeze(1) - m0)         # [R, 1], 0 for an empty slice
+    sums = rank_sum(shard, torch.cat([t, torch.exp(lse_t_l - mt), t * c_l], dim=1))
+    s = sums[:, :1]
+    lse = m0 + torch.log(s)
+    lse_t = mt + torch.log(sums[:, 1:1 + m_pert])
+    c = sums[:, 1 + m_pert:] / s
+    # c_r - c > 80 means F >> 1 (the lse~ form is used): clamped, e^(c_r - c) cannot overflow
+    dc = (c_l - c).clamp_max(80.0)
+    part = (t / s) * (torch.exp(dc) * f_l + _phi(dc))
+    f = rank_sum(shard, torch.where(t > 0, part, torch.zeros_like(part)))
+    kl = torch.where(f <= 1.0, torch.log1p(f), (lse_t - lse - c).clamp_min(0.0))
+    return lse.squeeze(1), c, kl
+
+
+def _slice_integrand(z: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor, shift: torch.Tensor,
+                     kind: str) -> torch.Tensor:
+    """This slice's share of TV / JS ([C, M], before the 1/2 of TV): sum over the slice's tokens
+    of q |expm1(x)| or q psi(x), x = Delta - L (``shift`` L [C, M]), q = e^(z - lse) with the
+    global ``lse`` [C]. z and delta are overwritten."""
+    lq = z.sub_(lse.unsqueeze(1)).unsqueeze(1)    # global log q, [C, 1, V]
+    x = delta.sub_(shift.unsqueeze(2))
+    if kind == "tv":
+        pb = torch.exp(lq)
+        t = torch.where(x.abs() < 0.5, torch.expm1(x).abs_().mul_(pb), torch.exp(lq + x).sub_(pb).abs_())
+        return t.sum(dim=2)
+    return js_integrand(x, lq).sum(dim=2)
+
+
+def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    deltas: torch.Tensor, params: LogitParams, kind: str, shard) -> torch.Tensor:
+    """:func:`forward` with ``weight`` [V_local, D] (possibly empty) this rank's slice of the head
+    and ``shard`` its ``_vocab_parallel.VocabShard`` -> [R, M], the same on every rank.
+
+    Pass 1 (one GEMM per chunk, as :func:`forward`): each slice's lse, lse~, c, F; combined by
+    :func:`combine_slices` into KL. JS and TV need L = c + KL first, so a second pass computes
+    each slice's integrand sum with the global lse and L, summed over ranks. Collectives: 3 for
+    KL, 4 for JS / TV, each on O(R*M) values.
+    """
+    r, m_pert, _ = deltas.shape
+    cd, w, b = compute_operands(hidden, weight, bias)
+    if r == 0 or m_pert == 0:
+        return torch.empty(r, m_pert, dtype=cd, device=hidden.device)
+    dev = hidden.device
+    lse_l = torch.full((r,), -math.inf, dtype=cd, device=dev)
+    lse_t_l = torch.full((r, m_pert), -math.inf, dtype=cd, device=dev)
+    c_l = torch.zeros(r, m_pert, dtype=cd, device=dev)
+    f_l = torch.zeros_like(c_l)
+    local = w.shape[0] > 0
+    if local:
+        for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
+            lse_l[r0:r1], lse_t_l[r0:r1], c_l[r0:r1], f_l[r0:r1] = _slice_stats(z, dl)
+    lse, c, kl = combine_slices(shard, lse_l, lse_t_l, c_l, f_l)
+    if kind == "kl":
+        return kl
+    shift = c + kl                                  # L = lse(z~) - lse(z)
+    part = torch.zeros_like(c_l)
+    if local:
+        for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
+            part[r0:r1] = _slice_integrand(z, dl, lse[r0:r1], shift[r0:r1], kind)
+    total = rank_sum(shard, part)
+    if kind == "tv":
+        return total.mul_(0.5).clamp_(0.0, 1.0)
+    return total.clamp_(0.0, LN2)

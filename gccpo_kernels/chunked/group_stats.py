@@ -17,15 +17,21 @@ exactly in real arithmetic but does not cancel when the members agree. A group o
 
 Memory: the [G, V] mixtures (SPEC §4 allows O(groups*V)) plus about three [C, V] buffers (C from
 the workspace budget, at least 128); never R x V. Arithmetic in float32 (float64 for float64 inputs).
+
+Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): a token's mixture
+column needs only that token's probabilities, so it is local to the rank that holds the token once
+the rows' global lse is known; that takes one more pass (lse first, then mixtures, then KL).
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 
 from .._logits import LogitParams
+from .._vocab_parallel import combine_softmax_stats, rank_sum
 from .._workspace import workspace_bytes
 from ._common import chunk_rows, compute_operands, tile_logits
 
@@ -75,27 +81,108 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             lse[start:stop] = m.squeeze(1) + log_s
             row_entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
             q = e.div_(s.unsqueeze(1))
-            # groups of rows start and stop - 1 (empty groups share an offset and are skipped);
-            # each group sums its own rows (a segment sum, no atomics): a NaN row stays in its
-            # group, where a 0/1 membership GEMM would spread 0 * NaN to every group of the chunk
-            g_lo = bisect.bisect_right(offsets, start) - 1
-            g_hi = bisect.bisect_right(offsets, stop - 1)
-            lengths = [min(offsets[g + 1], stop) - max(offsets[g], start) for g in range(g_lo, g_hi)]
-            mix[g_lo:g_hi] += torch.segment_reduce(q, "sum", lengths=torch.tensor(lengths, device=device),
-                                                   axis=0)
-    mix.div_(sizes.clamp_min(1).unsqueeze(1).to(cd))
+            _add_to_mixtures(mix, q, offsets, start, stop)
+    mixture_entropy, log_mix = _mixture_entropy_and_log(mix, sizes)
+    if r > 0:
+        _row_kl(hidden, w, b, params, lse, log_mix, gid, chunk, zbuf, pbuf, row_kl)
+        row_kl.masked_fill_(sizes.index_select(0, gid) == 1, 0.0)
+    mean_entropy = segment_mean(row_entropy, sizes)
+    js = segment_mean(row_kl, sizes)
+    return row_entropy, row_kl, mixture_entropy, mean_entropy, js
+
+
+def _add_to_mixtures(mix: torch.Tensor, q: torch.Tensor, offsets: list[int], start: int,
+                     stop: int) -> None:
+    """mix[g] += sum of q's rows in group g, for the rows start..stop-1 (q [stop - start, V])."""
+    # groups of rows start and stop - 1 (empty groups share an offset and are skipped);
+    # each group sums its own rows (a segment sum, no atomics): a NaN row stays in its
+    # group, where a 0/1 membership GEMM would spread 0 * NaN to every group of the chunk
+    g_lo = bisect.bisect_right(offsets, start) - 1
+    g_hi = bisect.bisect_right(offsets, stop - 1)
+    lengths = [min(offsets[g + 1], stop) - max(offsets[g], start) for g in range(g_lo, g_hi)]
+    mix[g_lo:g_hi] += torch.segment_reduce(q, "sum", lengths=torch.tensor(lengths, device=mix.device),
+                                           axis=0)
+
+
+def _mixture_entropy_and_log(mix: torch.Tensor, sizes: torch.Tensor):
+    """Sums of member distributions [G, V] -> (sum_v of -q_bar log q_bar [G], log q_bar [G, V]);
+    ``mix`` becomes q_bar, then log q_bar (in place)."""
+    mix.div_(sizes.clamp_min(1).unsqueeze(1).to(mix.dtype))
     mixture_entropy = -torch.special.xlogy(mix, mix).sum(dim=1)
     # q_bar_v = 0 only where every member's q_v underflowed to 0: those terms are 0 * finite
-    log_mix = mix.clamp_min_(torch.finfo(cd).tiny).log_()
-    if r > 0:
+    log_mix = mix.clamp_min_(torch.finfo(mix.dtype).tiny).log_()
+    return mixture_entropy, log_mix
+
+
+def _row_kl(hidden, w, b, params, lse, log_mix, gid, chunk, zbuf, pbuf, row_kl) -> None:
+    """row_kl[i] = sum_v q_iv (log q_iv - log q_bar_g(i),v) over w's rows, q = e^(z - lse)."""
+    r = hidden.shape[0]
+    for start in range(0, r, chunk):
+        stop = min(r, start + chunk)
+        lq = tile_logits(hidden[start:stop].to(w.dtype), w, b, params, zbuf)
+        lq.sub_(lse[start:stop].unsqueeze(1))
+        q = torch.exp(lq, out=pbuf[: stop - start])
+        diff = lq.sub_(log_mix.index_select(0, gid[start:stop]))
+        row_kl[start:stop] = torch.linalg.vecdot(q, diff)
+
+
+def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    offsets: list[int], params: LogitParams, shard):
+    """:func:`forward` with ``weight`` [V_local, D] this rank's vocabulary slice (possibly empty)
+    and ``shard`` its ``_vocab_parallel.VocabShard``; the outputs are the same on every rank.
+
+    Three passes over the slice (one more than :func:`forward`, whose mixtures need the global
+    normalizers): (1) each row's lse and entropy over the slice, combined over ranks into the
+    global lse and H(q_i) (``combine_softmax_stats``: one all-gather of [2, R]); (2) the mixture
+    columns of this slice, q_bar_g,v = mean_i e^(z_iv - lse_i), local to the rank (a token's
+    mixture needs only that token's probabilities); (3) this slice's share of KL(q_i || q_bar_g)
+    and of H(q_bar_g). The shares are summed over ranks with one rank sum of [R + G] values.
+    Collectives: the slice sizes, then two all-gathers, never R x V.
+    """
+    r = hidden.shape[0]
+    vocab = weight.shape[0]
+    num_groups = len(offsets) - 1
+    device = hidden.device
+    cd, w, b = compute_operands(hidden, weight, bias)
+    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
+                         device=device)
+    if r == 0:       # every rank holds the same rows: none of them communicates
+        z = torch.zeros(num_groups, dtype=cd, device=device)
+        e = torch.zeros(0, dtype=cd, device=device)
+        return e, e.clone(), z, z.clone(), z.clone()
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes)
+    lse_l = torch.full((r,), -math.inf, dtype=cd, device=device)
+    ent_l = torch.zeros(r, dtype=cd, device=device)
+    row_kl = torch.zeros(r, dtype=cd, device=device)
+    mix = torch.zeros(num_groups, vocab, dtype=cd, device=device)
+    if vocab > 0:
+        fits = max(1, workspace_bytes(device) // (vocab * 3 * (torch.finfo(cd).bits // 8)))
+        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), min(MIN_CHUNK_ROWS, fits)))
+        zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
+        pbuf = torch.empty_like(zbuf)
+        for start in range(0, r, chunk):
+            stop = min(r, start + chunk)
+            z = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
+            m = z.amax(dim=1, keepdim=True)
+            zm = z.sub_(m)
+            e = torch.exp(zm, out=pbuf[: stop - start])
+            s = e.sum(dim=1)
+            log_s = torch.log(s)
+            lse_l[start:stop] = m.squeeze(1) + log_s
+            ent_l[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
+    lse, row_entropy = combine_softmax_stats(shard, lse_l, ent_l)
+    if vocab > 0:
         for start in range(0, r, chunk):
             stop = min(r, start + chunk)
             lq = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
-            lq.sub_(lse[start:stop].unsqueeze(1))
-            q = torch.exp(lq, out=pbuf[: stop - start])
-            diff = lq.sub_(log_mix.index_select(0, gid[start:stop]))
-            row_kl[start:stop] = torch.linalg.vecdot(q, diff)
-        row_kl.masked_fill_(sizes.index_select(0, gid) == 1, 0.0)
+            q = torch.exp(lq.sub_(lse[start:stop].unsqueeze(1)), out=pbuf[: stop - start])
+            _add_to_mixtures(mix, q, offsets, start, stop)
+    mixture_entropy, log_mix = _mixture_entropy_and_log(mix, sizes)
+    if vocab > 0:
+        _row_kl(hidden, w, b, params, lse, log_mix, gid, chunk, zbuf, pbuf, row_kl)
+    both = rank_sum(shard, torch.cat([row_kl, mixture_entropy]))
+    row_kl, mixture_entropy = both[:r].contiguous(), both[r:].contiguous()
+    row_kl.masked_fill_(sizes.index_select(0, gid) == 1, 0.0)
     mean_entropy = segment_mean(row_entropy, sizes)
     js = segment_mean(row_kl, sizes)
     return row_entropy, row_kl, mixture_entropy, mean_entropy, js

@@ -31,6 +31,11 @@ base GEMM per extra launch when M > MAX_MP), split statistics of O(R * M * V / V
 nothing of size R x V. Splits are combined on the
 device in a fixed order: deterministic, and a row's result does not depend on the other rows
 (configurations are pinned per architecture and perturbation count, never by R).
+
+Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the other ranks'
+vocabulary splits are merged like more splits (a MAX all-reduce for the maxima, rank-ordered sums
+of the per-rank folds), and the integrand kernel takes the global lse and shift as arguments; the
+kernels are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .._logits import LogitParams
+from .._vocab_parallel import rank_sum
 from ._utils import (TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, tanh,
                      upcast_dots)
 
@@ -379,9 +385,21 @@ def _launch(kernel, cfg: dict[str, int], block_r: int, n_rows: int, vocab: int, 
             num_stages=cfg["num_stages"])
 
 
+def _fold(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """fold_sum over the splits (dim 0); zeros of ``shape`` when there are none (an empty slice)."""
+    return fold_sum(x) if x.shape[0] > 0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
 def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
-    """At most MAX_MP perturbations (deltas [R, M, D], rows of D contiguous) -> [R, M] float32."""
+                      deltas: torch.Tensor, params: LogitParams, kind: str,
+                      shard=None) -> torch.Tensor:
+    """At most MAX_MP perturbations (deltas [R, M, D], rows of D contiguous) -> [R, M] float32.
+
+    With ``shard`` (vocabulary parallelism: ``weight`` is this rank's slice, possibly empty), the
+    other ranks' vocabulary splits are just more splits: the maxima go through one MAX all-reduce,
+    the per-rank folds of the split sums through rank sums (all-gathers folded in rank order), and
+    the integrand kernel gets the global lse and shift as arguments; the kernels are unchanged.
+    """
     r, m_pert, dim = deltas.shape
     vocab = weight.shape[0]
     mp = _padded(m_pert)
@@ -402,18 +420,33 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     consts = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None, MP=mp,
                   EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
                   PRECISION=dot_precision(hidden.dtype))
-    _launch(_cf_stats_kernel, cfg, cfg["BLOCK_R"], r, vocab,
-            (*head, pm, ps, pc, pk, pt, psh, pe, *sizes), dict(consts, NEED_L=need_l))
+    if vocab > 0:
+        _launch(_cf_stats_kernel, cfg, cfg["BLOCK_R"], r, vocab,
+                (*head, pm, ps, pc, pk, pt, psh, pe, *sizes), dict(consts, NEED_L=need_l))
     # merge the splits in a fixed order (maxima are exact; sums are left folds, independent of R)
-    top = pm.amax(dim=0)                                          # [R]
+    if shard is None:
+        top = pm.amax(dim=0)                                      # [R]
+        k = pk.amax(dim=0)                                        # max of z~, [R, M]
+    else:
+        neg = torch.full((r, 1 + m_pert), -math.inf, dtype=torch.float32, device=dev)
+        local = neg if vocab == 0 else torch.cat([pm.amax(dim=0).unsqueeze(1), pk.amax(dim=0)], 1)
+        both = shard.all_reduce(local, "max")                     # finite: V >= 1 in all
+        top, k = both[:, 0].contiguous(), both[:, 1:].contiguous()
     a = torch.exp(pm - top)                                       # [S, R]
     s_split = a * ps                                              # [S, R]
-    s = fold_sum(s_split).unsqueeze(1)                            # [R, 1]
-    lse = top + torch.log(s.squeeze(1))
     a3 = a.unsqueeze(2)
-    c = fold_sum(a3 * pc) / s                                     # E_q[Delta], [R, M]
-    k = pk.amax(dim=0)                                            # max of z~, [R, M]
-    lse_t = k + torch.log(fold_sum(torch.exp(pk - k) * pt))       # lse(z~)
+    if shard is None:
+        s = fold_sum(s_split).unsqueeze(1)                        # [R, 1]
+        c_num = fold_sum(a3 * pc)
+        t_sum = fold_sum(torch.exp(pk - k) * pt)
+    else:
+        sums = rank_sum(shard, torch.cat([_fold(s_split, (r,)).unsqueeze(1),
+                                          _fold(a3 * pc, (r, m_pert)),
+                                          _fold(torch.exp(pk - k) * pt, (r, m_pert))], 1))
+        s, c_num, t_sum = sums[:, :1], sums[:, 1:1 + m_pert], sums[:, 1 + m_pert:]
+    lse = top + torch.log(s.squeeze(1))
+    c = c_num / s                                                 # E_q[Delta], [R, M]
+    lse_t = k + torch.log(t_sum)                                  # lse(z~)
     l_big = lse_t - lse.unsqueeze(1)                              # L = lse(z~) - lse(z)
     if not need_l:
         shift = c
@@ -421,8 +454,14 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         # re-centre every split's E on the global mean c: L = c + log1p(E / S) while E/S <= 1
         d = c - psh                                               # [S, R, M]
         nd = (-d).clamp(max=80.0)
-        e = fold_sum(torch.exp(nd) * (a3 * pe) + torch.expm1(nd) * s_split.unsqueeze(2)) / s
-        e = torch.where((-d > 80.0).any(dim=0), math.inf, e)
+        e_split = torch.exp(nd) * (a3 * pe) + torch.expm1(nd) * s_split.unsqueeze(2)
+        far = (-d > 80.0).any(dim=0)                              # False for no splits
+        if shard is None:
+            e = fold_sum(e_split) / s
+        else:
+            both = rank_sum(shard, torch.cat([_fold(e_split, (r, m_pert)), far.to(torch.float32)], 1))
+            e, far = both[:, :m_pert] / s, both[:, m_pert:] > 0
+        e = torch.where(far, math.inf, e)
         l_small = c + torch.log1p(e)
         # l_big is exact to a few float32 ulps of the logits; l_small is far more accurate where
         # E/S is small and right, and the two agree there. Where they disagree beyond l_big's
@@ -431,10 +470,11 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         agree = (e <= 1.0) & ((l_small - l_big).abs() <= ulps)
         shift = torch.where(agree, l_small, l_big)
     pf = torch.empty_like(pc)
-    _launch(_cf_integrand_kernel, cfg, cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"], r, vocab,
-            (*head, lse.contiguous(), shift.contiguous(), pf, *sizes),
-            dict(consts, KIND=KIND_CODES[kind]))
-    f = fold_sum(pf)
+    if vocab > 0:
+        _launch(_cf_integrand_kernel, cfg, cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"], r, vocab,
+                (*head, lse.contiguous(), shift.contiguous(), pf, *sizes),
+                dict(consts, KIND=KIND_CODES[kind]))
+    f = fold_sum(pf) if shard is None else rank_sum(shard, _fold(pf, (r, m_pert)))
     if kind == "kl":
         # F <= 1: KL = log1p(F) without cancellation; beyond (KL > ln 2, or an overflowed F), the
         # difference of log-normalizers is accurate in relative terms
@@ -450,13 +490,23 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Perturbations are processed MAX_MP at a time (each launch recomputes the base logits).
     """
+    return forward_sharded(hidden, weight, bias, deltas, params, kind, None)
+
+
+def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    deltas: torch.Tensor, params: LogitParams, kind: str, shard) -> torch.Tensor:
+    """:func:`forward` with ``weight`` [V_local, D] this rank's vocabulary slice (possibly empty)
+    and ``shard`` its ``_vocab_parallel.VocabShard`` (None: the whole head) -> [R, M] float32,
+    the same on every rank. Collectives per block of MAX_MP perturbations: one MAX all-reduce of
+    [R, 1+M] and two rank sums ([R, 1+2M], [R, M]) for KL; one more ([R, 2M]) for JS and TV.
+    """
     r, m_pert, _ = deltas.shape
     out = torch.empty(r, m_pert, dtype=torch.float32, device=hidden.device)
     if r == 0 or m_pert == 0:
         return out
     for m0 in range(0, m_pert, MAX_MP):
         m1 = min(m_pert, m0 + MAX_MP)
-        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, kind)
+        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, kind, shard)
     return out
 
 

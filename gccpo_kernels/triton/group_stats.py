@@ -17,15 +17,22 @@ Three passes over W (6RVD FLOPs), none holding an R x V tensor:
 H(q_bar) and the group means are segmented sums in ``_segment_sum_kernel`` (one program per
 segment, blocks aligned to the segment's start: a fixed order, unlike torch's shape-dependent
 reductions); the vocabulary splits of pass 3 are merged by a left fold (``_utils.fold_sum``).
+
+Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the same kernels
+on the slice; pass 1's statistics are merged over ranks, and passes 2 and 3 take the global lse as
+their argument, so each rank's mixture columns and KL terms are those of the unsharded op.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .._logits import LogitParams
+from .._vocab_parallel import combine_softmax_stats, rank_sum
 from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, upcast_dots
 from .linear_logprobs import _logit_tile
 from .linear_logprobs import forward as _row_forward
@@ -153,6 +160,19 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _, row_entropy, lse = _row_forward(hidden, weight, bias, torch.zeros(r, dtype=torch.long, device=dev),
                                        params)
     lse = lse.contiguous()
+    row_kl, mixture_entropy = _mixture_and_kl(hidden, weight, bias, lse, off, gid, params)
+    return _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off)
+
+
+def _mixture_and_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    lse: torch.Tensor, off: torch.Tensor, gid: torch.Tensor, params: LogitParams,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Passes 2 and 3 over ``weight``'s rows given the rows' lse [R]: (sum_v q_iv (log q_iv -
+    log q_bar_g(i),v) [R], sum_v -q_bar_gv log q_bar_gv [G]) over those rows of the vocabulary."""
+    r, dim = hidden.shape
+    vocab = weight.shape[0]
+    num_groups = off.shape[0] - 1
+    dev = hidden.device
     cfg = config(dev, hidden.dtype)
     common = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
                   BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
@@ -182,12 +202,57 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             hidden, weight, b_arg, lse, gid, log_mix, pk, r, vocab, dim, hidden.stride(0),
             weight.stride(0), log_mix.stride(0), params.scale, params.softcap or 1.0, split_offset,
             n_tiles, V_SPLIT=cfg["V_SPLIT"], **common)
-    row_kl = fold_sum(pk)
+    return fold_sum(pk), mixture_entropy
+
+
+def _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off):
+    """The group outputs from the per-row ones; a group of one gets KL = JS = 0."""
     row_kl.masked_fill_(sizes.index_select(0, gid.long()) == 1, 0.0)
     count = sizes.clamp_min(1).to(torch.float32)
     mean_entropy = segment_sum(row_entropy.contiguous(), off) / count
     js = segment_sum(row_kl, off) / count
     return row_entropy, row_kl, mixture_entropy, mean_entropy, js
+
+
+def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    offsets: list[int], params: LogitParams, shard):
+    """:func:`forward` with ``weight`` [V_local, D] this rank's vocabulary slice (possibly empty)
+    and ``shard`` its ``_vocab_parallel.VocabShard``; float32 outputs, the same on every rank.
+
+    The same three passes and kernels on the slice: pass 1's per-slice lse and entropy are
+    combined over ranks (``combine_softmax_stats``, one all-gather of [2, R]); passes 2 and 3
+    get the global lse as their argument, so the mixture columns and the KL terms of this slice
+    are exactly those of the unsharded op; the per-row KL and per-group H(q_bar) shares are
+    summed over ranks (one rank sum of [R + G]).
+    """
+    r = hidden.shape[0]
+    vocab = weight.shape[0]
+    num_groups = len(offsets) - 1
+    dev = hidden.device
+    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
+                         device=dev)
+    if r == 0:       # every rank holds the same rows: none of them communicates
+        z = torch.zeros(num_groups, dtype=torch.float32, device=dev)
+        e = torch.zeros(0, dtype=torch.float32, device=dev)
+        return e, e.clone(), z, z.clone(), z.clone()
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
+    off = torch.tensor(offsets, dtype=torch.int64, device=dev)
+    if vocab > 0:
+        _, ent_l, lse_l = _row_forward(hidden, weight, bias,
+                                       torch.zeros(r, dtype=torch.long, device=dev), params)
+    else:
+        lse_l = torch.full((r,), -math.inf, dtype=torch.float32, device=dev)
+        ent_l = torch.zeros(r, dtype=torch.float32, device=dev)
+    lse, row_entropy = combine_softmax_stats(shard, lse_l, ent_l)
+    lse = lse.contiguous()
+    if vocab > 0:
+        row_kl, mixture_entropy = _mixture_and_kl(hidden, weight, bias, lse, off, gid, params)
+    else:
+        row_kl = torch.zeros(r, dtype=torch.float32, device=dev)
+        mixture_entropy = torch.zeros(num_groups, dtype=torch.float32, device=dev)
+    both = rank_sum(shard, torch.cat([row_kl, mixture_entropy]))
+    return _finish(row_entropy.contiguous(), both[:r].contiguous(), both[r:].contiguous(), sizes,
+                   gid, off)
 
 
 def compile_cases(arch: str) -> list[CompileCase]:
