@@ -50,6 +50,14 @@ class ModelConfig:
         autocast: ``"auto"`` (bf16 autocast on CUDA when supported, off on CPU), ``"bf16"``, ``"off"``.
         trust_remote_code: passed to transformers.
         gradient_checkpointing: trade compute for activation memory in the training forward.
+        sharding: how several processes hold the policy (:mod:`gccpo.sharding`): ``"none"``
+            (each process a full replica, gradients averaged by one all-reduce), ``"fsdp"``
+            (torch's ``fully_shard``: parameters, gradients and AdamW state sharded over the
+            processes, one unit per decoder layer + the backbone + an untied LM head), or
+            ``"zero3"`` (DeepSpeed ZeRO-3 under ``accelerate launch`` with a DeepSpeed config;
+            needs ``pip install deepspeed``). Either way the LM-head weight is gathered only for
+            the fused calls. No effect with a single process. The frozen reference model
+            (``loss.beta > 0``) stays replicated.
     """
 
     name: str = EMBEDDED_MODEL
@@ -60,6 +68,7 @@ class ModelConfig:
     autocast: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    sharding: str = "none"
 
 
 @dataclass
@@ -317,6 +326,10 @@ class Config:
         """Check values that would otherwise fail late; returns self."""
         checks = [
             (self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}"),
+            (self.model.sharding in ("none", "fsdp", "zero3"),
+             f"model.sharding must be 'none', 'fsdp' or 'zero3', got {self.model.sharding!r}"),
+            (self.model.sharding == "none" or self.rollout.backend == "transformers",
+             "model.sharding needs rollout.backend=transformers (the vLLM sampler reads a full state dict)"),
             (self.rollout.backend in ("transformers", "vllm"),
              f"rollout.backend must be 'transformers' or 'vllm', got {self.rollout.backend!r}"),
             (self.rollout.num_generations >= 1, "rollout.num_generations must be >= 1"),

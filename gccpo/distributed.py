@@ -5,7 +5,9 @@ them, builds its own advantages (groups never straddle processes, so SPEC §4-§
 communication, except that the effectiveness mixture of SPEC §5 is over the process's own batch),
 and back-propagates its own loss. Then the gradients are averaged over the processes with one
 all-reduce of a flat buffer, before clipping, so every process applies the same AdamW update to
-the same weights. Evaluation is split over the processes and its counts summed.
+the same weights. Evaluation is split over the processes and its counts summed. With
+``model.sharding`` = ``fsdp`` / ``zero3`` (:mod:`gccpo.sharding`) the parameters are sharded over
+the same processes instead, and FSDP / DeepSpeed reduce the gradients (same loss scale).
 
     accelerate launch --multi_gpu --num_processes 2 -m gccpo.train [options]
 
@@ -79,12 +81,15 @@ class DataParallel:
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace every ``p.grad`` by its mean over the processes: one all-reduce of a flat float32
         buffer (parameters without a gradient here count as zeros, so every process reduces the
-        same layout). No-op for a single process."""
+        same layout). No-op for a single process. Sharded parameters (``model.sharding``: FSDP's
+        DTensors, ZeRO-3's partitioned ones) are skipped: their sharding already reduced them."""
         if not self.enabled:
             return
         import torch.distributed as dist
 
-        params = [p for p in params if p.requires_grad]
+        from .sharding import is_sharded_param
+
+        params = [p for p in params if p.requires_grad and not is_sharded_param(p)]
         if not params:
             return
         device = params[0].device

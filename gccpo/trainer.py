@@ -40,7 +40,9 @@ from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, gate_by_outcome,
                       outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
-from .prefix import shared_prompt_hidden
+from .prefix import shared_prompt_hidden, unique_prompts
+from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
+                       load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .tasks import Task, build_task
 
@@ -157,6 +159,12 @@ def _normalizer(loss_agg: str, mask: torch.Tensor) -> float | None:
     return None  # token-sum
 
 
+def _repeats_prompt(rollout: Rollout) -> bool:
+    """Some prompt occurs in several rows (the shared-prompt forward applies)."""
+    first, _ = unique_prompts(rollout.prompt_ids, rollout.prompt_mask)
+    return first.numel() < rollout.prompt_ids.shape[0] and rollout.completion_ids.shape[1] > 0
+
+
 def _micro_batches(n: int, parts: int) -> list[slice]:
     parts = max(1, min(parts, n))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
@@ -227,12 +235,19 @@ class Trainer:
                                             tokens_per_episode=cfg.episodes.tokens_per_episode,
                                             max_episodes=cfg.episodes.max_episodes)
         self.loss_config = gk.PolicyLossConfig(**dataclasses.asdict(cfg.loss))
+        # several processes with model.sharding: FSDP / ZeRO-3 (gccpo/sharding.py); the LM head is
+        # gathered only for the fused calls (head_call, gathered_head); the reference stays replicated
+        self.model = shard_model(self.model, cfg.model.sharding if self.dp.enabled else "none", self.device)
+        check_lock_step(cfg, self.model, [len(self.task.eval_set), len(self.task.ood_set)], self.dp.world_size)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
         warm = max(cfg.optim.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        plan = plan_of(self.model)
+        self.zero3 = Zero3(self.model, self.optimizer, cfg.optim.max_grad_norm) \
+            if plan is not None and plan.mode == "zero3" else None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.reward.seed + self.dp.rank)
         self.sampler = None
         if cfg.rollout.backend == "vllm":
@@ -387,7 +402,8 @@ class Trainer:
 
         am = rollout.attention_mask
         with self._autocast():
-            if self.config.train.share_prompt:  # each distinct prompt encoded once (gccpo/prefix.py)
+            # each distinct prompt encoded once (gccpo/prefix.py); sharded: all processes or none
+            if self.config.train.share_prompt and all_agree(model, _repeats_prompt(rollout)):
                 hidden = shared_prompt_hidden(backbone_of(model), rollout.prompt_ids, rollout.prompt_mask,
                                               rollout.completion_ids, rollout.completion_mask)
                 if hidden is not None:
@@ -403,12 +419,12 @@ class Trainer:
         return h if h.dtype == weight.dtype else h.to(weight.dtype)
 
     def _logprobs(self, model: Any, hidden: torch.Tensor, part: Rollout) -> torch.Tensor:
-        weight, bias = self._head(model)
         targets = part.completion_ids.masked_fill(~part.completion_mask, -100)
-        logp, _ = gk.fused_linear_logprobs(self._completion_logprobs(model, hidden, part), weight, targets,
-                                           bias=bias, temperature=self.config.rollout.temperature,
-                                           logit_scale=self.logit_scale, softcap=self.softcap,
-                                           backend=self.config.train.backend)
+        with gathered_head(model) as (weight, bias):  # sharded: the full head for this call only
+            logp, _ = gk.fused_linear_logprobs(self._completion_logprobs(model, hidden, part), weight, targets,
+                                               bias=bias, temperature=self.config.rollout.temperature,
+                                               logit_scale=self.logit_scale, softcap=self.softcap,
+                                               backend=self.config.train.backend)
         return logp.float()
 
     @torch.no_grad()
@@ -461,45 +477,57 @@ class Trainer:
     @torch.no_grad()
     def causal_reward(self, rollout: Rollout, episodes: Any, latents: torch.Tensor) -> Any:
         """Robustness, effectiveness and episode reward ``[B, K]`` from the episode latents."""
-        weight, bias = self._head(self.model)
-        return causal_reward(latents, EpisodeIndex.of(episodes), rollout.group_index,
-                             (rollout.completion_ids.shape[0], max(episodes.num_episodes, 1)), weight, bias,
-                             self.config.reward, logit_scale=self.logit_scale, softcap=self.softcap,
-                             answer_ids=self.answer_ids, generator=self.generator, backend=self.config.train.backend)
+        with gathered_head(self.model) as (weight, bias):
+            return causal_reward(latents, EpisodeIndex.of(episodes), rollout.group_index,
+                                 (rollout.completion_ids.shape[0], max(episodes.num_episodes, 1)), weight, bias,
+                                 self.config.reward, logit_scale=self.logit_scale, softcap=self.softcap,
+                                 answer_ids=self.answer_ids, generator=self.generator,
+                                 backend=self.config.train.backend)
 
     def optimize(self, rollout: Rollout, advantages: torch.Tensor, old_logp: torch.Tensor,
                  ref_logp: torch.Tensor | None) -> dict[str, float]:
         """One AdamW step over ``grad_accum`` micro-batches with the whole batch's denominators."""
         cfg = self.config
         self.model.train()
-        weight, bias = self._head(self.model)
         normalizer = _normalizer(cfg.loss.loss_agg, rollout.completion_mask)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, metrics = 0.0, {}
-        for rows in _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum):
+        micro = _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum)
+        for i, rows in enumerate(micro):
             part = rollout.select(rows)
             hidden = self._hidden(self.model, part)
             h = self._completion_logprobs(self.model, hidden, part)
-            out = gk.fused_linear_policy_loss(
-                h, weight if weight.dtype == h.dtype else weight.to(h.dtype), part.completion_ids,
-                advantages[rows], part.completion_mask, old_logp=old_logp[rows],
-                ref_logp=None if ref_logp is None else ref_logp[rows], bias=bias,
-                temperature=cfg.rollout.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
-                config=self.loss_config, normalizer=normalizer, backend=cfg.train.backend)
-            out.loss.backward()
+
+            def policy_loss(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> Any:
+                return gk.fused_linear_policy_loss(
+                    h, weight if weight.dtype == h.dtype else weight.to(h.dtype), part.completion_ids,
+                    advantages[rows], part.completion_mask, old_logp=old_logp[rows],
+                    ref_logp=None if ref_logp is None else ref_logp[rows], bias=bias,
+                    temperature=cfg.rollout.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
+                    config=self.loss_config, normalizer=normalizer, backend=cfg.train.backend)
+
+            # sharded: the head weight is gathered for this call (and its backward) only, and its
+            # gradient is reduced into the shards (gccpo/sharding.py)
+            out = head_call(self.model, policy_loss, h)
+            if self.zero3 is not None:
+                self.zero3.backward(out.loss, last=i == len(micro) - 1)
+            else:
+                out.loss.backward()
             total_loss += float(out.loss.detach())
             _add_metrics(metrics, out.metrics)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.dp.average_gradients(params)  # data parallel: mean over processes, before clipping
-        if cfg.optim.max_grad_norm:  # clipping scales by a NaN factor on non-finite grads: skipped below
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+        if self.zero3 is not None:  # DeepSpeed reduces, clips (global norm) and steps
+            grad_norm = self.zero3.step(math.isfinite(total_loss))
+            finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
         else:
-            grads = [p.grad.float() for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-                if grads else 0.0
-        finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
+            self.dp.average_gradients(params)  # replicated: mean over processes, before clipping (FSDP: done)
+            # global norm (over the shards under FSDP); clipping scales by a NaN factor on non-finite
+            # grads: skipped below
+            grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
+            finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
         if finite:
-            self.optimizer.step()
+            if self.zero3 is None:
+                self.optimizer.step()
             self.scheduler.step()
             self.skipped_in_row = 0
         else:  # never let a non-finite loss or gradient reach the weights or the optimizer state
@@ -700,20 +728,22 @@ class Trainer:
         checkpoints or the new one, never a half-written one (``--resume`` skips dot-folders).
         """
         path = self.run_dir / f"checkpoint-{self.step}"
-        if not self.dp.is_main:  # every process holds the same weights and optimizer state
+        # sharded: every process takes part in gathering the full weights and optimizer state
+        model_state, optim_state = full_state_dict(self.model), optimizer_state_dict(self.model, self.optimizer)
+        if not self.dp.is_main:  # replicated: the same weights everywhere; sharded: gathered above
             self.dp.barrier()
             return path
         partial = self.run_dir / f".checkpoint-{self.step}.partial"
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        self.model.save_pretrained(partial)
+        self.model.save_pretrained(partial, state_dict=model_state)
         self.tokenizer.save_pretrained(partial)
         if self.ref_model is not None:
             self.ref_model.save_pretrained(partial / "reference")
         state = {
             "step": self.step, "task_cursor": self.task.cursor, "config": self.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(), "history": self.history, "evals": self.evals,
@@ -748,7 +778,7 @@ class Trainer:
         state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.step = int(state["step"])
         self.task.cursor = int(state["task_cursor"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
