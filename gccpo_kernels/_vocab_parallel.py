@@ -9,13 +9,24 @@ ranks 0..r-1; slices may differ in size (V not divisible by P) and may be empty 
 Every helper here is a plain (non-autograd) collective on small per-row tensors: the ops that use
 them write their backward explicitly, so the gradient flow never passes through a collective
 autograd does not know about. Nothing here ever sees an ``[N, V]`` tensor.
+
+One device rule for every collective (:attr:`VocabShard.comm_device`, :func:`comm_device_for`):
+a pure gloo group communicates CPU tensors (device tensors are copied to the CPU and the result
+back); any other backend (NCCL, or a group with a backend per device type) communicates the
+tensors where they are (a pure NCCL group: on a CUDA device, copying CPU tensors there).
+
+No rank may raise where another goes on into a collective (it would wait forever). So the first
+collective, :func:`vocab_shard`, also carries each rank's verdict on its own arguments and the
+kernel backend it resolved: a rank whose local checks fail, or ranks that resolved different
+backends, make every rank raise. Every later check is on values that are the same on every rank
+(the shared inputs, the global vocabulary size, the combined outputs).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +41,9 @@ class VocabShard:
         offset: global id of the slice's first row (``weight[0]`` here is row ``offset`` of the full head).
         local: rows of the local slice (``weight.shape[0]``); may be 0.
         total: the full vocabulary size V (sum of every rank's ``local``).
+        comm_device: where the collectives' tensors live (the CPU for a gloo group).
+        backend: the kernel backend every rank resolved (``"triton"``, ``"torch"``,
+            ``"reference"``), or None when :func:`vocab_shard` was given no ``checks``.
     """
 
     group: Any
@@ -38,6 +52,8 @@ class VocabShard:
     offset: int
     local: int
     total: int
+    comm_device: torch.device = torch.device("cpu")
+    backend: str | None = None
 
     def local_targets(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global target ids [N] -> (ids relative to this slice, bool [N]: the target is in this
@@ -50,12 +66,22 @@ class VocabShard:
     # -- collectives (in place on a copy; O(numel) traffic) ---------------------------------------
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """All-reduce ``t`` (``op``: "sum" or "max") over the group; returns a new tensor."""
+        """All-reduce ``t`` (``op``: "sum" or "max") over the group; returns a new tensor on
+        ``t``'s device."""
+        out = t.detach().clone().contiguous()
+        return self.all_reduce_(out, op)
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """All-reduce the contiguous tensor ``t`` in place (through a CPU copy under gloo, see
+        :attr:`comm_device`); returns ``t``."""
         import torch.distributed as dist
 
-        out = t.detach().clone().contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-        return out
+        buf = t if t.device == self.comm_device else t.to(self.comm_device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                        group=self.group)
+        if buf is not t:
+            t.copy_(buf)
+        return t
 
     def logsumexp(self, lse_local: torch.Tensor) -> torch.Tensor:
         """Global log-sum-exp from each rank's local log-sum-exp (any shape; -inf for an empty
@@ -67,32 +93,84 @@ class VocabShard:
         return torch.where(torch.isfinite(m), safe + torch.log(s), m)
 
 
-def vocab_shard(weight: torch.Tensor, process_group: Any) -> VocabShard | None:
+BACKEND_CODES = {"triton": 1, "torch": 2, "reference": 3}
+
+
+def comm_device_for(group: Any, device: torch.device) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the CPU for a pure gloo group (gloo's
+    collectives are CPU-only here), a CUDA device for a pure NCCL group (``device`` if it is
+    one, else the current one), else ``device`` (e.g. "cpu:gloo,cuda:nccl" picks by device)."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl" and torch.device(device).type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def vocab_shard(weight: torch.Tensor, process_group: Any,
+                checks: Callable[[], str] | None = None) -> VocabShard | None:
     """The :class:`VocabShard` of ``weight`` (this rank's ``[V_local, D]`` slice) in
     ``process_group``, or None when ``process_group`` is None (no vocabulary parallelism).
 
-    ``process_group`` is a ``torch.distributed`` group or ``True`` for the default group. Costs one
-    all-gather of P integers (the slice sizes) per call. Raises ValueError when torch.distributed
-    is not initialised.
+    ``process_group`` is a ``torch.distributed`` group or ``True`` for the default group.
+    ``checks`` runs this rank's argument checks (everything that can fail before the first
+    collective) and returns the kernel backend it resolved. Costs one all-reduce (SUM) of 3P
+    integers: the slice sizes, each rank's backend code and each rank's check verdict, so that
+
+    - a rank whose ``checks`` raised re-raises its own error and every other rank raises
+      ValueError("rank k failed its input checks ..."), instead of waiting in a collective;
+    - ranks that resolved different backends (whose collectives differ) all raise ValueError.
+
+    Raises ValueError when torch.distributed is not initialised (after ``checks``: a wrong
+    argument is reported first).
     """
     if process_group is None:
         return None
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
+        if checks is not None:
+            checks()
         raise ValueError("process_group was given but torch.distributed is not initialised: call "
                          "torch.distributed.init_process_group first (or pass process_group=None)")
     group = None if process_group is True else process_group
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    # gloo needs CPU tensors, NCCL device tensors: the group's backend decides
-    device = weight.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[rank] = weight.shape[0]
-    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    sizes = sizes.tolist()
+    error: BaseException | None = None
+    backend = None
+    if checks is not None:
+        try:
+            backend = checks()
+        except Exception as exc:  # re-raised below, after every rank has heard of it
+            error = exc
+    ok_weight = isinstance(weight, torch.Tensor) and weight.dim() == 2
+    local = int(weight.shape[0]) if ok_weight else 0
+    device = weight.device if ok_weight else torch.device("cpu")
+    comm = comm_device_for(group, device)
+    info = torch.zeros(3, world, dtype=torch.int64, device=comm)
+    info[0, rank] = local
+    info[1, rank] = BACKEND_CODES.get(backend, 0)
+    info[2, rank] = error is not None
+    dist.all_reduce(info, op=dist.ReduceOp.SUM, group=group)
+    sizes, codes, failed = (row.tolist() for row in info.cpu())
+    if error is not None:
+        raise error
+    bad = [r for r in range(world) if failed[r]]
+    if bad:
+        raise ValueError(f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the "
+                         f"process group failed {'their' if len(bad) > 1 else 'its'} input checks "
+                         "(see that rank's error); every rank stops before the collectives")
+    if len(set(codes)) > 1:
+        names = {code: name for name, code in BACKEND_CODES.items()}
+        per_rank = ", ".join(f"rank {r}: {names.get(c, '?')}" for r, c in enumerate(codes))
+        raise ValueError(f"the ranks resolved different kernel backends ({per_rank}), whose "
+                         "collectives differ: pass the same backend= on every rank (or set "
+                         "GCCPO_BACKEND the same everywhere)")
     return VocabShard(group=group, rank=rank, world=world, offset=int(sum(sizes[:rank])),
-                      local=int(weight.shape[0]), total=int(sum(sizes)))
+                      local=local, total=int(sum(sizes)), comm_device=comm, backend=backend)
 
 
 def log_total(shard: VocabShard | None, local_vocab: int) -> float:
@@ -107,9 +185,10 @@ def all_gather(shard: VocabShard, t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     t = t.detach().contiguous()
-    parts = [torch.empty_like(t) for _ in range(shard.world)]
-    dist.all_gather(parts, t, group=shard.group)
-    return torch.stack(parts)
+    buf = t.to(shard.comm_device)
+    parts = [torch.empty_like(buf) for _ in range(shard.world)]
+    dist.all_gather(parts, buf, group=shard.group)
+    return torch.stack(parts).to(t.device)
 
 
 def combine_softmax_stats(shard: VocabShard, lse: torch.Tensor, entropy: torch.Tensor,

@@ -173,9 +173,11 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
             passes the same hidden, deltas and answer ids (global token ids) and its contiguous
             slice ``weight[offset : offset + V_local]`` (and bias slice) in rank order; slices may
             differ in size or be empty. Every rank gets the full [R, M] result (the same bits on
-            every rank). Costs one all-reduce of P ints (the slice sizes), then for KL one MAX
-            all-reduce of [R, 1+M] and two all-gathers of [R, 1+2M] and [R, M] values (JS, TV: one
-            more [R, M]; the triton backend's are per block of up to 4 perturbations), never R x V.
+            every rank). Costs one all-reduce of 3P ints (the slice sizes, the backends and the
+            ranks' argument checks: a rank whose checks fail makes every rank raise), then for
+            KL one MAX all-reduce of [R, 1+M] and two all-gathers of [R, 1+2M] and [R, M] values
+            (JS, TV: one more [R, M]; the triton backend's are per block of up to 4
+            perturbations), never R x V.
             Raises ValueError when torch.distributed is not initialised. This path calls the
             backend directly, not through the ``gccpo::counterfactual_divergence`` custom op (an
             op cannot take a process group), behind ``torch.compiler.disable``: a compiled
@@ -262,14 +264,19 @@ def _divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor, deltas: torc
                         softcap: float | None, kind: str, answer_token_ids: torch.Tensor | None,
                         backend: str | None, validate: bool, process_group: Any) -> torch.Tensor:
     """:func:`counterfactual_divergence` with ``weight`` this rank's vocabulary slice. The local
-    checks run before the first collective, so inputs that are wrong on every rank fail on every
-    rank instead of leaving the others waiting."""
-    check_local_lm_head(hidden, weight, bias)
-    _check_divergence_args(hidden, deltas, kind)
-    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams.of(temperature, logit_scale, softcap)
-    shard = vocab_shard(weight, process_group)     # raises ValueError without torch.distributed
+    checks run inside :func:`vocab_shard`'s first collective, so a rank whose arguments fail them
+    makes every rank raise instead of leaving the others waiting."""
+    opts = {}
+
+    def checks() -> str:
+        check_local_lm_head(hidden, weight, bias)
+        _check_divergence_args(hidden, deltas, kind)
+        check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
+        opts["params"] = LogitParams.of(temperature, logit_scale, softcap)
+        return resolve_backend(backend, hidden.device, hidden.dtype)
+
+    shard = vocab_shard(weight, process_group, checks)  # raises ValueError without torch.distributed
+    name, params = shard.backend, opts["params"]
     check_total_vocab(shard)
     check_answer_ids(answer_token_ids, shard.total, hidden.device, validate)
     check_finite("hidden", hidden, validate)

@@ -124,10 +124,11 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
             contiguous slice ``weight[offset : offset + V_local]`` (and bias slice) in rank order;
             slices may differ in size or be empty. Every rank gets the full outputs (the same bits
             on every rank). Each rank keeps the mixture columns of its own tokens ([G, V_local]).
-            Costs one all-reduce of P ints (the slice sizes), one all-gather of [2, R] (lse and
-            entropy) and one of [R + G] (the KL and mixture-entropy shares), never R x V; the fast
-            backends make one more pass over the slice than unsharded (the mixtures need the
-            global normalizers). Raises ValueError when torch.distributed is not initialised.
+            Costs one all-reduce of 3P ints (the slice sizes, the backends and the ranks'
+            argument checks: a rank whose checks fail makes every rank raise), one all-gather of
+            [2, R] (lse and entropy) and one of [R + G] (the KL and mixture-entropy shares), never
+            R x V; the fast backends make one more pass over the slice than unsharded (the
+            mixtures need the global normalizers). Raises ValueError when torch.distributed is not initialised.
             This path calls the backend directly, not through the ``gccpo::group_distribution_stats``
             custom op (an op cannot take a process group), behind ``torch.compiler.disable``: a
             compiled caller graph-breaks there and runs it eagerly.
@@ -179,12 +180,16 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
                   group_ids: torch.Tensor | None, num_groups: int | None,
                   bias: torch.Tensor | None, answer_token_ids: torch.Tensor | None,
                   params: LogitParams, name: str, validate: bool, shard: VocabShard | None = None,
+                  layout: tuple[list[int], torch.Tensor | None] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The body of the ``gccpo::group_distribution_stats`` op: the group layout's values (always),
     the answer ids and finiteness (when ``validate``), then the backend ``name``. With ``shard``
-    (called directly, not as the op), ``weight`` / ``bias`` are this rank's vocabulary slice."""
+    (called directly, not as the op), ``weight`` / ``bias`` are this rank's vocabulary slice.
+    ``layout``: the (offsets, order) of :func:`resolve_groups` when the caller already has them."""
     r = hidden.shape[0]
-    offsets, order = resolve_groups(r, hidden.device, group_offsets, group_ids, num_groups)
+    if layout is None:
+        layout = resolve_groups(r, hidden.device, group_offsets, group_ids, num_groups)
+    offsets, order = layout
     check_answer_ids(answer_token_ids, weight.shape[0] if shard is None else shard.total,
                      hidden.device, validate)
     check_finite("hidden", hidden, validate)
@@ -238,19 +243,25 @@ def _stats_sharded(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: to
                    softcap: float | None, answer_token_ids: torch.Tensor | None,
                    backend: str | None, validate: bool, process_group: Any) -> GroupStats:
     """:func:`group_distribution_stats` with ``weight`` this rank's vocabulary slice. The local
-    checks (the group layout's values included) run before the first collective, so inputs that
-    are wrong on every rank fail on every rank instead of leaving the others waiting."""
-    check_local_lm_head(hidden, weight, bias)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
-    check_group_args(hidden.device, group_offsets, group_ids, num_groups)
-    resolve_groups(hidden.shape[0], hidden.device, group_offsets, group_ids, num_groups)
-    check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
-    params = LogitParams.of(temperature, logit_scale, softcap)
-    shard = vocab_shard(weight, process_group)     # raises ValueError without torch.distributed
+    checks (the group layout's values included) run inside :func:`vocab_shard`'s first
+    collective, so a rank whose arguments fail them makes every rank raise instead of leaving
+    the others waiting."""
+    opts = {}
+
+    def checks() -> str:
+        check_local_lm_head(hidden, weight, bias)
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+        check_group_args(hidden.device, group_offsets, group_ids, num_groups)
+        opts["layout"] = resolve_groups(hidden.shape[0], hidden.device, group_offsets, group_ids,
+                                        num_groups)
+        check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, False)  # free checks only
+        opts["params"] = LogitParams.of(temperature, logit_scale, softcap)
+        return resolve_backend(backend, hidden.device, hidden.dtype)
+
+    shard = vocab_shard(weight, process_group, checks)  # raises ValueError without torch.distributed
     check_total_vocab(shard)
     outs = stats_forward(hidden.detach(), weight.detach(), group_offsets, group_ids, num_groups,
-                         None if bias is None else bias.detach(), answer_token_ids, params, name,
-                         validate, shard)
+                         None if bias is None else bias.detach(), answer_token_ids, opts["params"],
+                         shard.backend, validate, shard, opts["layout"])
     return GroupStats(*outs)

@@ -51,8 +51,7 @@ def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     impl = _impl(backend)
     n = hidden.shape[0]
     rows = _kept_rows(targets, ignore_index)
-    h = hidden if rows is None else hidden.index_select(0, rows)
-    y = _in_reach(targets if rows is None else targets.index_select(0, rows), weight.shape[0])
+    h, y = _select_rows(hidden, targets, rows, weight.shape[0])
     logp_v, ent_v, lse_v = impl.forward(h, weight, bias, y, params)
     # 0 <= H <= log V exactly; rounding can put a near-uniform row an ulp above log V
     ent_v.clamp_(min=0.0, max=math.log(weight.shape[0]))
@@ -75,18 +74,8 @@ def backward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if (grad_logp is None and grad_entropy is None) or not any(needs):
         return None, None, None
     rows = _kept_rows(targets, ignore_index)
-    cd = lse.dtype
-
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        t = t.to(cd)
-        # autograd hands out expanded (stride-0) gradients, e.g. for logp.sum(); kernels
-        # index rows directly, so they get a dense copy
-        return t.contiguous() if rows is None else t.index_select(0, rows)
-
-    h = hidden if rows is None else hidden.index_select(0, rows)
-    y = _in_reach(targets if rows is None else targets.index_select(0, rows), weight.shape[0])
+    pick = _row_picker(rows, lse.dtype)
+    h, y = _select_rows(hidden, targets, rows, weight.shape[0])
     dh_v, dw, db = _impl(backend).backward(h, weight, bias, y, pick(lse), pick(entropy),
                                            pick(grad_logp), pick(grad_entropy), params, needs)
     dh = dh_v
@@ -121,6 +110,29 @@ def _in_reach(targets: torch.Tensor, vocab: int) -> torch.Tensor:
     column in any backend (the kernels compare ids in 32 bits, where 2^32 + 5 would read as 5):
     its logit reads as 0, so logp = -lse and its gradient has no one-hot term."""
     return targets.clamp(-1, vocab)
+
+
+def _select_rows(hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None,
+                 vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, targets) of the kept ``rows`` (all rows when None), the targets clamped into
+    reach of a ``vocab``-row head (:func:`_in_reach`)."""
+    if rows is None:
+        return hidden, _in_reach(targets, vocab)
+    return hidden.index_select(0, rows), _in_reach(targets.index_select(0, rows), vocab)
+
+
+def _row_picker(rows: torch.Tensor | None, dtype: torch.dtype):
+    """A function taking a per-row tensor (or None) to its kept ``rows`` in ``dtype``, dense."""
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t.to(dtype)
+        # autograd hands out expanded (stride-0) gradients, e.g. for logp.sum(); kernels
+        # index rows directly, so they get a dense copy
+        return t.contiguous() if rows is None else t.index_select(0, rows)
+
+    return pick
 
 
 def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -159,8 +171,7 @@ def forward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if shard.local == 0:  # an empty slice: softmax over nothing
         stats[0].fill_(-math.inf)
     elif kept > 0:
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = _in_reach(targets if rows is None else targets.index_select(0, rows), shard.total)
+        h, y = _select_rows(hidden, targets, rows, shard.total)
         y_local, _ = shard.local_targets(y)
         if backend == "reference":
             from . import reference
@@ -211,14 +222,8 @@ def backward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     kept = n if rows is None else rows.numel()
     dh_v = dw = db = None
     if shard.local > 0 and kept > 0:
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            t = t.to(cd)
-            return t.contiguous() if rows is None else t.index_select(0, rows)
-
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = _in_reach(targets if rows is None else targets.index_select(0, rows), shard.total)
+        pick = _row_picker(rows, cd)
+        h, y = _select_rows(hidden, targets, rows, shard.total)
         y_local, _ = shard.local_targets(y)
         if backend == "reference":
             from . import reference
@@ -246,27 +251,41 @@ def backward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         else:
             dh = dh_v.new_zeros(n, dim).index_copy_(0, rows, dh_v)
         if n > 0:
-            import torch.distributed as dist
-
-            # in place on a buffer this function owns (no copy of N x D)
-            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=shard.group)
+            # in place on a buffer this function owns (no copy of N x D beyond gloo's CPU one)
+            shard.all_reduce_(dh)
         dh = dh.to(hidden.dtype)
     return dh, dw, db
 
 
 @torch.compiler.disable
-def _vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             targets: torch.Tensor, ignore_index: int, params: LogitParams,
-                             backend: str, validate: bool, process_group,
+def _vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             bias: torch.Tensor | None, temperature: float, logit_scale: float,
+                             softcap: float | None, ignore_index: int, backend: str | None,
+                             validate: bool, process_group,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, entropy) [N] of the vocabulary-parallel path. Kept out of torch.compile's graphs
-    (collectives, host syncs and a ProcessGroup argument): a compiled caller graph-breaks here
-    and runs this eagerly."""
-    shard = vocab_shard(weight, process_group)
+    """(logp, entropy) of targets' shape on the vocabulary-parallel path. The argument checks
+    run inside :func:`vocab_shard`'s first collective, so a rank whose slice fails them makes
+    every rank raise (none is left waiting). Kept out of torch.compile's graphs (collectives,
+    host syncs and a ProcessGroup argument): a compiled caller graph-breaks here and runs this
+    eagerly."""
+    opts = {}
+
+    def checks() -> str:
+        check_local_lm_head(hidden, weight, bias)
+        # value checks (the global target range) need the full V: after the first collective
+        check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, False, hidden.device)
+        opts["params"] = LogitParams.of(temperature, logit_scale, softcap)
+        opts["ignore_index"] = int(ignore_index)
+        return resolve_backend(backend, hidden.device, hidden.dtype)
+
+    shard = vocab_shard(weight, process_group, checks)
     check_total_vocab(shard)
-    return _VocabParallelLinearLogprobs.apply(
-        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        targets.long().contiguous(), ignore_index, params, backend, validate, shard)
+    lead = hidden.shape[:-1]
+    logp, entropy = _VocabParallelLinearLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), targets.reshape(-1).long().contiguous(),
+        opts["ignore_index"], opts["params"], shard.backend, validate, shard)
+    return logp.reshape(lead), entropy.reshape(lead)
 
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
@@ -325,9 +344,10 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
             rank order (offset = the lower ranks' sizes; sizes may differ, one may be empty).
             Targets are global ids in ``[0, sum V_local)``. Outputs are the unsharded values,
             identical on every rank; the backward gives every rank the full d hidden and its own
-            d weight / d bias slice. Collectives: forward one all-reduce of P ints (slice
-            sizes) and one all-gather of 3N floats; backward one all-reduce of N x D floats (when
-            hidden needs a gradient). This path is a torch.autograd.Function, not a custom op:
+            d weight / d bias slice. Collectives: forward one all-reduce of 3P ints (slice
+            sizes, backends, the ranks' argument checks: a rank whose checks fail makes every
+            rank raise) and one all-gather of 3N floats; backward one all-reduce of N x D floats
+            (when hidden needs a gradient). This path is a torch.autograd.Function, not a custom op:
             torch.compile graph-breaks on it (not tested under fullgraph).
 
     Returns:
@@ -338,19 +358,18 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``process_group`` each rank does its V_local share of both.
     Memory: O(N + V*D) plus a bounded [chunk, V] workspace; never N x V.
     """
-    sharded = process_group is not None
-    (check_local_lm_head if sharded else check_lm_head)(hidden, weight, bias)
+    if process_group is not None:
+        logp, entropy = _vocab_parallel_logprobs(
+            hidden, weight, targets, bias, temperature, logit_scale, softcap, ignore_index,
+            backend, validate, process_group)
+        return logp, (entropy if return_entropy else None)
+    check_lm_head(hidden, weight, bias)
     lead = hidden.shape[:-1]
     vocab, dim = weight.shape
     # value checks (one host sync each) run inside the op, where torch.compile does not trace
     check_targets(targets, lead, vocab, ignore_index, False, hidden.device)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     params = LogitParams.of(temperature, logit_scale, softcap)
-    if sharded:
-        logp, entropy = _vocab_parallel_logprobs(
-            hidden.reshape(-1, dim), weight, bias, targets.reshape(-1), int(ignore_index), params,
-            name, validate, process_group)
-        return logp.reshape(lead), (entropy.reshape(lead) if return_entropy else None)
     if name == "reference":
         from . import reference
 

@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from ._logits import restrict_head
+from ._vocab_parallel import local_answer_ids
+
 # ---------------------------------------------------------------------------------------------
 # §1  Logits, log-probs and entropy
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +320,8 @@ def counterfactual_divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor
     sums the divergence's terms over its own tokens, and the shares are summed over ranks
     (``shard.all_reduce``). Returns [R, M] in ``dtype``, the same on every rank.
     """
-    if answer_token_ids is not None:
-        rel = answer_token_ids.long() - shard.offset
-        ids = rel[(rel >= 0) & (rel < weight.shape[0])]
-        weight = weight.index_select(0, ids)
-        bias = None if bias is None else bias.index_select(0, ids)
+    # this rank's rows of the answer ids (global ids; possibly none)
+    weight, bias = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
     kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
     z = logits(hidden, weight, bias, **kw)                                   # [R, V_local]
     z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)
@@ -400,11 +400,8 @@ def group_distribution_stats_sharded(hidden: torch.Tensor, weight: torch.Tensor,
     the vocabulary (entropies, KL to the mixture) is this rank's share, summed over ranks
     (``shard.all_reduce``). Same outputs as the unsharded reference, the same on every rank.
     """
-    if answer_token_ids is not None:
-        rel = answer_token_ids.long() - shard.offset
-        ids = rel[(rel >= 0) & (rel < weight.shape[0])]
-        weight = weight.index_select(0, ids)
-        bias = None if bias is None else bias.index_select(0, ids)
+    # this rank's rows of the answer ids (global ids; possibly none)
+    weight, bias = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
     z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
                softcap=softcap, dtype=dtype)
     lq = z - shard.logsumexp(torch.logsumexp(z, dim=-1)).unsqueeze(-1)

@@ -50,6 +50,10 @@ JS_SERIES = (1.0, 1.0 / 2, 1.0 / 8, 1.0 / 48, 1.0 / 288, 1.0 / 1440, 1.0 / 11520
 # per chunk, and CPU BLAS loses ~1.5x efficiency below a few hundred rows. With the workspace
 # budget (GCCPO_WORKSPACE_MB) larger, the budget decides.
 MIN_GEMM_ROWS = 512
+# combine_slices: a slice whose mean shift c_r exceeds the global c by more than this has its
+# term combined in log space (e^dc overflows float32 at dc ~ 89). Below it, e^dc F_r overflows
+# only for F_r > 6e3: F is then inf and KL takes the lse~ form, right to absolute rounding.
+FAR_SHIFT = 80.0
 
 
 def capped_delta(a: torch.Tensor, dd: torch.Tensor, cap: float) -> torch.Tensor:
@@ -226,9 +230,19 @@ def combine_slices(shard, lse_l: torch.Tensor, lse_t_l: torch.Tensor, c_l: torch
     lse = m0 + torch.log(s)
     lse_t = mt + torch.log(sums[:, 1:1 + m_pert])
     c = sums[:, 1 + m_pert:] / s
-    # c_r - c > 80 means F >> 1 (the lse~ form is used): clamped, e^(c_r - c) cannot overflow
-    dc = (c_l - c).clamp_max(80.0)
-    part = (t / s) * (torch.exp(dc) * f_l + _phi(dc))
+    # A slice's term w_r (e^dc F_r + phi(dc)), dc = c_r - c, is finite and accurate as written
+    # for dc <= FAR_SHIFT. Beyond, e^dc would overflow, but w_r may be tiny (a low-probability
+    # slice pushed up by a large shift: w_r ~ e^-95, dc ~ 100), so the term may be anything
+    # from ~0 to huge: it is evaluated in log space, e^(log w_r + dc) (1 + F_r) (phi(dc) =
+    # e^dc (1 - (1 + dc) e^-dc), the correction below 1e-33 relative), which is exact where
+    # it is small and overflows to inf (F > 1: the lse~ form below) where it is huge.
+    dc = c_l - c
+    near = dc <= FAR_SHIFT
+    dcn = torch.where(near, dc, 0.0)
+    part = (t / s) * (torch.exp(dcn) * f_l + _phi(dcn))
+    log_w = (lse_l.unsqueeze(1) - m0) - torch.log(s)
+    far = torch.exp(torch.where(near, 0.0, log_w + dc)) * (1.0 + f_l)
+    part = torch.where(near, part, far)
     f = rank_sum(shard, torch.where(t > 0, part, torch.zeros_like(part)))
     kl = torch.where(f <= 1.0, torch.log1p(f), (lse_t - lse - c).clamp_min(0.0))
     return lse.squeeze(1), c, kl

@@ -45,6 +45,12 @@ def segment_mean(values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return sums / sizes.clamp_min(1).to(values.dtype)
 
 
+def group_sizes(offsets: list[int], device: torch.device) -> torch.Tensor:
+    """[G] int64 member counts from the G+1 CSR ``offsets`` (host ints)."""
+    return torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], dtype=torch.long,
+                        device=device)
+
+
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             offsets: list[int], params: LogitParams):
     """hidden [R, D] sorted by group, weight [V, D], bias [V] | None, offsets: G+1 ints (host).
@@ -52,36 +58,17 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Returns (row_entropy [R], row_kl [R], mixture_entropy [G], mean_entropy [G], js [G]) in the
     compute dtype, rows in hidden's (sorted) order.
     """
-    r = hidden.shape[0]
-    vocab = weight.shape[0]
-    num_groups = len(offsets) - 1
-    device = hidden.device
+    r, vocab, num_groups, device = hidden.shape[0], weight.shape[0], len(offsets) - 1, hidden.device
     cd, w, b = compute_operands(hidden, weight, bias)
-    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
-                         device=device)
+    sizes = group_sizes(offsets, device)
     gid = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes)
     row_entropy = torch.zeros(r, dtype=cd, device=device)
     row_kl = torch.zeros(r, dtype=cd, device=device)
     lse = torch.zeros(r, dtype=cd, device=device)
     mix = torch.zeros(num_groups, vocab, dtype=cd, device=device)
     if r > 0:
-        # the floor applies only where it fits the workspace budget (SPEC §0)
-        fits = max(1, workspace_bytes(device) // (vocab * 3 * (torch.finfo(cd).bits // 8)))
-        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), min(MIN_CHUNK_ROWS, fits)))
-        zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
-        pbuf = torch.empty_like(zbuf)
-        for start in range(0, r, chunk):
-            stop = min(r, start + chunk)
-            z = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
-            m = z.amax(dim=1, keepdim=True)
-            zm = z.sub_(m)
-            e = torch.exp(zm, out=pbuf[: stop - start])
-            s = e.sum(dim=1)
-            log_s = torch.log(s)
-            lse[start:stop] = m.squeeze(1) + log_s
-            row_entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
-            q = e.div_(s.unsqueeze(1))
-            _add_to_mixtures(mix, q, offsets, start, stop)
+        chunk, zbuf, pbuf = _buffers(r, vocab, cd, device)
+        _softmax_stats(hidden, w, b, params, chunk, zbuf, pbuf, lse, row_entropy, mix, offsets)
     mixture_entropy, log_mix = _mixture_entropy_and_log(mix, sizes)
     if r > 0:
         _row_kl(hidden, w, b, params, lse, log_mix, gid, chunk, zbuf, pbuf, row_kl)
@@ -89,6 +76,35 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     mean_entropy = segment_mean(row_entropy, sizes)
     js = segment_mean(row_kl, sizes)
     return row_entropy, row_kl, mixture_entropy, mean_entropy, js
+
+
+def _buffers(r: int, vocab: int, cd: torch.dtype, device: torch.device):
+    """(rows per chunk, two [chunk, vocab] buffers) for R >= 1 rows and vocab >= 1 columns."""
+    # the floor applies only where it fits the workspace budget (SPEC §0)
+    fits = max(1, workspace_bytes(device) // (vocab * 3 * (torch.finfo(cd).bits // 8)))
+    chunk = min(r, max(chunk_rows(vocab, 3, cd, device), min(MIN_CHUNK_ROWS, fits)))
+    zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
+    return chunk, zbuf, torch.empty_like(zbuf)
+
+
+def _softmax_stats(hidden, w, b, params, chunk, zbuf, pbuf, lse, entropy, mix=None,
+                   offsets=None) -> None:
+    """Pass 1: lse[i] and entropy[i] of row i's softmax over w's rows (H = log S - sum_v e_v
+    (z_v - m) / S, shifted by the row max m, so no cancellation against lse); with ``mix``,
+    each row's softmax is also added into its group's mixture sum (``offsets``: CSR)."""
+    r = hidden.shape[0]
+    for start in range(0, r, chunk):
+        stop = min(r, start + chunk)
+        z = tile_logits(hidden[start:stop].to(w.dtype), w, b, params, zbuf)
+        m = z.amax(dim=1, keepdim=True)
+        zm = z.sub_(m)
+        e = torch.exp(zm, out=pbuf[: stop - start])
+        s = e.sum(dim=1)
+        log_s = torch.log(s)
+        lse[start:stop] = m.squeeze(1) + log_s
+        entropy[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
+        if mix is not None:
+            _add_to_mixtures(mix, e.div_(s.unsqueeze(1)), offsets, start, stop)
 
 
 def _add_to_mixtures(mix: torch.Tensor, q: torch.Tensor, offsets: list[int], start: int,
@@ -139,13 +155,9 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     and of H(q_bar_g). The shares are summed over ranks with one rank sum of [R + G] values.
     Collectives: the slice sizes, then two all-gathers, never R x V.
     """
-    r = hidden.shape[0]
-    vocab = weight.shape[0]
-    num_groups = len(offsets) - 1
-    device = hidden.device
+    r, vocab, num_groups, device = hidden.shape[0], weight.shape[0], len(offsets) - 1, hidden.device
     cd, w, b = compute_operands(hidden, weight, bias)
-    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
-                         device=device)
+    sizes = group_sizes(offsets, device)
     if r == 0:       # every rank holds the same rows: none of them communicates
         z = torch.zeros(num_groups, dtype=cd, device=device)
         e = torch.zeros(0, dtype=cd, device=device)
@@ -156,20 +168,8 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     row_kl = torch.zeros(r, dtype=cd, device=device)
     mix = torch.zeros(num_groups, vocab, dtype=cd, device=device)
     if vocab > 0:
-        fits = max(1, workspace_bytes(device) // (vocab * 3 * (torch.finfo(cd).bits // 8)))
-        chunk = min(r, max(chunk_rows(vocab, 3, cd, device), min(MIN_CHUNK_ROWS, fits)))
-        zbuf = torch.empty(chunk, vocab, dtype=cd, device=device)
-        pbuf = torch.empty_like(zbuf)
-        for start in range(0, r, chunk):
-            stop = min(r, start + chunk)
-            z = tile_logits(hidden[start:stop].to(cd), w, b, params, zbuf)
-            m = z.amax(dim=1, keepdim=True)
-            zm = z.sub_(m)
-            e = torch.exp(zm, out=pbuf[: stop - start])
-            s = e.sum(dim=1)
-            log_s = torch.log(s)
-            lse_l[start:stop] = m.squeeze(1) + log_s
-            ent_l[start:stop] = log_s - torch.linalg.vecdot(e, zm) / s
+        chunk, zbuf, pbuf = _buffers(r, vocab, cd, device)
+        _softmax_stats(hidden, w, b, params, chunk, zbuf, pbuf, lse_l, ent_l)
     lse, row_entropy = combine_softmax_stats(shard, lse_l, ent_l)
     if vocab > 0:
         for start in range(0, r, chunk):

@@ -6,6 +6,13 @@ Each world size is one spawn of gloo CPU processes (imports cost ~10 s per spawn
 worker loops over layouts, options and backends, asserting inside the ranks (a failing rank
 fails the spawn with its traceback). The truth is the unsharded float64 reference with autograd.
 
+Besides the values, the workers check: N = 0 and every row ignored; validate=False with
+targets outside [0, V) (the same clamped behaviour as unsharded); that no collective carries more
+than N x max(D, 3) values (+ 3P for the first one): nothing of size N x V_local; and that a rank
+whose own arguments fail (a wrong bias shape), or ranks that resolve different backends, make
+every rank raise instead of leaving the others in a collective. Every spawn has a deadline
+(:func:`run_gloo_timeout`), so a deadlock fails the test instead of hanging it.
+
 Tolerances say what they are for:
 - reference and torch backends in float64: rounding only (1e-10 absolute on O(1..10) values,
   1e-10 relative to the largest gradient entry).
@@ -16,10 +23,11 @@ Tolerances say what they are for:
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from tests._gloo import run_gloo
 from tests.conftest import available_backends
 
 V = 203  # not divisible by 2 or 4, and not a multiple of any block
@@ -36,6 +44,59 @@ OPTIONS = [
     dict(),
     dict(bias=True, temperature=0.7, logit_scale=1.3, softcap=5.0),
 ]
+
+
+def run_gloo_timeout(fn, world: int, *args, timeout: float = 240.0) -> None:
+    """``tests._gloo.run_gloo`` with a deadline: ranks still running after ``timeout`` seconds
+    (e.g. one stuck in a collective the others never enter) are killed and the test fails."""
+    import torch.multiprocessing as mp
+
+    from tests._gloo import _entry, free_port
+
+    ctx = mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):  # raises if a rank failed
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise AssertionError(f"{world} gloo ranks still running after {timeout:.0f} s: "
+                                 "a rank is stuck in a collective (deadlock)")
+
+
+class CollectiveSizes:
+    """While active, records the number of elements each ``dist.all_reduce`` / ``dist.all_gather``
+    of this process sends (the library looks them up on ``torch.distributed`` at call time)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[str, int]] = []
+
+    def __enter__(self) -> "CollectiveSizes":
+        import torch.distributed as dist
+
+        self._saved = (dist.all_reduce, dist.all_gather)
+        all_reduce, all_gather = self._saved
+
+        def recording_all_reduce(tensor, *a, **k):
+            self.sizes.append(("all_reduce", tensor.numel()))
+            return all_reduce(tensor, *a, **k)
+
+        def recording_all_gather(parts, tensor, *a, **k):
+            self.sizes.append(("all_gather", tensor.numel()))
+            return all_gather(parts, tensor, *a, **k)
+
+        dist.all_reduce, dist.all_gather = recording_all_reduce, recording_all_gather
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce, dist.all_gather = self._saved
+
+    def check(self, bound: int, what: str) -> None:
+        assert self.sizes, f"{what}: no collective was recorded"
+        kind, worst = max(self.sizes, key=lambda x: x[1])
+        assert worst <= bound, f"{what}: an {kind} of {worst} elements > {bound} (O(N x V)?)"
 
 
 def _tol(backend: str) -> tuple[float, float, torch.dtype]:
@@ -211,11 +272,81 @@ def _check_validation(rank: int, sizes: list[int]) -> None:
     fused_linear_logprobs(h, ws, y, backend="torch", process_group=True)
 
 
+def _check_edge_rows(rank: int, sizes: list[int]) -> None:
+    """N = 0, every row ignored, and (validate=False) targets outside [0, V): the same outputs
+    and gradients as the unsharded op of the same backend (the reference backend's unsharded
+    op cannot index an out-of-range target: the torch backend in float64 stands in)."""
+    from gccpo_kernels import fused_linear_logprobs
+
+    offset = sum(sizes[:rank])
+    sl = slice(offset, offset + sizes[rank])
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * 2.0 / D ** 0.5
+    wild = torch.tensor([V, -3, 2 ** 32 + 5, 1, -100, V - 1])  # -100 is ignore_index
+    for backend in BACKENDS:
+        ftol, gtol, dt = _tol(backend)
+        tag = f"rank {rank} sizes {sizes} {backend}"
+        for rows, y in ((0, torch.zeros(0, dtype=torch.long)), (4, torch.full((4,), -100))):
+            hs = h[:rows].to(dt).requires_grad_()
+            ws = w[sl].to(dt).clone().requires_grad_()
+            lp, en = fused_linear_logprobs(hs, ws, y, return_entropy=True, backend=backend,
+                                           process_group=True)
+            assert lp.shape == en.shape == (rows,) and not bool(lp.any() or en.any()), tag
+            dh, dw = torch.autograd.grad(lp.sum() + en.sum(), (hs, ws))
+            assert dh.shape == (rows, D) and not bool(dh.any() or dw.any()), f"{tag} N={rows}"
+        unsharded = "torch" if backend == "reference" else backend
+        outs = []
+        for weight in (w.to(dt), w[sl].to(dt)):
+            hs = h.to(dt).requires_grad_()
+            ws = weight.clone().requires_grad_()
+            lp, en = fused_linear_logprobs(
+                hs, ws, wild, return_entropy=True, validate=False,
+                backend=unsharded if weight.shape[0] == V else backend,
+                process_group=None if weight.shape[0] == V else True)
+            outs.append((lp, en, *torch.autograd.grad((lp * 0.7).sum() + (en * 0.3).sum(), (hs, ws))))
+        (lp0, en0, dh0, dw0), (lp1, en1, dh1, dw1) = outs
+        _close(f"{tag} out-of-range logp", lp1, lp0, ftol)
+        _close(f"{tag} out-of-range entropy", en1, en0, ftol)
+        _close(f"{tag} out-of-range dh", dh1, dh0, gtol, rel=True)
+        _close(f"{tag} out-of-range dW slice", dw1, dw0[sl], gtol, rel=True)
+
+
+def _check_failures(rank: int, world: int, sizes: list[int]) -> None:
+    """A rank whose own arguments fail makes every rank raise (its own error there, "rank k
+    failed its input checks" elsewhere), and ranks that resolve different backends all raise;
+    afterwards the group still works (no rank was left inside a collective)."""
+    from gccpo_kernels import fused_linear_logprobs
+
+    offset = sum(sizes[:rank])
+    h = torch.randn(5, D, dtype=torch.float64)
+    w = torch.randn(V, D, dtype=torch.float64)[offset: offset + sizes[rank]].clone()
+    y = torch.tensor([0, V - 1, 3, -100, 7])
+    bad = world - 1
+    bias = torch.zeros(sizes[rank] + (rank == bad), dtype=torch.float64)
+    match = (r"bias must be \[V\]" if rank == bad
+             else rf"rank {bad} of the process group failed its input checks")
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprobs(h, w, y, bias=bias, backend="torch", process_group=True)
+    with pytest.raises(ValueError, match="different kernel backends"):
+        fused_linear_logprobs(h, w, y, backend="reference" if rank == 0 else "torch",
+                              process_group=True)
+    lp, _ = fused_linear_logprobs(h, w, y, backend="torch", process_group=True)
+    _same_on_every_rank(f"rank {rank} logp after the failures", lp)
+
+
 def _worker(rank: int, world: int) -> None:
-    for i, layout in enumerate(LAYOUTS[world]):
-        _check_logprobs(rank, layout["sizes"], layout["avoid"], seed=world * 10 + i)
-    _check_policy_loss(rank, LAYOUTS[world][0]["sizes"])
+    # every collective of the ops (and of this test's own gathers of N x D gradients) is at most
+    # N x max(D, 3) values (the d hidden all-reduce; the 3N forward gather), + 3P for the first
+    rows = max(N, 3 * 7)  # the policy loss's B x T
+    with CollectiveSizes() as sizes_seen:
+        for i, layout in enumerate(LAYOUTS[world]):
+            _check_logprobs(rank, layout["sizes"], layout["avoid"], seed=world * 10 + i)
+        _check_policy_loss(rank, LAYOUTS[world][0]["sizes"])
+    sizes_seen.check(rows * max(D, 3) + 3 * world, f"P={world} rank {rank}")
     _check_validation(rank, LAYOUTS[world][-1]["sizes"])
+    _check_edge_rows(rank, LAYOUTS[world][-1]["sizes"])
+    _check_failures(rank, world, LAYOUTS[world][0]["sizes"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -223,7 +354,7 @@ def test_vocab_parallel_matches_unsharded(world):
     """logp, entropy, d hidden (full, on every rank), the d weight / d bias slices and the fused
     policy loss equal the unsharded float64 computation on every backend; see the module
     docstring for what each world size covers."""
-    run_gloo(_worker, world)
+    run_gloo_timeout(_worker, world)
 
 
 def test_process_group_without_distributed_raises():
