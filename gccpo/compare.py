@@ -211,6 +211,11 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _share(x: float) -> str:
+    """A time share in percent with two significant digits (the kernels' share can be ~0.01%)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2g}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The markdown table: accuracy (%) before, after (mean ± SE over seeds), paired differences."""
     lines = [f"Seeds: {report['seeds']}; options: `{' '.join(report['options']) or '(defaults)'}`", "",
@@ -231,8 +236,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", "| arm | s / step | causal kernels share | causal reward share (probes + kernels) | min / run |",
               "|---|---|---|---|---|"]
     for arm, c in report["cost"].items():
-        lines.append(f"| {arm} | {c['step_s']:.1f} | {_pct(c['causal_kernels_share'])}% | "
-                     f"{_pct(c.get('causal_total_share', math.nan))}% | {c['run_minutes']:.1f} |")
+        lines.append(f"| {arm} | {c['step_s']:.1f} | {_share(c['causal_kernels_share'])}% | "
+                     f"{_share(c.get('causal_total_share', math.nan))}% | {c['run_minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
