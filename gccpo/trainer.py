@@ -614,7 +614,9 @@ class Trainer:
         return summary
 
     def summary(self) -> dict[str, Any]:
-        first = self.evals[0] if self.evals else {}
+        # "before" only when the initial model was evaluated (train.eval_before; gccpo-compare
+        # evaluates it once for all its runs)
+        first = self.evals[0] if self.evals and self.evals[0]["step"] == 0 else {}
         last = self.evals[-1] if self.evals else {}
         hist = self.history
         tail = hist[-5:]

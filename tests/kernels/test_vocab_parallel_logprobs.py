@@ -11,7 +11,7 @@ targets outside [0, V) (the same clamped behaviour as unsharded); that no collec
 than N x max(D, 3) values (+ 3P for the first one): nothing of size N x V_local; and that a rank
 whose own arguments fail (a wrong bias shape), or ranks that resolve different backends, make
 every rank raise instead of leaving the others in a collective. Every spawn has a deadline
-(:func:`run_gloo_timeout`), so a deadlock fails the test instead of hanging it.
+(:func:`tests._gloo.run_gloo`), so a deadlock fails the test instead of hanging it.
 
 Tolerances say what they are for:
 - reference and torch backends in float64: rounding only (1e-10 absolute on O(1..10) values,
@@ -23,11 +23,10 @@ Tolerances say what they are for:
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
+from tests._gloo import CollectiveSizes, run_gloo
 from tests.conftest import available_backends
 
 V = 203  # not divisible by 2 or 4, and not a multiple of any block
@@ -44,59 +43,6 @@ OPTIONS = [
     dict(),
     dict(bias=True, temperature=0.7, logit_scale=1.3, softcap=5.0),
 ]
-
-
-def run_gloo_timeout(fn, world: int, *args, timeout: float = 240.0) -> None:
-    """``tests._gloo.run_gloo`` with a deadline: ranks still running after ``timeout`` seconds
-    (e.g. one stuck in a collective the others never enter) are killed and the test fails."""
-    import torch.multiprocessing as mp
-
-    from tests._gloo import _entry, free_port
-
-    ctx = mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.5, deadline - time.monotonic())):  # raises if a rank failed
-        if time.monotonic() >= deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            raise AssertionError(f"{world} gloo ranks still running after {timeout:.0f} s: "
-                                 "a rank is stuck in a collective (deadlock)")
-
-
-class CollectiveSizes:
-    """While active, records the number of elements each ``dist.all_reduce`` / ``dist.all_gather``
-    of this process sends (the library looks them up on ``torch.distributed`` at call time)."""
-
-    def __init__(self) -> None:
-        self.sizes: list[tuple[str, int]] = []
-
-    def __enter__(self) -> "CollectiveSizes":
-        import torch.distributed as dist
-
-        self._saved = (dist.all_reduce, dist.all_gather)
-        all_reduce, all_gather = self._saved
-
-        def recording_all_reduce(tensor, *a, **k):
-            self.sizes.append(("all_reduce", tensor.numel()))
-            return all_reduce(tensor, *a, **k)
-
-        def recording_all_gather(parts, tensor, *a, **k):
-            self.sizes.append(("all_gather", tensor.numel()))
-            return all_gather(parts, tensor, *a, **k)
-
-        dist.all_reduce, dist.all_gather = recording_all_reduce, recording_all_gather
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
-        dist.all_reduce, dist.all_gather = self._saved
-
-    def check(self, bound: int, what: str) -> None:
-        assert self.sizes, f"{what}: no collective was recorded"
-        kind, worst = max(self.sizes, key=lambda x: x[1])
-        assert worst <= bound, f"{what}: an {kind} of {worst} elements > {bound} (O(N x V)?)"
 
 
 def _tol(backend: str) -> tuple[float, float, torch.dtype]:
@@ -354,7 +300,7 @@ def test_vocab_parallel_matches_unsharded(world):
     """logp, entropy, d hidden (full, on every rank), the d weight / d bias slices and the fused
     policy loss equal the unsharded float64 computation on every backend; see the module
     docstring for what each world size covers."""
-    run_gloo_timeout(_worker, world)
+    run_gloo(_worker, world)
 
 
 def test_process_group_without_distributed_raises():

@@ -47,7 +47,7 @@ import torch
 from gccpo_kernels import counterfactual_divergence, group_distribution_stats
 from gccpo_kernels import reference as ref
 from tests.conftest import DEVICE, available_backends
-from tests.kernels.test_vocab_parallel_logprobs import CollectiveSizes, run_gloo_timeout
+from tests._gloo import CollectiveSizes, run_gloo
 
 V, D, R = 203, 16, 9
 LAYOUTS = {2: [120, 83], 4: [60, 0, 90, 53]}
@@ -268,7 +268,7 @@ def expected():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_ops_match_unsharded(world, expected):
-    run_gloo_timeout(_worker, world, LAYOUTS[world], expected)
+    run_gloo(_worker, world, LAYOUTS[world], expected)
 
 
 def test_process_group_without_distributed_raises():

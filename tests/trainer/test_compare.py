@@ -72,3 +72,21 @@ def test_two_arms_two_seeds_end_to_end(tmp_path):
     again = run(["grpo", "gccpo"], [0, 1], out, shared, model=tiny_model(tok), tokenizer=tok)
     assert (out / "grpo-seed0" / "result.json").stat().st_mtime == stamp
     assert again["after"] == report["after"]
+
+
+def test_every_arm_differs_from_gccpo_only_in_its_reward_option(tmp_path):
+    from gccpo.compare import _run_config
+
+    configs = {arm: _run_config([], arm, 3, tmp_path / arm).to_dict() for arm in ARMS}
+    assert configs["grpo"]["reward"]["eta"] == 0 and configs["gccpo"]["reward"]["eta"] > 0
+    expected = {"rob_only": ("w_eff", 0.0), "eff_only": ("w_rob", 0.0), "js": ("divergence", "js"),
+                "sibling": ("perturbation", "sibling")}
+    for arm, (key, value) in expected.items():
+        cfg, base = configs[arm], configs["gccpo"]
+        assert cfg["reward"][key] == value != base["reward"][key]
+        diff = {(section, k) for section in cfg if isinstance(cfg[section], dict)
+                for k in cfg[section] if cfg[section][k] != base[section][k]}
+        assert diff == {("reward", key), ("train", "output_dir")}, arm
+    for cfg in configs.values():  # the same seeds for every arm
+        assert (cfg["train"]["seed"], cfg["reward"]["seed"]) == (3, 1237)
+        assert not cfg["train"]["eval_before"] and not cfg["train"]["save_final"]
