@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -51,10 +51,31 @@ def half(trainer: Any, rank: int, world: int) -> tuple[list[Any], Any]:
     return [problems[i] for i in mine], part
 
 
+def step_watching_fused_loss(trainer: Any, rank: int, world: int,
+                             record: Callable[[torch.Tensor], Any]) -> tuple[dict[str, float], list[Any]]:
+    """One ``train_on`` step on this rank's half of the fixed batch, with ``record(weight)`` taken
+    at every call of the fused policy loss (what the LM-head weight looks like inside it)."""
+    import gccpo_kernels as gk
+
+    calls: list[Any] = []
+    original = gk.fused_linear_policy_loss
+
+    def spy(h, weight, *args, **kwargs):
+        calls.append(record(weight))
+        return original(h, weight, *args, **kwargs)
+
+    gk.fused_linear_policy_loss = spy
+    try:
+        problems, rollout = half(trainer, rank, world)
+        metrics = trainer.train_on(problems, rollout)
+    finally:
+        gk.fused_linear_policy_loss = original
+    return metrics, calls
+
+
 def fsdp_worker(rank: int, world: int, tmp: str, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    import gccpo_kernels as gk
     from gccpo.sharding import gathered_head, plan_of
 
     results: dict[str, Any] = {}
@@ -69,21 +90,10 @@ def fsdp_worker(rank: int, world: int, tmp: str, out: str) -> None:
             seen["gathered"] = (type(w).__name__, tuple(w.shape), type(layer_weight()).__name__)
         seen["after_gathered"] = type(head()).__name__
 
-        calls = []
-        original = gk.fused_linear_policy_loss
-
-        def spy(h, weight, *args, **kwargs):  # what the fused call sees, and the rest of the model
-            calls.append((type(weight).__name__, tuple(weight.shape), type(head()).__name__,
-                          type(layer_weight()).__name__))
-            return original(h, weight, *args, **kwargs)
-
-        gk.fused_linear_policy_loss = spy
-        try:
-            problems, rollout = half(trainer, rank, world)
-            metrics = trainer.train_on(problems, rollout)
-        finally:
-            gk.fused_linear_policy_loss = original
-        seen["fused_calls"] = calls
+        # what the fused call sees, and the rest of the model
+        metrics, seen["fused_calls"] = step_watching_fused_loss(
+            trainer, rank, world, lambda weight: (type(weight).__name__, tuple(weight.shape), type(head()).__name__,
+                                                  type(layer_weight()).__name__))
         seen["after_step"] = (type(head()).__name__, all(isinstance(p, DTensor) for p in model.parameters()))
         seen["tied"] = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # collective
@@ -124,7 +134,6 @@ def zero3_worker(rank: int, world: int, tmp: str, out: str) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     import deepspeed
 
-    import gccpo_kernels as gk
     from gccpo.sharding import gathered_head
 
     results: dict[str, Any] = {}
@@ -134,19 +143,9 @@ def zero3_worker(rank: int, world: int, tmp: str, out: str) -> None:
         with gathered_head(trainer.model) as (w, _):
             gathered = tuple(w.shape)
         at_rest = head.weight.numel()  # ZeRO-3: an empty placeholder outside a gather
-        calls = []
-        original = gk.fused_linear_policy_loss
-
-        def spy(h, weight, *args, **kwargs):
-            calls.append((tuple(weight.shape), trainer.model.model.layers[0].mlp.up_proj.weight.numel()))
-            return original(h, weight, *args, **kwargs)
-
-        gk.fused_linear_policy_loss = spy
-        try:
-            problems, rollout = half(trainer, rank, world)
-            metrics = trainer.train_on(problems, rollout)
-        finally:
-            gk.fused_linear_policy_loss = original
+        metrics, calls = step_watching_fused_loss(
+            trainer, rank, world,
+            lambda weight: (tuple(weight.shape), trainer.model.model.layers[0].mlp.up_proj.weight.numel()))
         full = {}
         for k, p in trainer.model.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):

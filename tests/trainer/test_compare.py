@@ -36,18 +36,11 @@ def test_bad_arguments_fail_before_loading(capsys):
 
 def test_two_arms_two_seeds_end_to_end(tmp_path):
     from gccpo.compare import run
-    from tests.trainer.test_trainer import tiny_config, tiny_model, tiny_tokenizer
+    from tests.trainer.test_trainer import tiny_args, tiny_model, tiny_tokenizer
 
-    cfg_dir = tmp_path / "data"
-    tiny_config(cfg_dir)  # writes the jsonl files
-    shared = ["--task.name", "jsonl", "--task.train_file", str(cfg_dir / "train.jsonl"),
-              "--task.eval_file", str(cfg_dir / "eval.jsonl"), "--task.ood_file", str(cfg_dir / "eval.jsonl"),
-              "--task.eval_size", "4", "--task.ood_eval_size", "3", "--task.prompt", "Q {question}",
-              "--rollout.questions_per_step", "2", "--rollout.num_generations", "2",
-              "--rollout.max_new_tokens", "6", "--rollout.eval_max_new_tokens", "4",
-              "--episodes.delimiter", "tokens", "--episodes.tokens_per_episode", "3",
-              "--train.steps", "1", "--train.backend", "torch", "--train.progress", "false",
-              "--train.plots", "false", "--reward.probe_text", "\nA:", "--reward.process_gate", "none"]
+    shared = tiny_args(tmp_path / "data", "--rollout.num_generations", "2", "--rollout.max_new_tokens", "6",
+                       "--rollout.eval_max_new_tokens", "4", "--episodes.tokens_per_episode", "3",
+                       "--train.steps", "1", "--train.plots", "false")
     tok = tiny_tokenizer()
     out = tmp_path / "cmp"
     report = run(["grpo", "gccpo"], [0, 1], out, shared, model=tiny_model(tok), tokenizer=tok)

@@ -63,6 +63,12 @@ def write_jsonl(path, n: int, seed: int = 0) -> None:
 
 
 def tiny_config(tmp_path, *extra: str) -> Config:
+    return load_config(tiny_args(tmp_path, *extra))
+
+
+def tiny_args(tmp_path, *extra: str) -> list[str]:
+    """The tiny run's command line (writes its JSONL data under ``tmp_path``); later options in
+    ``extra`` override earlier ones."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     write_jsonl(tmp_path / "train.jsonl", 40)
     write_jsonl(tmp_path / "eval.jsonl", 6, seed=1)
@@ -78,7 +84,7 @@ def tiny_config(tmp_path, *extra: str) -> Config:
             # the tiny random model never answers right: the default outcome gate would zero every
             # process advantage, so these tests run SPEC §6 as written (the gate has its own tests)
             "--reward.process_gate", "none", *extra]
-    return load_config(args)
+    return args
 
 
 def make_trainer(config: Config) -> Trainer:
