@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import load_config
+from .stats import mean_se, paired, paired_problems, t975  # noqa: F401 (re-exported)
 
 #: Arm name -> the ``gccpo-train`` options that make it (applied after the shared options).
 ARMS: dict[str, list[str]] = {
@@ -51,49 +52,6 @@ ARMS: dict[str, list[str]] = {
 }
 BASELINE = "grpo"
 SPLITS = ("id", "ood")
-
-# two-sided 95% quantiles of Student's t, df = 1..30 (larger df: the normal 1.96 + 2.4/df correction)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
-    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, standard error of the mean); SE is NaN for fewer than 2 values."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(values) / n
-    if n < 2:
-        return m, math.nan
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, math.sqrt(var / n)
-
-
-def paired(arm: Sequence[float], base: Sequence[float]) -> dict[str, float]:
-    """Seed-paired difference arm − base: mean, SE, 95% t interval (NaN with one seed)."""
-    d = [a - b for a, b in zip(arm, base)]
-    m, se = mean_se(d)
-    half = t975(len(d) - 1) * se if len(d) >= 2 else math.nan
-    return {"mean": m, "se": se, "ci_low": m - half, "ci_high": m + half, "half_width": half, "n_seeds": len(d)}
-
-
-def paired_problems(arm: Sequence[Sequence[int]], base: Sequence[Sequence[int]]) -> dict[str, float]:
-    """Problem-level paired difference: per problem the seed-averaged correctness difference, then
-    the mean over problems with a normal 95% interval (evaluation-set noise only)."""
-    seeds = len(arm)
-    n = len(arm[0]) if seeds else 0
-    if not n or any(len(a) != n for a in list(arm) + list(base)):
-        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "half_width": math.nan, "n_problems": n}
-    per = [sum(arm[s][i] - base[s][i] for s in range(seeds)) / seeds for i in range(n)]
-    m, se = mean_se(per)
-    return {"mean": m, "ci_low": m - 1.96 * se, "ci_high": m + 1.96 * se, "half_width": 1.96 * se, "n_problems": n}
-
 
 def _run_config(shared: list[str], arm: str, seed: int, run_dir: Path):
     cfg = load_config(list(shared) + ARMS[arm] + [

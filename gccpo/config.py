@@ -121,7 +121,12 @@ class RolloutConfig:
         temperature, top_p: sampling; the loss uses the same temperature for its log-probs.
         max_new_tokens: completion length cap while training.
         eval_max_new_tokens: cap for the greedy evaluation.
-        eval_batch_size: prompts per greedy generate call.
+        eval_batch_size: prompts per greedy decoding batch.
+        decoder: ``"compact"`` (:mod:`gccpo.decode`: each distinct prompt encoded once, finished
+            rows dropped from the batch; ~1.6x faster greedy evaluation on the default task) or
+            ``"generate"`` (transformers ``generate``). Sharded runs (``model.sharding`` fsdp /
+            zero3 with several processes) always use ``generate``, whose ``synced_gpus`` keeps
+            the processes' parameter gathers in step.
         vllm_gpu_memory_utilization: passed to ``vllm.LLM``.
     """
 
@@ -132,7 +137,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     eval_max_new_tokens: int = 64
-    eval_batch_size: int = 64
+    eval_batch_size: int = 200
+    decoder: str = "compact"
     vllm_gpu_memory_utilization: float = 0.3
 
 
@@ -332,6 +338,9 @@ class Config:
              "model.sharding needs rollout.backend=transformers (the vLLM sampler reads a full state dict)"),
             (self.rollout.backend in ("transformers", "vllm"),
              f"rollout.backend must be 'transformers' or 'vllm', got {self.rollout.backend!r}"),
+            (self.rollout.decoder in ("compact", "generate"),
+             f"rollout.decoder must be 'compact' or 'generate', got {self.rollout.decoder!r}"),
+            (self.rollout.eval_batch_size >= 1, "rollout.eval_batch_size must be >= 1"),
             (self.rollout.num_generations >= 1, "rollout.num_generations must be >= 1"),
             (self.rollout.questions_per_step >= 1, "rollout.questions_per_step must be >= 1"),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0 (greedy is for eval only)"),

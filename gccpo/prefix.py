@@ -36,11 +36,36 @@ def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple
     return first, inverse
 
 
+def cache_arg_name(module: Any) -> str:
+    """The name ``module.forward`` takes (and returns) its KV cache under: transformers renamed
+    ``past_key_values`` to ``cache`` (5.2x), and both spellings are still in use."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def encode_prompts(backbone: Any, prompt_ids: torch.Tensor,
+                   prompt_mask: torch.Tensor) -> tuple[torch.Tensor, Any, str] | None:
+    """Run each distinct prompt once: ``(prompt hidden states [B, P, D], KV cache expanded to the B
+    rows, the backbone's name for its cache argument)``; None when no prompt repeats or the backbone
+    returns no selectable KV cache (e.g. gradient checkpointing turns caching off)."""
+    first, inverse = unique_prompts(prompt_ids, prompt_mask)
+    if first.numel() == prompt_ids.shape[0]:
+        return None
+    p_mask = prompt_mask[first].long()
+    out = backbone(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=position_ids(p_mask),
+                   use_cache=True)
+    name = cache_arg_name(backbone)
+    cache = getattr(out, name, None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)
+    return out.last_hidden_state.index_select(0, inverse), cache, name
+
+
 def shared_prompt_hidden(backbone: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                          completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor | None:
     """``[B, P + T, D]`` last hidden states of ``backbone`` over prompt + completion, encoding each
-    distinct prompt once; None when no prompt repeats or the backbone returns no KV cache (e.g.
-    gradient checkpointing turns caching off), so the caller runs the plain forward.
+    distinct prompt once; None when :func:`encode_prompts` is (or there is no completion token), so
+    the caller runs the plain forward.
 
     Args:
         backbone: the decoder without its LM head (a transformers base model taking
@@ -48,20 +73,14 @@ def shared_prompt_hidden(backbone: Any, prompt_ids: torch.Tensor, prompt_mask: t
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts (rows of a prompt identical).
         completion_ids, completion_mask: ``[B, T]`` right-padded completions.
     """
-    first, inverse = unique_prompts(prompt_ids, prompt_mask)
-    if first.numel() == prompt_ids.shape[0] or completion_ids.shape[1] == 0:
+    if completion_ids.shape[1] == 0:
         return None
-    p_mask = prompt_mask[first].long()
-    out = backbone(input_ids=prompt_ids[first], attention_mask=p_mask, position_ids=position_ids(p_mask),
-                   use_cache=True)
-    # transformers renamed past_key_values -> cache (5.2x); both spellings are still in use
-    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    cache = getattr(out, name, None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+    encoded = encode_prompts(backbone, prompt_ids, prompt_mask)
+    if encoded is None:
         return None
-    cache.batch_select_indices(inverse)
+    prompt_hidden, cache, name = encoded
     am = torch.cat([prompt_mask, completion_mask], 1).long()
     P = prompt_ids.shape[1]
     tail = backbone(input_ids=completion_ids, attention_mask=am, position_ids=position_ids(am)[:, P:],
                     use_cache=True, **{name: cache}).last_hidden_state
-    return torch.cat([out.last_hidden_state.index_select(0, inverse), tail], 1)
+    return torch.cat([prompt_hidden, tail], 1)

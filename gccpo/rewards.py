@@ -34,6 +34,7 @@ import gccpo_kernels as gk
 
 from .config import RewardConfig
 from .episodes import Episodes
+from .prefix import encode_prompts
 from .rollout import position_ids
 from .tasks import sanitize_reward
 
@@ -220,13 +221,17 @@ def packed_probe_mask(attention_mask: torch.Tensor, ends: torch.Tensor, prompt_l
 
 @torch.no_grad()
 def packed_probe_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                         ends: torch.Tensor, probe_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                         ends: torch.Tensor, probe_ids: Sequence[int], *,
+                         share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One no-grad backbone forward of prompt + completion with every episode's probe appended.
 
     The probes of a completion share its forward (:func:`packed_probe_mask`), so the policy's
     hidden states (for old_logp) and all probe latents come from one pass costing only
     K * len(probe) extra tokens per row. Needs an attention implementation that takes a 4D mask
-    (``sdpa``, ``eager``); use :func:`probe_latents` with flash-attention.
+    (``sdpa``, ``eager``); use :func:`probe_latents` with flash-attention. ``share_prompt``:
+    each distinct prompt is encoded once and its KV cache expanded to its rows
+    (:func:`gccpo.prefix.encode_prompts`); completion and probe tokens then run on top with the
+    same mask's rows, so the result equals the plain packed forward up to rounding.
 
     Returns:
         ``(hidden [b, S, D], probe_hidden [b, K, D])``: final hidden states of prompt + completion,
@@ -243,7 +248,15 @@ def packed_probe_forward(model: Any, input_ids: torch.Tensor, attention_mask: to
     mask, pos = packed_probe_mask(attention_mask, ends, prompt_len, n, dtype)
     probe = torch.tensor(list(probe_ids), dtype=torch.long, device=input_ids.device)
     ids = torch.cat([input_ids, probe.repeat(K).unsqueeze(0).expand(b, -1)], 1)
-    out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    encoded = encode_prompts(backbone, input_ids[:, :prompt_len], attention_mask[:, :prompt_len].bool()) \
+        if share_prompt and S > prompt_len else None
+    if encoded is None:
+        out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    else:
+        prompt_hidden, cache, name = encoded
+        tail = backbone(input_ids=ids[:, prompt_len:], attention_mask=mask[:, :, prompt_len:],
+                        position_ids=pos[:, prompt_len:], use_cache=True, **{name: cache}).last_hidden_state
+        out = torch.cat([prompt_hidden, tail], 1)
     last = S + torch.arange(K, device=ids.device) * n + (n - 1)
     return out[:, :S], out[:, last]
 

@@ -19,6 +19,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .decode import compact_decode, greedy_sampler, supports_compact, temperature_sampler, warp_logits
+
+DECODERS = ("compact", "generate")
+
 
 @dataclass
 class Rollout:
@@ -50,11 +54,13 @@ class Rollout:
         """``[B, P + T]`` int64 (padding on both sides is 0)."""
         return torch.cat([self.prompt_mask, self.completion_mask], 1).long()
 
-    def select(self, rows: torch.Tensor | slice) -> "Rollout":
-        """The sub-batch of the given rows (for micro-batches)."""
+    def select(self, rows: torch.Tensor | slice, width: int | None = None) -> "Rollout":
+        """The sub-batch of the given rows (for micro-batches), its completions cut to ``width``
+        columns when given (every masked token of ``rows`` must lie within them)."""
         pick = (lambda t: None if t is None else t[rows])
-        return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), pick(self.completion_ids),
-                       pick(self.completion_mask), pick(self.sampling_logp), pick(self.group_index))
+        cut = (lambda t: t if t is None or width is None else t[:, :width])
+        return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), cut(pick(self.completion_ids)),
+                       cut(pick(self.completion_mask)), cut(pick(self.sampling_logp)), pick(self.group_index))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,14 +102,8 @@ class _SampledLogprobs:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prev is not None:
             self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        scores = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            probs, order = scores.softmax(-1).sort(-1, descending=True)
-            drop_sorted = (probs.cumsum(-1) - probs) >= self.top_p  # mass before it already >= p
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
-        self.prev = torch.log_softmax(scores, -1)
-        return scores
+        self.prev = warp_logits(scores, self.temperature, self.top_p)
+        return self.prev
 
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
         if self.prev is not None:
@@ -119,8 +119,8 @@ def _pad_right(rows: list[torch.Tensor], width: int, value: float | int) -> torc
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generations: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
              greedy: bool = False, batch_size: int | None = None,
-             progress: str | None = None) -> Rollout:
-    """Sample ``num_generations`` completions of every prompt with transformers ``generate``.
+             progress: str | None = None, decoder: str = "compact") -> Rollout:
+    """Sample ``num_generations`` completions of every prompt.
 
     Args:
         model: a causal LM (in eval mode for sampling; its mode is restored afterwards).
@@ -131,12 +131,19 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
         max_new_tokens: completion cap.
         greedy: argmax decoding (evaluation); no sampling log-probs then.
         batch_size: rows per ``generate`` call (None: all B rows at once).
-        progress: a tqdm bar with this description over the ``generate`` calls (None: no bar).
+        progress: a tqdm bar with this description over the batches (None: no bar).
+        decoder: ``"compact"`` (:func:`gccpo.decode.compact_decode`: each distinct prompt encoded
+            once, finished rows dropped from the batch; falls back to ``"generate"`` for a model
+            whose forward takes no KV cache / position ids) or ``"generate"`` (transformers
+            ``generate``; needed when processes must decode in lock-step, e.g. FSDP).
 
     Returns:
         :class:`Rollout` on the model's device.
-    Cost: B * max_new_tokens decoding steps with a KV cache, one [rows, V] log-softmax per step.
+    Cost: ``compact``: prefill of the distinct prompts + one single-token step per generated token
+    of each row; ``generate``: B * (longest row) decoding steps. One [rows, V] log-softmax per step.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -159,14 +166,29 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
     was_training = model.training
     model.eval()
     completions, logps = [], []
+    bar = None
     try:
+        compact = decoder == "compact" and supports_compact(model)
         starts = range(0, B, step)
         if progress:
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
+            if compact:  # a bar over finished rows, moved by every decoding step
+                bar = tqdm(total=B, desc=progress, leave=False, dynamic_ncols=True, unit="row")
+            else:
+                starts = tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
         for start in starts:
             ids, am = prompt_ids[start:start + step], prompt_mask[start:start + step].long()
+            if compact:
+                sampler = greedy_sampler if greedy else temperature_sampler(temperature, top_p)
+                on_step = None if bar is None else (lambda done, _, s=start: bar.update(s + done - bar.n))
+                comp, lp = compact_decode(model, ids, am.bool(), max_new_tokens=max_new_tokens, eos=eos,
+                                          pad=pad, sampler=sampler, on_step=on_step)
+                completions.append(comp)
+                logps.append(lp)
+                if bar is not None:
+                    bar.update(start + comp.shape[0] - bar.n)
+                continue
             recorder = None if greedy else _SampledLogprobs(temperature, top_p)
             out = model.generate(input_ids=ids, attention_mask=am, generation_config=gen_config,
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []))
@@ -176,6 +198,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
                 logps.append(recorder.finish(comp[:, -1]) if comp.shape[1] else comp.float())
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     T = max(c.shape[1] for c in completions)
     completion_ids = _pad_right(completions, T, pad)
     lengths = torch.cat([torch.full((c.shape[0],), c.shape[1], device=device) for c in completions])

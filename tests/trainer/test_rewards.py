@@ -11,6 +11,7 @@ from gccpo.config import RewardConfig  # noqa: E402
 from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
 from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
                            packed_probe_forward, probe_latents, scale_process_by_outcome)
+from gccpo.prefix import encode_prompts  # noqa: E402
 from gccpo.rollout import generate, position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -58,7 +59,8 @@ def test_top_p_recorded_logp_is_renormalized(setup):
     assert torch.all(r.sampling_logp[m] > full[m] + 0.5)
 
 
-def test_packed_probe_forward_equals_one_sequence_per_probe(setup):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_probe_forward_equals_one_sequence_per_probe(setup, share_prompt):
     tok, model, rollout, episodes = setup
     probe = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
     index = EpisodeIndex.of(episodes)
@@ -66,7 +68,9 @@ def test_packed_probe_forward_equals_one_sequence_per_probe(setup):
     P = rollout.prompt_ids.shape[1]
     separate = probe_latents(model, rollout.input_ids, rollout.attention_mask, P, index, probe, batch_size=5)
     hidden, probe_hidden = packed_probe_forward(model, rollout.input_ids, rollout.attention_mask, P,
-                                                episodes.episode_ends, probe)
+                                                episodes.episode_ends, probe, share_prompt=share_prompt)
+    if share_prompt:  # the shared-prompt path really runs here (each prompt has 3 rows)
+        assert encode_prompts(model.model, rollout.prompt_ids, rollout.prompt_mask) is not None
     torch.testing.assert_close(probe_hidden[index.rows, index.ks], separate, rtol=1e-4, atol=1e-4)
     # prompt + completion hidden states are those of a plain forward (probes are invisible to them)
     am = rollout.attention_mask

@@ -178,13 +178,19 @@ def _fixed_batch(trainer: Trainer) -> tuple[list[Problem], Rollout, torch.Tensor
     return problems, rollout, rewards
 
 
-@pytest.mark.parametrize("grad_accum", [1, 3])
-def test_grpo_mode_equals_hand_computed_step(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum,share_prompt", [(1, True), (3, True), (3, False)])
+def test_grpo_mode_equals_hand_computed_step(tmp_path, grad_accum, share_prompt):
     config = tiny_config(tmp_path, "--algo", "grpo", "--optim.grad_accum", str(grad_accum),
-                         "--optim.max_grad_norm", "0.05", "--rollout.temperature", "0.7")
+                         "--optim.max_grad_norm", "0.05", "--rollout.temperature", "0.7",
+                         "--train.share_prompt", str(share_prompt).lower())
     assert config.reward.eta == 0 and not config.causal
     trainer = make_trainer(config)
     problems, rollout, rewards = _fixed_batch(trainer)
+    # with shared prompts whole groups stay together; without, rows are sorted by length (the
+    # short ones no longer padded to the longest): both splits must give the same step
+    contiguous = [rows.tolist() == list(range(int(rows[0]), int(rows[0]) + len(rows)))
+                  for rows, _ in trainer._micro(rollout)]
+    assert all(contiguous) == share_prompt
     assert 0 < rewards.sum() < 8
     hand_model = copy.deepcopy(trainer.model)
     lr = 0.5
@@ -227,3 +233,53 @@ def test_jsonl_task_holds_out_eval(tmp_path):
     task = build_task(config.task)
     held = {p.question for p in task.eval_set}
     assert all(p.question not in held for p in task.next_problems(30))
+
+
+def _rollout_with_lengths(lengths, prompts=2, P=5, T=12):
+    B = len(lengths)
+    prompt_ids = torch.arange(prompts).repeat_interleave(B // prompts).unsqueeze(1).expand(B, P).contiguous()
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return Rollout(prompt_ids, torch.ones(B, P, dtype=torch.bool), torch.randint(4, 50, (B, T)), mask, None,
+                   torch.arange(prompts).repeat_interleave(B // prompts))
+
+
+def test_micro_batches_group_short_completions_when_cheaper():
+    from gccpo.trainer import _micro_batches
+
+    # two prompts x 4 rows, one long completion in each group: sorted by length, the short rows
+    # are no longer padded to 12 (estimated tokens: 2*5 + 4*1 + 2*5 + 4*12 = 72 against the
+    # contiguous split's 2 * (5 + 4*12) = 106)
+    r = _rollout_with_lengths([1, 1, 1, 12, 2, 1, 1, 12])
+    plan = _micro_batches(r, 2)
+    assert [sorted(rows.tolist()) for rows, _ in plan] == [[0, 1, 2, 5], [3, 4, 6, 7]]
+    assert [w for _, w in plan] == [1, 12]
+    # equal lengths: whole groups stay together (each prompt encoded once)
+    plan = _micro_batches(_rollout_with_lengths([5] * 8), 2)
+    assert [rows.tolist() for rows, _ in plan] == [[0, 1, 2, 3], [4, 5, 6, 7]] and [w for _, w in plan] == [5, 5]
+    # every row exactly once, whatever the split; no rows, no micro-batches
+    plan = _micro_batches(_rollout_with_lengths([3, 0, 7, 1, 2, 9]), 4)
+    assert sorted(torch.cat([rows for rows, _ in plan]).tolist()) == list(range(6))
+    assert all(w == int(_rollout_with_lengths([3, 0, 7, 1, 2, 9]).completion_mask[rows].sum(1).max())
+               for rows, w in plan)
+    assert _micro_batches(_rollout_with_lengths([]), 2) == []
+
+
+def test_summary_pairs_before_and_after_per_problem(tmp_path):
+    from gccpo.stats import normal_interval
+    from gccpo.trainer import format_summary
+
+    trainer = make_trainer(tiny_config(tmp_path))
+    before, after = [1, 0, 0, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 0, 1, 0]
+    trainer.step = 3
+    trainer.eval_correct = {0: {"id": before}, 3: {"id": after}}
+    ci = lambda k: {"eval/id_accuracy": k / 8, "eval/id_ci_low": 0.0, "eval/id_ci_high": 1.0, "eval/id_n": 8}
+    trainer.evals = [{"step": 0, **ci(2)}, {"step": 3, **ci(5)}]
+    summary = trainer.summary()
+    d = [1.0 if a > b else 0.0 for a, b in zip(after, before)]   # 3 of 8 problems newly solved
+    mean, sd = sum(d) / 8, (sum((x - 3 / 8) ** 2 for x in d) / 7) ** 0.5
+    change = summary["change"]["id"]
+    assert change["mean"] == pytest.approx(3 / 8)
+    assert change["ci_low"] == pytest.approx(mean - 1.96 * sd / 8 ** 0.5)
+    assert change == normal_interval(8, 3.0, 3.0)
+    assert "+0.375 [" in format_summary(summary)
+    assert "ood" not in summary["change"]
