@@ -188,6 +188,11 @@ class RewardConfig:
             advantage but a unit-scale process advantage, and the policy is trained on the causal
             reward alone; measured on the embedded default (docs/trainer.md) that is reward
             hacking of effectiveness (accuracy 0.19 -> 0.005).
+        process_bound: *choice* beyond SPEC §6 (0: off, the SPEC), the largest |eta * omega_t * R^|
+            of a token before the gate: with ``process_gate="outcome"`` and a bound < 1 the process
+            part can never flip the sign the outcome gave a token (without it, a surprising
+            token's weight omega_t can push eta * omega_t * R^ past 1: measured 1-9% of tokens on
+            the default run, logged as ``advantage/sign_flips``).
         gamma, scale, surprise_weighting, normalize_returns, eps: :func:`token_advantages` options.
         seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
     """
@@ -207,6 +212,7 @@ class RewardConfig:
     divergence: str = "kl"
     effectiveness: str = "answer"
     process_gate: str = "outcome"
+    process_bound: float = 0.0
     gamma: float = 1.0
     scale: str = "group"
     surprise_weighting: bool = True
@@ -215,14 +221,18 @@ class RewardConfig:
     seed: int = 1234
 
 
-def _mutable_mirror(cls: type, name: str, doc: str) -> type:
-    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls``, so that the
-    config tree can be overridden key by key while the option list lives in one place."""
+def _mutable_mirror(cls: type, name: str, doc: str, defaults: dict[str, Any] | None = None) -> type:
+    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls`` (``defaults``
+    replaces some), so that the config tree can be overridden key by key while the option list
+    lives in one place."""
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        default = (field(default_factory=f.default_factory)
-                   if f.default_factory is not dataclasses.MISSING else field(default=f.default))
+        if defaults and f.name in defaults:
+            default = field(default=defaults[f.name])
+        else:
+            default = (field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else field(default=f.default))
         specs.append((f.name, hints[f.name], default))
     mirror = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
     mirror.__module__ = __name__
@@ -232,8 +242,12 @@ def _mutable_mirror(cls: type, name: str, doc: str) -> type:
 LossConfig = _mutable_mirror(
     PolicyLossConfig, "LossConfig",
     """The clipped policy loss (SPEC §2): every field of :class:`gccpo_kernels.PolicyLossConfig`,
-    with its defaults; the trainer builds (and so validates) a PolicyLossConfig from it.
-    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.""")
+    with its defaults except ``beta``; the trainer builds (and so validates) a PolicyLossConfig
+    from it. ``beta > 0`` loads a frozen copy of the initial policy as the reference model; the
+    trainer's default is GRPO's original 0.04 (DeepSeekMath), where the kernel's is 0: on the
+    embedded default it kept a run from collapsing into a degenerate answer format
+    (docs/trainer.md, Limits); ``--loss.beta 0`` drops the reference model and its forward.""",
+    defaults={"beta": 0.04})
 
 
 @dataclass
@@ -353,6 +367,7 @@ class Config:
              f"reward.effectiveness must be 'answer' or 'latent', got {self.reward.effectiveness!r}"),
             (self.reward.process_gate in ("none", "signal", "outcome"),
              f"reward.process_gate must be 'none', 'signal' or 'outcome', got {self.reward.process_gate!r}"),
+            (self.reward.process_bound >= 0, "reward.process_bound must be >= 0 (0: off)"),
             (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
             (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
             (self.optim.max_skipped_steps >= 0, "optim.max_skipped_steps must be >= 0"),

@@ -312,6 +312,16 @@ def scale_process_by_outcome(advantages: torch.Tensor, outcome_advantages: torch
     return outcome_advantages + outcome_advantages.abs() * (advantages - outcome_advantages)
 
 
+def bound_process(advantages: torch.Tensor, outcome_advantages: torch.Tensor, bound: float) -> torch.Tensor:
+    """``[B, T]`` A_out + clamp(A - A_out, -bound, bound): the process part eta * omega_t * R^ of each
+    token limited to ``bound`` (0: unchanged). With the ``outcome`` gate and bound < 1 the process
+    part then never turns a token's advantage against the sign of its completion's outcome
+    advantage (the surprise weight omega_t alone can exceed 1 / eta on a surprising token)."""
+    if not bound:
+        return advantages
+    return outcome_advantages + (advantages - outcome_advantages).clamp(-bound, bound)
+
+
 def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor, shape: tuple[int, int],
                   weight: torch.Tensor, bias: torch.Tensor | None, config: RewardConfig, *,
                   logit_scale: float = 1.0, softcap: float | None = None,

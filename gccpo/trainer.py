@@ -38,7 +38,7 @@ import gccpo_kernels as gk
 from .config import EMBEDDED_MODEL, Config, ModelConfig, format_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, gate_by_outcome,
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, bound_process, causal_reward, gate_by_outcome,
                       outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from .prefix import shared_prompt_hidden, unique_prompts
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
@@ -80,8 +80,10 @@ def _attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = None) -> tuple[Any, Any]:
-    """The policy and its tokenizer: the embedded GGUF default, a hub id, or a local directory.
+def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = None,
+               tokenizer: bool = True) -> tuple[Any, Any]:
+    """The policy and its tokenizer (None when ``tokenizer=False``): the embedded GGUF default, a
+    hub id, or a local directory.
 
     ``path`` (a checkpoint directory) overrides ``cfg.name``. GGUF weights are de-quantized to
     the requested dtype and the quantization marker is dropped, so that ``save_pretrained``
@@ -99,14 +101,14 @@ def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = Non
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=_attn_implementation(
         cfg, device), **kwargs)
     if getattr(model.config, "quantization_config", None) is not None and gguf:
         del model.config.quantization_config  # de-quantized: save as a plain checkpoint
         model.hf_quantizer = None
         model.is_quantized = False
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -234,7 +236,7 @@ class Trainer:
         self.ref_model = None
         if cfg.loss.beta > 0:  # frozen copy of the initial policy (restored from the checkpoint on resume)
             ref_path = Path(resume) / "reference" if resume else None
-            self.ref_model = (load_model(cfg.model, self.device, path=str(ref_path))[0] if ref_path
+            self.ref_model = (load_model(cfg.model, self.device, path=str(ref_path), tokenizer=False)[0] if ref_path
                               else copy.deepcopy(self.model))
             self.ref_model.requires_grad_(False).eval()
         self.task = task or build_task(cfg.task)
@@ -335,6 +337,8 @@ class Trainer:
 
         advantages = advantages_with(cfg.reward.eta if cfg.causal else 0.0)
         outcome_adv = advantages_with(0.0) if causal is not None else advantages
+        if causal is not None:
+            advantages = bound_process(advantages, outcome_adv, cfg.reward.process_bound)
         if causal is not None and cfg.reward.process_gate == "outcome":
             advantages = scale_process_by_outcome(advantages, outcome_adv)
 

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from gccpo.config import RewardConfig  # noqa: E402
 from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
 from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
-                           packed_probe_forward, probe_latents, scale_process_by_outcome)
+                           bound_process, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from gccpo.prefix import encode_prompts  # noqa: E402
 from gccpo.rollout import generate, position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
@@ -155,3 +155,17 @@ def test_process_advantage_scaled_by_the_outcome_advantage():
     assert torch.equal(got[2], torch.zeros(3))
     assert bool((got[:2].sign() == a_out[:2].sign()).all())
     assert got[0, 0] > got[0, 2] > got[0, 1] and got[1, 0] > got[1, 2] > got[1, 1]
+
+
+def test_bounded_process_part_never_flips_the_outcome_sign():
+    """With a bound < 1 the outcome gate keeps every token on its completion's side, even where the
+    surprise weight makes eta * omega * R^ larger than 1; bound 0 changes nothing."""
+    a_out = torch.tensor([[1.5, 1.5, 1.5], [-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]])
+    proc = torch.tensor([[-2.5, 0.3, 0.1], [1.7, -0.2, 0.7], [3.0, -3.0, 0.0]])
+    unbounded = scale_process_by_outcome(a_out + proc, a_out)
+    assert bool((unbounded[:2].sign() != a_out[:2].sign()).any())          # flips without a bound
+    got = scale_process_by_outcome(bound_process(a_out + proc, a_out, 0.5), a_out)
+    torch.testing.assert_close(got, a_out + a_out.abs() * proc.clamp(-0.5, 0.5))
+    assert bool((got[:2].sign() == a_out[:2].sign()).all())
+    assert torch.equal(got[2], torch.zeros(3))
+    assert torch.equal(bound_process(a_out + proc, a_out, 0.0), a_out + proc)
