@@ -221,18 +221,14 @@ class RewardConfig:
     seed: int = 1234
 
 
-def _mutable_mirror(cls: type, name: str, doc: str, defaults: dict[str, Any] | None = None) -> type:
-    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls`` (``defaults``
-    replaces some), so that the config tree can be overridden key by key while the option list
-    lives in one place."""
+def _mutable_mirror(cls: type, name: str, doc: str) -> type:
+    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls``, so that the
+    config tree can be overridden key by key while the option list lives in one place."""
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        if defaults and f.name in defaults:
-            default = field(default=defaults[f.name])
-        else:
-            default = (field(default_factory=f.default_factory)
-                       if f.default_factory is not dataclasses.MISSING else field(default=f.default))
+        default = (field(default_factory=f.default_factory)
+                   if f.default_factory is not dataclasses.MISSING else field(default=f.default))
         specs.append((f.name, hints[f.name], default))
     mirror = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
     mirror.__module__ = __name__
@@ -242,12 +238,8 @@ def _mutable_mirror(cls: type, name: str, doc: str, defaults: dict[str, Any] | N
 LossConfig = _mutable_mirror(
     PolicyLossConfig, "LossConfig",
     """The clipped policy loss (SPEC §2): every field of :class:`gccpo_kernels.PolicyLossConfig`,
-    with its defaults except ``beta``; the trainer builds (and so validates) a PolicyLossConfig
-    from it. ``beta > 0`` loads a frozen copy of the initial policy as the reference model; the
-    trainer's default is GRPO's original 0.04 (DeepSeekMath), where the kernel's is 0: on the
-    embedded default it kept a run from collapsing into a degenerate answer format
-    (docs/trainer.md, Limits); ``--loss.beta 0`` drops the reference model and its forward.""",
-    defaults={"beta": 0.04})
+    with its defaults; the trainer builds (and so validates) a PolicyLossConfig from it.
+    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.""")
 
 
 @dataclass

@@ -145,16 +145,19 @@ def test_outcome_gate_leaves_groups_without_outcome_signal_alone(tmp_path, gate)
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_resume_gives_identical_next_step(tmp_path):
-    straight = make_trainer(tiny_config(tmp_path / "a", "--train.eval_before", "false"))
+@pytest.mark.parametrize("beta", ["0", "0.04"])
+def test_resume_gives_identical_next_step(tmp_path, beta):
+    """Resume continues exactly, also with a frozen reference model (beta > 0: it is reloaded from
+    the checkpoint's ``reference/``, which holds no tokenizer)."""
+    opts = ("--train.eval_before", "false", "--loss.beta", beta)
+    straight = make_trainer(tiny_config(tmp_path / "a", *opts))
     straight.train_step()
     expected = straight.train_step()
 
-    first = make_trainer(tiny_config(tmp_path / "b", "--train.eval_before", "false", "--train.steps", "1"))
+    first = make_trainer(tiny_config(tmp_path / "b", *opts, "--train.steps", "1"))
     first.train()
-    resumed = Trainer(tiny_config(tmp_path / "b", "--train.eval_before", "false",
-                                  "--resume", str(tmp_path / "b" / "run")))
-    assert resumed.step == 1
+    resumed = Trainer(tiny_config(tmp_path / "b", *opts, "--resume", str(tmp_path / "b" / "run")))
+    assert resumed.step == 1 and (resumed.ref_model is not None) == (beta != "0")
     got = resumed.train_step()
     assert _comparable(got) == pytest.approx(_comparable(expected), rel=1e-5, abs=1e-6)
 
