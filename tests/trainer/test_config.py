@@ -35,6 +35,9 @@ def test_text_options_are_kept_verbatim():
     (["--optim.grad_accum", "1.5"], "expects int"),
     (["--reward.readout", "middle"], "readout"),
     (["--algo", "ppo"], "algo"),
+    (["--rollout.decoder", "fast"], "rollout.decoder"),
+    (["--rollout.eval_batch_size", "0"], "eval_batch_size"),
+    (["--reward.process_bound", "-0.5"], "process_bound"),
     (["positional"], "unexpected argument"),
 ])
 def test_bad_options_fail_early(args, match):
