@@ -7,10 +7,19 @@ exist) over its RSS at that moment, measured in a fresh subprocess with
 freed buffers to the OS instead of keeping them resident). A workload is named by
 ``"module:factory"``: ``factory(**kwargs)`` allocates the inputs and returns a zero-argument
 callable that runs the workload once.
+
+One-time costs of a process are not the workload's: before the measured run, the child runs the
+same workload once at a tiny shape (``warmup=``, the factory's keyword arguments to override), so
+every contender's modules are imported and its lazy initialisation done. This matters: the first
+call of any ``torch.library`` custom op (ours) imports ``torch._dynamo`` (about 900 modules, ~140
+MiB of RSS, ~1 s; torch wraps the op's backend call in ``torch._disable_dynamo``), and so does
+loading any transformers model, so a trainer has paid it before our first call; the peers import
+their own modules (triton, liger's ops) on first use too.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -48,11 +57,16 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_rss_growth(workload: str, **kwargs) -> int:
-    """Bytes by which ``workload`` (``"module:factory"``) grows peak RSS beyond its inputs."""
+def peak_rss_growth(workload: str, *, warmup: dict | None = None, **kwargs) -> int:
+    """Bytes by which ``workload`` (``"module:factory"``) grows peak RSS beyond its inputs.
+
+    ``warmup``: keyword arguments that override ``kwargs`` for one run at a tiny shape before the
+    measured one (imports and lazy initialisation; see the module docstring); None: no warm-up.
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks._harness", workload, json.dumps(kwargs)],
+    args = [json.dumps(kwargs), json.dumps(warmup)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks._harness", workload, *args],
                           env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"memory subprocess for {workload} failed:\n{proc.stderr[-3000:]}")
@@ -64,8 +78,12 @@ def _load(workload: str) -> Callable[..., Callable[[], object]]:
     return getattr(importlib.import_module(module), factory)
 
 
-def _child(workload: str, kwargs: dict) -> None:
-    run = _load(workload)(**kwargs)
+def _child(workload: str, kwargs: dict, warmup: dict | None) -> None:
+    factory = _load(workload)
+    if warmup is not None:
+        factory(**{**kwargs, **warmup})()
+        gc.collect()
+    run = factory(**kwargs)
     base = _status_bytes("VmRSS")
     # Reset this process's high-water mark (VmHWM) to its current RSS, so that the peak read
     # after the run is the workload's own. (ru_maxrss would not do: Linux carries the parent's
@@ -82,4 +100,4 @@ def ratio_info(ours_s: float, baselines: dict[str, float | None]) -> dict[str, f
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], json.loads(sys.argv[2]))
+    _child(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]))

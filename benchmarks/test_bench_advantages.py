@@ -100,7 +100,7 @@ def memory_workload(path: str, b: int, t: int):
 
 def peak_growth(path: str, b: int = B, t: int = T) -> int:
     """Bytes by which the workload grows peak RSS beyond its inputs (clean subprocess)."""
-    return peak_rss_growth(f"{HERE}:memory_workload", path=path, b=b, t=t)
+    return peak_rss_growth(f"{HERE}:memory_workload", path=path, b=b, t=t, warmup=dict(b=16, t=64))
 
 
 def _run_case(benchmark, eta: float, *, memory: bool) -> dict:

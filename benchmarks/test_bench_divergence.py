@@ -110,7 +110,8 @@ def test_counterfactual_divergence(benchmark):
         info["trl"] = "not run: trl.kernels.chunked_divergence is not importable"
     if DEVICE.type == "cpu":
         info["triton"] = "not run: on the CPU triton runs only in its interpreter (too slow at this size)"
-        growth = {p: peak_rss_growth(f"{HERE}:memory_workload", path=p, r=R, m=M, d=D, v=V)
+        growth = {p: peak_rss_growth(f"{HERE}:memory_workload", path=p, r=R, m=M, d=D, v=V,
+                                     warmup=dict(r=8, d=16, v=64))
                   for p in paths}
         info["peak_rss_growth_mib"] = {p: round(g / 2 ** 20, 1) for p, g in growth.items()}
         info["memory_ratio_vs_naive"] = round(growth["ours"] / max(growth["naive"], 1), 4)

@@ -157,7 +157,8 @@ def test_forward_backward(benchmark):
             "median_s": dict(times),
             **ratio_info(ours, {k: v for k, v in times.items() if k != "ours"})}
     if DEVICE.type == "cpu":
-        growth = {name: peak_rss_growth(f"{HERE}:memory_workload", path=name, n=N, d=D, v=V)
+        growth = {name: peak_rss_growth(f"{HERE}:memory_workload", path=name, n=N, d=D, v=V,
+                                         warmup=dict(n=8, d=16, v=64))
                   for name in PATHS if _available(name)}
         info["peak_rss_growth_mib"] = {k: round(v / 2**20, 1) for k, v in growth.items()}
         info["memory_ratio_vs_naive"] = round(growth["ours"] / growth["naive"], 4)

@@ -28,16 +28,21 @@ BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
-def _inputs(seed: int = 0) -> dict:
+SHAPE = (B, T, D, V)
+TINY = (2, 4, 16, 64)  # the memory subprocess's warm-up shape (benchmarks._harness)
+
+
+def _inputs(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE) -> dict:
+    b, t, d, v = shape
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=g).requires_grad_()
-    weight = torch.randn(V, D, generator=g).mul_(0.02).requires_grad_()  # in place: no 65 MB temporary
-    targets = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    approx = torch.full((B, T), -10.4)  # about log(1/V): the scale of the real log-probs
-    old = approx + 0.05 * torch.randn(B, T, generator=g)
-    ref = approx + 0.05 * torch.randn(B, T, generator=g)
-    adv = torch.randn(B, generator=g)
+    hidden = torch.randn(b, t, d, generator=g).requires_grad_()
+    weight = torch.randn(v, d, generator=g).mul_(0.02).requires_grad_()  # in place: no 65 MB temporary
+    targets = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    approx = torch.full((b, t), -10.4)  # about log(1/V): the scale of the real log-probs
+    old = approx + 0.05 * torch.randn(b, t, generator=g)
+    ref = approx + 0.05 * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, generator=g)
     return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, old=old, ref=ref, adv=adv)
 
 
@@ -48,11 +53,11 @@ def _config():
                                      use_bias_correction_kl=False)
 
 
-def make_fused(seed: int = 0):
+def make_fused(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
     """Workload factory (also used by the memory subprocess): ours, forward + backward."""
     from gccpo_kernels.policy_loss import fused_linear_policy_loss
 
-    x, cfg = _inputs(seed), _config()
+    x, cfg = _inputs(seed, shape), _config()
 
     def run():
         x["hidden"].grad = x["weight"].grad = None
@@ -64,19 +69,19 @@ def make_fused(seed: int = 0):
     return run
 
 
-def make_naive(seed: int = 0):
+def make_naive(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
     """Materialized [B*T, V] logits, then the same policy_loss (the loss math is shared)."""
     from gccpo_kernels.policy_loss import policy_loss
 
-    x, cfg = _inputs(seed), _config()
+    x, cfg = _inputs(seed, shape), _config()
 
     def run():
         x["hidden"].grad = x["weight"].grad = None
-        logits = x["hidden"].reshape(-1, D) @ x["weight"].T
+        logits = x["hidden"].reshape(-1, x["hidden"].shape[-1]) @ x["weight"].T
         logprobs = torch.log_softmax(logits, dim=-1)
-        logp = logprobs.gather(-1, x["targets"].reshape(-1, 1)).reshape(B, T)
+        logp = logprobs.gather(-1, x["targets"].reshape(-1, 1)).reshape(x["targets"].shape)
         with torch.no_grad():  # for the entropy metric, as TRL computes it
-            entropy = -(logprobs.exp() * logprobs).sum(-1).reshape(B, T)
+            entropy = -(logprobs.exp() * logprobs).sum(-1).reshape(x["targets"].shape)
         loss, _ = policy_loss(logp, x["old"], x["adv"], x["mask"], ref_logp=x["ref"], entropy=entropy, config=cfg)
         loss.backward()
         return loss
@@ -84,11 +89,11 @@ def make_naive(seed: int = 0):
     return run
 
 
-def make_liger(seed: int = 0):
+def make_liger(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
     """Liger-Kernel's chunked GRPO loss (gradients computed in the forward), eager."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    x = _inputs(seed)
+    x = _inputs(seed, shape)
     loss_fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW,
                                        epsilon_high=EPS_HIGH, loss_type="dapo", use_bias_correction_kl=False)
 
@@ -108,7 +113,8 @@ _MEMORY: dict[str, int] = {}
 def _measure_memory() -> dict[str, int]:
     if not _MEMORY:
         for name in ("fused", "naive") + (("liger",) if HAS_LIGER else ()):
-            _MEMORY[name] = peak_rss_growth(f"benchmarks.test_bench_policy_loss:make_{name}")
+            _MEMORY[name] = peak_rss_growth(f"benchmarks.test_bench_policy_loss:make_{name}",
+                                            warmup=dict(shape=TINY))
     return _MEMORY
 
 

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from gccpo_kernels._backend import triton_unavailable_reason  # noqa: E402
+from tests._strict import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -9,7 +9,7 @@
   gradients, padded and packed layouts), and after :func:`use_gccpo_fused_backend` verl's own
   fused-kernel model forward runs on it.
 
-verl is installed with ``pip install --no-deps verl tensordict pyvers omegaconf codetiming`` (see
+verl is installed without its dependencies by ``tests/run.sh`` (its NO_DEPS and VERL_DEPS arrays; see
 .ci/run). verl imports ``ray`` at package import; ray is a large binary package that these tests
 never use, so when it is not installed a stub module named ``ray`` (exposing only the
 ``ObjectRef`` name that verl uses in a type annotation) stands in while verl is imported, and is
@@ -32,7 +32,8 @@ RAY_STUB_NOTE = "ray is not installed: a stub 'ray' module (ObjectRef only) stoo
 def _import_verl() -> tuple[types.SimpleNamespace | None, str]:
     """The verl modules these tests use, and a note on how ray was provided (or why we skip)."""
     if importlib.util.find_spec("verl") is None:
-        return None, ("verl is not installed (pip install --no-deps verl tensordict pyvers omegaconf codetiming)")
+        return None, ("verl is not installed: run tests/run.sh, or pip install --no-deps verl and the "
+                      "packages of its VERL_DEPS array")
     stubbed = "ray" not in sys.modules and importlib.util.find_spec("ray") is None
     if stubbed:
         # the ONE stubbed module: verl's import runs `import ray` and reads ray.ObjectRef in an annotation
@@ -49,7 +50,7 @@ def _import_verl() -> tuple[types.SimpleNamespace | None, str]:
         import gccpo.integrations.verl as ours
     except Exception as exc:  # a partial install: say what is missing
         return None, (f"importing verl failed ({exc!r}){' with ' + RAY_STUB_NOTE if stubbed else ''}; "
-                      "install: pip install --no-deps verl tensordict pyvers omegaconf codetiming")
+                      "install what tests/run.sh installs (its NO_DEPS and VERL_DEPS arrays)")
     finally:
         if stubbed:
             sys.modules.pop("ray", None)
