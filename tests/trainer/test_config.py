@@ -71,3 +71,48 @@ def test_parse_overrides_flags():
     path, pairs = parse_overrides(["--config", "x.yaml", "--train.plots", "--resume", "runs/a"])
     assert path == "x.yaml" and pairs == [("train.plots", True), ("train.resume", "runs/a")]
     assert isinstance(Config().to_dict()["reward"], dict)
+
+
+@pytest.mark.parametrize("args,name", [
+    (["--optim.max_grad_norm", "-1"], "optim.max_grad_norm"),
+    (["--optim.lr", "0"], "optim.lr"),
+    (["--optim.betas", "[1.5, 0.9]"], "optim.betas"),
+    (["--optim.weight_decay", "-0.1"], "optim.weight_decay"),
+    (["--rollout.max_new_tokens", "0"], "rollout.max_new_tokens"),
+    (["--rollout.temperature", "inf"], "rollout.temperature"),
+    (["--reward.num_perturbations", "0"], "reward.num_perturbations"),
+    (["--reward.sigma", "-1"], "reward.sigma"),
+    (["--reward.eta", "nan"], "reward.eta"),
+    (["--train.backend", "foo"], "train.backend"),
+    (["--train.steps", "-1"], "train.steps"),
+    (["--task.eval_size", "-1"], "task.eval_size"),
+    (["--model.autocast", "foo"], "model.autocast"),
+    (["--model.device", "gpu"], "model.device"),
+    (["--episodes.delimiter", "regex", "--episodes.pattern", "("], "episodes.pattern"),
+    (["--loss.eps_low", "2"], "loss.eps_low"),
+    (["--task.name", "jsonl"], "task.train_file"),
+])
+def test_every_option_is_range_checked_with_its_name(args, name):
+    from gccpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        load_config(args)
+
+
+def test_given_options_are_recorded(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\n")
+    c = load_config(["--config", str(path), "--train.seed", "3"])
+    assert c.given == {"optim.lr", "train.seed"} and c.is_given("optim.lr") and not c.is_given("optim.betas")
+    assert Config().is_given("optim.betas")  # built in code: every value counts as given
+
+
+def test_resume_config_applies_given_and_keeps_saved_values():
+    from gccpo.config import ConfigError, resume_config
+
+    saved = load_config(["--optim.lr", "1e-3", "--optim.weight_decay", "0.05", "--train.seed", "4"]).to_dict()
+    c = load_config(["--optim.lr", "5e-4"])
+    assert resume_config(c, saved, "ckpt") == ["optim.lr 0.001 -> 0.0005"]
+    assert c.optim.lr == 5e-4 and c.optim.weight_decay == 0.05 and c.train.seed == 4
+    with pytest.raises(ConfigError, match="train.seed 5 cannot change on resume"):
+        resume_config(load_config(["--train.seed", "5"]), saved, "ckpt")
