@@ -14,9 +14,9 @@ dtypes to the tracer. The §1 primitive has an autograd formula whose backward i
 Ops (``torch.ops.gccpo.<name>``): ``linear_logprobs``, ``linear_logprobs_backward``,
 ``counterfactual_divergence``, ``perturb_latents``, ``group_distribution_stats``,
 ``token_advantages``, ``episode_rewards``, and the policy loss's value checks ``checked_mask``,
-``finite_advantages``, ``masked_targets``. ``policy_loss`` is otherwise plain differentiable torch
-code that dynamo traces as it is, and ``fused_linear_policy_loss`` composes it with
-``linear_logprobs``: both compile with ``validate=True``.
+``finite_advantages``, ``masked_targets``, ``checked_loss_inputs``. ``policy_loss`` is otherwise
+plain differentiable torch code that dynamo traces as it is, and ``fused_linear_policy_loss``
+composes it with ``linear_logprobs``: both compile with ``validate=True``.
 
 Not traceable: a ``torch.Generator`` argument (dynamo cannot take one as a graph input), so
 ``perturb_latents(..., generator=g)`` runs outside a compiled region (it is a rollout-time,
@@ -37,7 +37,8 @@ from ._validation import out_dtype_for
 NAMESPACE = "gccpo"
 OPS: tuple[str, ...] = ("linear_logprobs", "linear_logprobs_backward", "counterfactual_divergence",
                         "perturb_latents", "group_distribution_stats", "token_advantages",
-                        "episode_rewards", "checked_mask", "finite_advantages", "masked_targets")
+                        "episode_rewards", "checked_mask", "finite_advantages", "masked_targets",
+                        "checked_loss_inputs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,3 +407,60 @@ def masked_targets(targets: torch.Tensor, mask: torch.Tensor, ignore_index: int)
     """``targets`` with ``ignore_index`` where ``mask`` is False, after checking that no unmasked
     target already is ``ignore_index``."""
     return torch.ops.gccpo.masked_targets(targets, mask, ignore_index)
+
+
+@torch.library.custom_op("gccpo::checked_loss_inputs", mutates_args=())
+def _checked_loss_inputs(mask: torch.Tensor, logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+                         ref_logp: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                         is_weights: Optional[torch.Tensor], normalizer: Optional[torch.Tensor],
+                         loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """A copy of the bool ``mask`` [B, T] after checking (one host sync) that logp, old_logp,
+    ref_logp, entropy ([B, T]) and is_weights ([B, 1] or [B, T]) are finite where the loss reads
+    them (unmasked tokens; for a [B, 1] value, rows with an unmasked token), that a tensor
+    ``normalizer`` is finite and > 0 and a tensor ``loss_scale`` finite."""
+    named = [("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
+             ("is_weights", is_weights)]
+    named = [(k, t) for k, t in named if t is not None]
+    bad = []
+    for _, t in named:
+        used = mask if t.shape[1] > 1 else mask.any(1, keepdim=True)
+        bad.append(~torch.isfinite(t) & used)
+    flags = [b.any() for b in bad]
+    scalars = [(k, v) for k, v in (("normalizer", normalizer), ("loss_scale", loss_scale)) if v is not None]
+    for k, v in scalars:
+        ok = torch.isfinite(v) & (v > 0) if k == "normalizer" else torch.isfinite(v)
+        flags.append(~ok.reshape(()))
+    if flags and any(torch.stack(flags).tolist()):
+        problems = []
+        for (k, t), b in zip(named, bad):
+            count = int(b.sum())
+            if count:
+                where = "unmasked tokens" if t.shape[1] > 1 else "rows with an unmasked token"
+                problems.append(f"{k} holds {count} NaN/inf value(s) on {where}")
+        for k, v in scalars:
+            value = float(v.reshape(()))
+            finite = value == value and abs(value) != float("inf")
+            if not finite or (k == "normalizer" and not value > 0):
+                need = "a finite number > 0" if k == "normalizer" else "finite"
+                problems.append(f"{k} must be {need}, got tensor value {value!r}")
+        raise ValueError("; ".join(problems) + " (validate=False skips this check and gives a NaN "
+                         "or wrong loss)")
+    return mask.clone()
+
+
+@_checked_loss_inputs.register_fake
+def _checked_loss_inputs_fake(mask, logp, old_logp, ref_logp, entropy, is_weights, normalizer,
+                              loss_scale):
+    return torch.empty_like(mask)
+
+
+def checked_loss_inputs(mask: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor | None,
+                        ref_logp: torch.Tensor | None, entropy: torch.Tensor | None,
+                        is_weights: torch.Tensor | None, normalizer: torch.Tensor | None,
+                        loss_scale: torch.Tensor | None) -> torch.Tensor:
+    """The bool ``mask`` (a copy) after the policy loss's finiteness checks of its float inputs
+    (see ``gccpo::checked_loss_inputs``); the inputs are read detached."""
+    det = lambda t: None if t is None else t.detach()  # noqa: E731
+    return torch.ops.gccpo.checked_loss_inputs(mask, logp.detach(), det(old_logp), det(ref_logp),
+                                               det(entropy), det(is_weights), det(normalizer),
+                                               det(loss_scale))

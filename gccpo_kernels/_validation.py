@@ -45,6 +45,9 @@ def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         )
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
+    if weight.shape[1] < 1:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} have D = 0 "
+                         "features: the LM head needs D >= 1")
     if hidden.dtype != weight.dtype:
         raise TypeError(
             f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; cast one of them"
@@ -89,13 +92,26 @@ def check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, ign
             )
 
 
-def check_finite(name: str, t: torch.Tensor, validate: bool) -> None:
-    """Raise when ``t`` holds NaN or +-inf (one pass and one host sync; skipped if not validate)."""
+def check_finite(name: str, t: torch.Tensor | None, validate: bool,
+                 hint: str = "check the model's forward") -> None:
+    """Raise when ``t`` holds NaN or +-inf (one pass and one host sync; skipped if not validate
+    or ``t`` is None)."""
     # max |t| propagates NaN and inf, costs one reduction and never overflows (a sum could);
     # isfinite(t).all() was 50x slower on the CPU build measured here
-    if validate and t.numel() > 0 and not bool(torch.isfinite(t.abs().amax())):
+    if validate and t is not None and t.numel() > 0 and not bool(torch.isfinite(t.abs().amax())):
         count = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or inf); check the model's forward")
+        raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or inf); {hint}")
+
+
+BIAS_HINT = ("an LM-head bias must be finite (a -inf entry to forbid a token is not supported: "
+             "restrict the vocabulary with answer_token_ids or slice the head instead)")
+
+
+def check_bias_finite(bias: torch.Tensor | None, validate: bool) -> None:
+    """Raise when the LM-head ``bias`` [V] holds NaN or +-inf (O(V), one host sync; skipped if not
+    validate). The weight [V, D] is not scanned (a pass over it would cost more than the op's
+    output check, which catches it)."""
+    check_finite("bias", bias, validate, BIAS_HINT)
 
 
 def check_answer_ids(answer_token_ids: torch.Tensor | None, vocab: int, device: torch.device,

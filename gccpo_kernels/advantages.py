@@ -78,14 +78,19 @@ def _check_options(eta: float, gamma: float, scale: str, eps: float) -> None:
 
 def _validate_values(outcome_rewards: torch.Tensor, episode_ids: torch.Tensor,
                      episode_rewards: torch.Tensor, old_logp: torch.Tensor | None,
-                     inside: torch.Tensor, surprise_weighting: bool) -> None:
-    """Range and finiteness checks on exactly what the computation reads: a few fused passes and
-    one host sync (nothing is compacted)."""
+                     inside: torch.Tensor, surprise_weighting: bool,
+                     mask: torch.Tensor | None = None) -> None:
+    """Range and finiteness checks on exactly what the computation reads, and the mask's values
+    (0 and 1 only, unless bool): a few fused passes and one host sync (nothing is compacted)."""
     k = episode_rewards.shape[1]
     dev = episode_ids.device
     in_ep = inside & (episode_ids >= 0)
+    not_01 = None
+    if mask is not None and mask.dtype != torch.bool:
+        not_01 = (mask != 0) & (mask != 1)
     flags = [(inside & ((episode_ids < -1) | (episode_ids >= k))).any(),
-             (~torch.isfinite(outcome_rewards)).any()]
+             (~torch.isfinite(outcome_rewards)).any(),
+             torch.zeros((), dtype=torch.bool, device=dev) if not_01 is None else not_01.any()]
     if surprise_weighting and old_logp is not None:
         flags.append((in_ep & ~torch.isfinite(old_logp)).any())
     else:
@@ -95,7 +100,11 @@ def _validate_values(outcome_rewards: torch.Tensor, episode_ids: torch.Tensor,
         counts = torch.where(in_ep, episode_ids.to(torch.int64), minus_one).amax(dim=1) + 1
         used = torch.arange(k, device=dev)[None, :] < counts[:, None]
         flags.append((used & ~torch.isfinite(episode_rewards)).any())
-    bad_ids, bad_out, bad_logp, *bad_rewards = torch.stack(flags).tolist()
+    bad_ids, bad_out, bad_mask, bad_logp, *bad_rewards = torch.stack(flags).tolist()
+    if bad_mask:
+        value = mask[not_01].flatten()[0].item()
+        raise ValueError(f"mask must hold only 0 and 1 (or be bool), found {value!r}; pass mask > 0 "
+                         "(or mask.bool()) for a completion mask")
     problems = []
     if bad_ids:
         wrong = inside & ((episode_ids < -1) | (episode_ids >= k))
@@ -130,7 +139,8 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
             with k >= the completion's episode count (1 + its largest id) are never read.
         old_logp: ``[B, T]`` float log-probs of the rollout policy (surprise s_t = -old_logp_t).
             May be None when ``surprise_weighting`` is False.
-        mask: ``[B, T]`` completion mask (bool, or 0/1 int/float); left or right padding.
+        mask: ``[B, T]`` completion mask (bool, or 0/1 int/float; other values raise
+            ValueError when ``validate``, complex raises TypeError); left or right padding.
         eta: weight of the process advantage; 0 gives GRPO's advantage exactly.
         gamma: discount of the return over later episodes of the same completion.
         scale: outcome advantage (r - mean_group) / (std_group + eps) (``"group"``), with the
@@ -139,7 +149,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
         normalize_returns: normalize the returns again over the group's episodes.
         eps: added to every std.
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
-        validate: check id ranges and finiteness of what is read (one host sync).
+        validate: check id ranges, mask values and finiteness of what is read (one host sync).
 
     Returns:
         ``[B, T]`` float32 (float64 when a float input is float64); 0 outside the mask, the outcome
@@ -170,6 +180,8 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     if not isinstance(mask, torch.Tensor) or mask.shape != (B, T):
         raise ValueError(f"mask must be a [B, T] = [{B}, {T}] tensor, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool or a 0/1 int/float tensor, got {mask.dtype}")
     if old_logp is None:
         if surprise_weighting:
             raise ValueError("old_logp is required when surprise_weighting=True")
@@ -203,7 +215,7 @@ def advantages_forward(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     inside = mask != 0
     if validate:
         _validate_values(outcome_rewards, episode_ids, episode_rewards, old_logp, inside,
-                         surprise_weighting)
+                         surprise_weighting, mask)
     if not surprise_weighting:
         old_logp = None
     opts = dict(eta=float(eta), gamma=float(gamma), scale=scale, surprise_weighting=surprise_weighting,

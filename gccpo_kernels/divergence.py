@@ -19,7 +19,8 @@ import torch
 from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
-from ._validation import check_answer_ids, check_finite, check_float, check_lm_head, out_dtype_for
+from ._validation import (check_answer_ids, check_bias_finite, check_finite, check_float,
+                          check_lm_head, out_dtype_for)
 from ._vocab_parallel import check_local_lm_head, check_total_vocab, local_answer_ids, vocab_shard
 from .linear_logprobs import check_outputs_finite
 
@@ -75,6 +76,8 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
     check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
+    if hidden.shape[1] < 1:
+        raise ValueError(f"hidden must have D >= 1 features, got shape {tuple(hidden.shape)}")
     if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int) or num_perturbations < 1:
         raise ValueError(f"num_perturbations must be an int >= 1, got {num_perturbations!r}")
     if mode not in MODES:
@@ -91,11 +94,12 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
         if group_index is None:
             raise ValueError("mode='sibling' needs group_index ([R] group id per row); pass "
                              "torch.zeros(R, dtype=torch.long) to treat all rows as one group")
-        if not isinstance(group_index, torch.Tensor) or group_index.shape != (r,) or \
-                group_index.dtype not in (torch.int64, torch.int32):
+        if not isinstance(group_index, torch.Tensor) or group_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"group_index must be an int64/int32 tensor of shape [{r}], got "
+                            f"{getattr(group_index, 'dtype', type(group_index).__name__)}")
+        if group_index.shape != (r,):
             raise ValueError(f"group_index must be an int64/int32 tensor of shape [{r}], got "
-                             f"{getattr(group_index, 'dtype', type(group_index))} "
-                             f"{tuple(getattr(group_index, 'shape', ()))}")
+                             f"{tuple(group_index.shape)}")
         if group_index.device != hidden.device:
             raise ValueError(f"group_index is on {group_index.device} but hidden is on {hidden.device}")
     else:
@@ -167,7 +171,9 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
         answer_token_ids: optional ``[K]`` distinct token ids; the distributions are renormalized
             over them (W and b are gathered to [K, D], [K]: cheap).
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
-        validate: check finiteness of hidden and deltas and the answer ids (one pass + host sync each).
+        validate: check finiteness of hidden, deltas and bias, the answer ids (one pass + host
+            sync each) and the outputs. R = 0 or M = 0 give an empty [R, M] result; D = 0 and
+            V = 0 raise ValueError.
         process_group: vocabulary parallelism (docs/vocab_parallel.md): a ``torch.distributed``
             group, or ``True`` for the default group, or None (default: one device). Every rank
             passes the same hidden, deltas and answer ids (global token ids) and its contiguous
@@ -219,16 +225,19 @@ def divergence_forward(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch
     check_answer_ids(answer_token_ids, weight.shape[0], hidden.device, validate)
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
+    check_bias_finite(bias, validate)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         bias = None if bias is None else bias.contiguous()
         if name == "reference":
             from . import reference
 
-            return reference.counterfactual_divergence(
+            out = reference.counterfactual_divergence(
                 hidden, weight, deltas, bias=bias, temperature=params.temperature,
                 logit_scale=params.logit_scale, softcap=params.softcap, kind=kind,
                 answer_token_ids=answer_token_ids).to(out_dtype)
+            check_outputs_finite("counterfactual_divergence", (out,), validate)
+            return out
         w, b = restrict_head(weight, bias, answer_token_ids)
         w = w if w.is_contiguous() else w.contiguous()
         h = hidden if hidden.is_contiguous() else hidden.contiguous()
@@ -281,6 +290,7 @@ def _divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor, deltas: torc
     check_answer_ids(answer_token_ids, shard.total, hidden.device, validate)
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
+    check_bias_finite(bias, validate)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()

@@ -15,7 +15,8 @@ import torch
 from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams, restrict_head
-from ._validation import check_answer_ids, check_finite, check_lm_head, out_dtype_for
+from ._validation import (check_answer_ids, check_bias_finite, check_finite, check_lm_head,
+                          out_dtype_for)
 from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab, local_answer_ids,
                               vocab_shard)
 from .linear_logprobs import check_outputs_finite
@@ -117,7 +118,9 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
         num_groups: G for ``group_ids`` (default max id + 1; larger values add empty groups).
         answer_token_ids: optional ``[K]`` distinct token ids to restrict and renormalize over.
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
-        validate: check finiteness of hidden and the answer ids (group layouts are always checked).
+        validate: check finiteness of hidden, bias and the outputs, and the answer ids (group
+            layouts are always checked). R = 0 rows give empty per-row outputs and zeros for
+            the G groups (all empty); D = 0 and V = 0 raise ValueError.
         process_group: vocabulary parallelism (docs/vocab_parallel.md): a ``torch.distributed``
             group, or ``True`` for the default group, or None (default: one device). Every rank
             passes the same hidden, group layout and answer ids (global token ids) and its
@@ -193,6 +196,7 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
     check_answer_ids(answer_token_ids, weight.shape[0] if shard is None else shard.total,
                      hidden.device, validate)
     check_finite("hidden", hidden, validate)
+    check_bias_finite(bias, validate)
     out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         bias = None if bias is None else bias.contiguous()
@@ -200,8 +204,9 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
             from . import reference
 
             num_g = len(offsets) - 1
+            # dtype given: an empty list (G = 0) would make a float tensor
             sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_g)],
-                                 device=hidden.device)
+                                 dtype=torch.long, device=hidden.device)
             ids = torch.repeat_interleave(torch.arange(num_g, device=hidden.device), sizes)
             if order is not None:
                 ids = torch.empty_like(ids).scatter_(0, order, ids)
@@ -212,7 +217,9 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
             else:
                 outs = reference.group_distribution_stats_sharded(hidden, weight, ids, num_g, shard,
                                                                   **kw)
-            return tuple(t.to(out_dtype) for t in outs)
+            outs = tuple(t.to(out_dtype) for t in outs)
+            check_outputs_finite("group_distribution_stats", outs, validate)
+            return outs
         if shard is not None:
             answer_token_ids = local_answer_ids(shard, answer_token_ids)
         w, b = restrict_head(weight, bias, answer_token_ids)

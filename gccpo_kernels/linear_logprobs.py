@@ -22,7 +22,8 @@ import torch
 from . import _ops
 from ._backend import resolve_backend
 from ._logits import LogitParams
-from ._validation import check_finite, check_lm_head, check_logit_params, check_targets, out_dtype_for
+from ._validation import (check_bias_finite, check_finite, check_lm_head, check_logit_params,
+                          check_targets, out_dtype_for)
 from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab,
                               combine_softmax_stats, vocab_shard)
 
@@ -48,6 +49,7 @@ def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     check_targets(targets, targets.shape, weight.shape[0], ignore_index, validate, hidden.device)
     check_finite("hidden", hidden, validate)
+    check_bias_finite(bias, validate)
     impl = _impl(backend)
     n = hidden.shape[0]
     rows = _kept_rows(targets, ignore_index)
@@ -88,19 +90,20 @@ def check_outputs_finite(op: str, outputs: tuple[torch.Tensor, ...], validate: b
     """Raise when an op produced NaN or inf from finite hidden states (one reduction and one host
     sync per call; skipped when not ``validate``).
 
-    With the inputs checked finite, a non-finite output means the logits overflowed the compute
-    dtype (|logit_scale * (W h + b) / temperature| above 3.4e38 in float32, e.g. hidden states
-    near the bfloat16 limits times an O(1) weight) or the weight or bias hold NaN / inf (they are
-    not scanned: a pass over V x D per call would cost more than the op's output check).
+    With the inputs checked finite (hidden, deltas and the bias are scanned), a non-finite
+    output means the logits overflowed the compute dtype (|logit_scale * (W h + b) /
+    temperature| above 3.4e38 in float32, e.g. hidden states near the bfloat16 limits times an
+    O(1) weight) or the weight holds NaN / inf (it is not scanned: a pass over V x D per call
+    would cost more than the op's output check).
     """
     if not validate:
         return
     bad = [t for t in outputs if t.numel() > 0]
     if bad and not bool(torch.stack([torch.isfinite(t.abs().amax()) for t in bad]).all()):
         raise ValueError(
-            f"{op} produced NaN or inf from finite hidden states: the logits "
+            f"{op} produced NaN or inf from finite hidden states and bias: the logits "
             "logit_scale * (W h + b) / temperature overflowed the compute dtype (float32 for "
-            "16/32-bit inputs: |logit| > 3.4e38), or weight / bias hold NaN or inf; scale the "
+            "16/32-bit inputs: |logit| > 3.4e38), or weight holds NaN or inf; scale the "
             "hidden states or the weight down, or raise the temperature")
 
 
@@ -163,6 +166,7 @@ def forward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     check_targets(targets, targets.shape, shard.total, ignore_index, validate, hidden.device)
     check_finite("hidden", hidden, validate)
+    check_bias_finite(bias, validate)
     n = hidden.shape[0]
     cd = out_dtype_for(hidden.dtype)
     rows = _kept_rows(targets, ignore_index)
@@ -336,7 +340,10 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         ignore_index: rows with this target give logp = entropy = 0, no gradient, and no matmul.
         return_entropy: also return the entropy (else ``None``, and its work is skipped in backward).
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
-        validate: check target ranges and finiteness of hidden (one pass + one host sync each).
+        validate: check target ranges and finiteness of hidden and bias (one pass + one host sync
+            each) and of the outputs (logits that overflow, a weight holding NaN / inf).
+            Shapes and dtypes are always checked (D = 0 and V = 0 raise ValueError); N = 0 rows
+            give empty outputs and zero gradients.
         process_group: vocabulary parallelism (docs/vocab_parallel.md). None (default): weight is
             the whole head. A ``torch.distributed`` process group (or ``True`` for the default
             group): every rank passes the hidden rows and targets of ALL tokens (the same on
@@ -375,10 +382,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
         check_targets(targets, lead, vocab, ignore_index, validate, hidden.device)
         check_finite("hidden", hidden, validate)
+        check_bias_finite(bias, validate)
 
         logp, entropy = reference.linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
             softcap=softcap, ignore_index=ignore_index, dtype=out_dtype_for(hidden.dtype))
+        check_outputs_finite("fused_linear_logprobs", (logp.detach(), entropy.detach()), validate)
         return logp, (entropy if return_entropy else None)
     # the kernels index rows, targets and bias with unit strides: make every operand dense
     h2 = hidden.reshape(-1, dim).contiguous()

@@ -268,6 +268,8 @@ def _as_mask(mask: torch.Tensor, shape: torch.Size, validate: bool) -> torch.Ten
 
 def _check_scalar(name: str, value) -> None:
     if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got {value.dtype}")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         return
@@ -299,14 +301,15 @@ def _aggregate(values: torch.Tensor, m: torch.Tensor, count_rows: torch.Tensor, 
     if mode == "token-mean":
         den = count_rows.sum().clamp(min=1) if normalizer is None else normalizer
         return vals.sum() / den
-    rows = (count_rows > 0).sum().clamp(min=1) if cfg.skip_empty_rows else b
+    # max(., 1): an empty batch (B = 0 or T = 0) sums to 0 and gives loss 0, never 0 / 0
+    rows = (count_rows > 0).sum().clamp(min=1) if cfg.skip_empty_rows else max(b, 1)
     if mode == "seq-mean-token-mean":
         num = (vals.sum(1) / count_rows.clamp(min=1)).sum()
         den = rows
     elif mode == "seq-mean-token-sum":
         num, den = vals.sum(), rows
     else:  # seq-mean-token-sum-norm
-        horizon = t if cfg.max_len is None else cfg.max_len
+        horizon = max(t, 1) if cfg.max_len is None else cfg.max_len
         num, den = vals.sum(), (rows * horizon if cfg.sum_norm_rows else horizon)
     return num / (den if normalizer is None else normalizer)
 
@@ -318,14 +321,16 @@ def _stat(x: torch.Tensor, m: torch.Tensor, mf: torch.Tensor, tokens: torch.Tens
     Built from device-side ops only (no tensor from a host value), so it never synchronises.
     """
     x = x.to(mf.dtype)
+    # a maximum over nothing (B = 0 or T = 0, or every token masked) is -inf with count 0
+    floor = x.new_full((1,), -math.inf)
     if x.shape[1] == 1:
-        value = x.sum() if reduce == "sum" else x.amax()
+        value = x.sum() if reduce == "sum" else torch.cat([x.reshape(-1), floor]).amax()
         return torch.stack([value, torch.full_like(value, float(x.shape[0]))])
     xb = x.expand(m.shape)
     if reduce == "sum":
         value = torch.where(m, xb, 0.0).sum()
     else:
-        value = torch.where(m, xb, -math.inf).amax()
+        value = torch.cat([torch.where(m, xb, -math.inf).reshape(-1), floor]).amax()
     return torch.stack([value, tokens])
 
 
@@ -352,7 +357,15 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
         normalizer: replaces the aggregation's denominator (token count, row count or rows*L),
             e.g. a global token count across processes; number or one-element tensor (no sync).
         loss_scale: multiplies the result (e.g. 1 / gradient-accumulation steps).
-        validate: check mask values and advantages for NaN (one host sync each); shapes always.
+        validate: value checks (a few host syncs, each inside a custom op: no graph break under
+            torch.compile): mask values are 0/1; logp, old_logp, ref_logp, entropy, is_weights
+            and advantages are finite where they are read (unmasked tokens; rows with an
+            unmasked token for a per-row value); a tensor normalizer is finite and > 0, a tensor
+            loss_scale finite. A failure raises ValueError naming the argument. Shapes, dtypes
+            and devices are always checked.
+
+    Empty batches (B = 0 or T = 0) give loss 0 with zero gradients and zero-count metrics, as
+    a batch whose every token is masked.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 (float64 for float64 logp) loss and a dict of
@@ -397,6 +410,19 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     _check_scalar("loss_scale", loss_scale)
 
     cd = out_dtype_for(logp.dtype)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(device=logp.device, dtype=cd).reshape(())
+    if isinstance(loss_scale, torch.Tensor):
+        loss_scale = loss_scale.to(device=logp.device, dtype=cd).reshape(())
+    if validate:
+        # NaN / inf where the loss reads logp, old_logp, ref_logp, entropy or is_weights, and a
+        # tensor normalizer <= 0 or non-finite, raise (in a custom op: no graph break when compiled)
+        from ._ops import checked_loss_inputs
+
+        m = checked_loss_inputs(
+            m, logp, old_logp, ref_logp, entropy, None if is_weights is None else _as_2d(is_weights, cd),
+            normalizer if isinstance(normalizer, torch.Tensor) else None,
+            loss_scale if isinstance(loss_scale, torch.Tensor) else None)
     zero = logp.new_zeros((), dtype=cd)
     mf = m.to(cd)
     count_rows = mf.sum(1)  # [B]
@@ -411,10 +437,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
         adv = finite_advantages(adv, _used(m, adv))
     else:
         adv = torch.where(_used(m, adv), adv, zero)
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(device=logp.device, dtype=cd).reshape(())
-    if isinstance(loss_scale, torch.Tensor):
-        loss_scale = loss_scale.to(device=logp.device, dtype=cd).reshape(())
 
     lp = logp.to(cd)
     old = lp.detach() if old_logp is None else old_logp.to(cd)
@@ -553,7 +575,9 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
             :func:`policy_loss`.
         temperature, logit_scale, softcap: the logit transform of SPEC §1.
         backend: ``"triton"`` / ``"torch"`` / ``"reference"`` / None (automatic) for the primitive.
-        validate: value checks (targets, hidden finiteness, mask values, NaN advantages).
+        validate: value checks (targets, hidden / bias finiteness, mask values, and every
+            check of :func:`policy_loss`). Empty batches (B = 0 or T = 0): loss 0, empty
+            ``[B, T]`` logp / entropy, zero gradients.
         process_group: vocabulary parallelism, passed to :func:`gccpo_kernels.fused_linear_logprobs`
             (docs/vocab_parallel.md): ``weight`` / ``bias`` are this rank's slice, every other
             input holds all tokens and is the same on every rank; the loss, logp, entropy and

@@ -235,18 +235,20 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
         total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=dtype)
         n_tokens = sum(row_sizes)
         rows = sum(1 for n in row_sizes if n > 0) if c.skip_empty_rows else n_rows
-        rows = max(rows, 1) if c.skip_empty_rows else rows
+        # an empty batch (B = 0 or T = 0) sums to 0: loss 0, never 0 / 0
+        rows = max(rows, 1)
         if mode == "token-sum":
             return total
         if mode == "token-mean":
             return total / (max(n_tokens, 1) if norm is None else norm)
         if mode == "seq-mean-token-mean":
-            means = torch.stack([s / max(n, 1) for s, n in zip(sums, row_sizes)]).sum()
+            means = [s / max(n, 1) for s, n in zip(sums, row_sizes)]
+            means = torch.stack(means).sum() if means else torch.zeros((), dtype=dtype)
             return means / (rows if norm is None else norm)
         if mode == "seq-mean-token-sum":
             return total / (rows if norm is None else norm)
         assert mode == "seq-mean-token-sum-norm", mode
-        length = horizon if c.max_len is None else c.max_len
+        length = max(horizon, 1) if c.max_len is None else c.max_len
         return total / ((rows * length if c.sum_norm_rows else length) if norm is None else norm)
 
     loss = aggregate(row_terms, c.loss_agg, normalizer)

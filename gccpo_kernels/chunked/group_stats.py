@@ -41,6 +41,8 @@ MIN_CHUNK_ROWS = 128
 
 def segment_mean(values: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` [R] (sorted by segment) over segments of ``sizes`` [G]; 0 when empty."""
+    if values.numel() == 0:  # R = 0 (segment_reduce rejects an empty input): every group empty
+        return values.new_zeros(sizes.shape[0])
     sums = torch.segment_reduce(values, "sum", lengths=sizes, initial=0)
     return sums / sizes.clamp_min(1).to(values.dtype)
 

@@ -14,10 +14,19 @@ Every public op, every backend where the input reaches it.
 - non-contiguous and expanded (stride-0) tensors: the same result as dense copies, bit for bit.
 - mixed devices (CPU with a 'meta' tensor standing in for a second device): ValueError naming
   the devices, for every tensor argument of every op.
+- policy_loss: NaN / inf in logp, old_logp, ref_logp, entropy or is_weights where read, a tensor
+  normalizer <= 0 / NaN / inf, a tensor loss_scale NaN / inf: ValueError naming it (inside the op
+  gccpo::checked_loss_inputs, so it compiles without graph breaks); masked garbage is ignored.
+- a non-finite LM-head bias: ValueError naming the bias; D = 0: ValueError; the reference
+  backend's outputs are checked as the fast backends' are; token_advantages rejects masks that
+  are not 0/1 (ValueError) or complex (TypeError).
+- empty inputs: the empty answer (a loss of 0 with zero gradients), never a crash.
+The matrix of every op x argument x hostile input is tests/kernels/test_hostile_suite.py.
 """
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -294,3 +303,263 @@ def test_mixed_devices_raise_clear_errors():
     with pytest.raises(ValueError, match=match):
         gk.fused_linear_policy_loss(h.reshape(1, 4, 8), w, y.reshape(1, 4), torch.ones(1, device=DEVICE),
                                     meta(torch.ones(1, 4, dtype=torch.bool)))
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_loss: every float input, the normalizer and loss_scale
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss_inputs(dtype: torch.dtype = F64) -> dict:
+    g = torch.Generator().manual_seed(21)
+    r = lambda *s: torch.rand(*s, generator=g, dtype=F64).to(dtype).to(DEVICE)  # noqa: E731
+    logp = -2 * r(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
+    mask[1, 3:] = False
+    mask[2] = False  # a row without tokens: its [B] values are never read
+    return dict(logp=logp, old_logp=logp + 0.2 * (r(3, 5) - 0.5), advantages=2 * r(3) - 1, mask=mask,
+                ref_logp=logp + 0.2 * (r(3, 5) - 0.5), entropy=2 * r(3, 5), is_weights=0.5 + r(3, 5))
+
+
+_LOSS_CFG = gk.PolicyLossConfig(beta=0.04, entropy_coef=0.01)
+
+
+@pytest.mark.parametrize("name", ["logp", "old_logp", "ref_logp", "entropy", "is_weights", "is_weights[B]"])
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf"), float("inf")])
+def test_policy_loss_checks_every_float_input(name, bad):
+    """NaN / inf where the loss reads an input raises, naming it; on masked tokens (a row without
+    tokens for a [B] value) it is ignored: the loss and its gradients equal the clean ones."""
+    kw = _loss_inputs()
+    arg = name.split("[")[0]
+    if name == "is_weights[B]":
+        kw["is_weights"] = kw["is_weights"][:, 0].contiguous()
+    read, unread = ((0,), (2,)) if kw[arg].dim() == 1 else ((0, 1), (1, 4))
+
+    def run(inputs):
+        inputs = dict(inputs)
+        logp = inputs.pop("logp").clone().requires_grad_()
+        loss, _ = gk.policy_loss(logp, inputs.pop("old_logp"), inputs.pop("advantages"), inputs.pop("mask"),
+                                 config=_LOSS_CFG, **inputs)
+        loss.backward()
+        return loss, logp.grad
+
+    clean = run(kw)
+    dirty = dict(kw, **{arg: kw[arg].clone()})
+    dirty[arg][read] = bad
+    with pytest.raises(ValueError, match=rf"^{arg} holds 1 NaN/inf"):
+        run(dirty)
+    ignored = dict(kw, **{arg: kw[arg].clone()})
+    ignored[arg][unread] = bad
+    got = run(ignored)
+    assert torch.equal(got[0], clean[0]) and torch.equal(got[1], clean[1])
+    # the fused loss runs the same checks on what it is given
+    if arg in ("old_logp", "ref_logp", "is_weights"):
+        h, w, _ = head(15, 8, 30, dtype=F64)
+        y = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(22)).to(DEVICE)
+        with pytest.raises(ValueError, match=rf"{arg} holds"):
+            gk.fused_linear_policy_loss(h.reshape(3, 5, 8), w, y, kw["advantages"], kw["mask"], config=_LOSS_CFG,
+                                        **{k: dirty[k] for k in ("old_logp", "ref_logp", "is_weights")},
+                                        backend="torch")
+
+
+@pytest.mark.parametrize("value", [-5.0, 0.0, float("nan"), float("inf"), -float("inf")])
+def test_tensor_normalizer_and_loss_scale_are_checked(value):
+    """A tensor normalizer of -5 used to flip the loss's sign, 0 gave inf, NaN gave NaN (a Python
+    0 was already rejected); now a tensor is checked as a number is."""
+    kw = _loss_inputs()
+    run = lambda **extra: gk.policy_loss(**kw, config=_LOSS_CFG, **extra)[0]  # noqa: E731
+    for normalizer in (torch.tensor(value), torch.tensor([value], dtype=torch.float32), value):
+        with pytest.raises(ValueError, match="normalizer must be"):
+            run(normalizer=normalizer)
+    if not math.isfinite(value):
+        for loss_scale in (torch.tensor(value), value):
+            with pytest.raises(ValueError, match="loss_scale must be"):
+                run(loss_scale=loss_scale)
+    else:  # finite: any sign is a valid loss scale
+        assert torch.equal(run(loss_scale=torch.tensor(value)), run(loss_scale=value))
+    good = run(normalizer=torch.tensor(7.0))
+    assert torch.allclose(good, run(normalizer=7.0))
+
+
+def test_policy_loss_input_checks_compile_without_graph_breaks():
+    """The new checks are the op ``gccpo::checked_loss_inputs``: policy_loss compiles with
+    fullgraph=True and validate=True, the graph calls the op, and a NaN old_logp or a bad tensor
+    normalizer still raises from the compiled function."""
+    kw = _loss_inputs(torch.float32)
+    names = []
+
+    def backend(gm, example_inputs):
+        names.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def fn(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, normalizer):
+        return gk.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
+                              is_weights=is_weights, normalizer=normalizer, config=_LOSS_CFG)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    args = dict(kw, normalizer=torch.tensor(6.0))
+    torch.testing.assert_close(compiled(**args), fn(**args))
+    assert any("checked_loss_inputs" in n for n in names), names
+    bad = kw["old_logp"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="old_logp holds"):
+        compiled(**dict(args, old_logp=bad))
+    with pytest.raises(ValueError, match="normalizer must be"):
+        compiled(**dict(args, normalizer=torch.tensor(-5.0)))
+    torch._dynamo.reset()
+
+
+def test_opcheck_checked_loss_inputs():
+    kw = _loss_inputs(torch.float32)
+    args = (kw["mask"], kw["logp"], kw["old_logp"], kw["ref_logp"], kw["entropy"], kw["is_weights"][:, :1],
+            torch.tensor(3.0), None)
+    torch.library.opcheck(torch.ops.gccpo.checked_loss_inputs.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the LM head: a non-finite bias, D = 0, the reference backend's output check
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-float("inf"), float("nan"), float("inf")])
+def test_non_finite_bias_is_named(backend, bad):
+    """A -inf bias entry gave NaN entropy and an error blaming overflow; every op now names the
+    bias (validate=True)."""
+    dtype = dtype_for(backend)
+    h, w, b = head(6, 16, 40, dtype=dtype)
+    b = b.clone()
+    b[7] = bad
+    y = torch.tensor([1, 7, 3, 0, 39, 8], device=DEVICE)
+    dl = 0.1 * torch.randn(6, 2, 16, generator=torch.Generator().manual_seed(23), dtype=F64).to(dtype).to(DEVICE)
+    calls = [
+        lambda: gk.fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend),
+        lambda: gk.fused_linear_policy_loss(h.reshape(2, 3, 16), w, y.reshape(2, 3), torch.ones(2, dtype=dtype,
+                                            device=DEVICE), torch.ones(2, 3, dtype=torch.bool, device=DEVICE),
+                                            bias=b, backend=backend),
+        lambda: gk.counterfactual_divergence(h, w, dl, bias=b, backend=backend),
+        lambda: gk.group_distribution_stats(h, w, group_offsets=torch.tensor([0, 2, 6], device=DEVICE), bias=b,
+                                            backend=backend),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"bias holds 1 non-finite"):
+            call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_feature_dimension_raises(backend):
+    """D = 0 used to fail with a reshape error: now a ValueError naming hidden and weight."""
+    h, w = torch.zeros(4, 0, device=DEVICE), torch.zeros(5, 0, device=DEVICE)
+    y = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    calls = [
+        lambda: gk.fused_linear_logprobs(h, w, y, backend=backend),
+        lambda: gk.fused_linear_policy_loss(h.reshape(2, 2, 0), w, y.reshape(2, 2), torch.ones(2, device=DEVICE),
+                                            torch.ones(2, 2, dtype=torch.bool, device=DEVICE), backend=backend),
+        lambda: gk.counterfactual_divergence(h, w, torch.zeros(4, 2, 0, device=DEVICE), backend=backend),
+        lambda: gk.group_distribution_stats(h, w, group_offsets=torch.tensor([0, 4], device=DEVICE), backend=backend),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"hidden .* and weight .* have D = 0 features"):
+            call()
+    with pytest.raises(ValueError, match="D >= 1"):
+        gk.perturb_latents(h, 2)
+
+
+def test_reference_backend_checks_its_outputs():
+    """validate=True: outputs that overflow raise on the reference backend as on the fast ones
+    (the check used to be skipped there)."""
+    h, w, _ = head(4, 8, 20, dtype=F64)
+    h = h * 1e160
+    w = w * 1e160  # logits ~1e320: beyond float64
+    dl = 0.1 * torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(24), dtype=F64).to(DEVICE)
+    y = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    calls = [
+        lambda v: gk.fused_linear_logprobs(h, w, y, return_entropy=True, backend="reference", validate=v),
+        lambda v: (gk.counterfactual_divergence(h, w, dl, backend="reference", validate=v),),
+        lambda v: tuple(gk.group_distribution_stats(h, w, group_offsets=torch.tensor([0, 4], device=DEVICE),
+                                                    backend="reference", validate=v)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="produced NaN or inf"):
+            call(True)
+        assert not all(bool(torch.isfinite(t).all()) for t in call(False))  # what validate=True caught
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_advantages_rejects_non_binary_masks(backend):
+    """A mask of 0.5 (or 2, or -1) and a complex mask used to be taken as "!= 0"."""
+    batch = on(make_batch(25, B=4, T=10, K=3), backend, float_dtype=dtype_for(backend))
+    for value in (0.5, 2.0, -1.0):
+        mask = batch["mask"].to(torch.float32)
+        mask[0, 0] = value
+        with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+            gk.token_advantages(**dict(batch, mask=mask), backend=backend)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        gk.token_advantages(**dict(batch, mask=batch["mask"].to(torch.complex64)), backend=backend)
+    as_float = gk.token_advantages(**dict(batch, mask=batch["mask"].to(torch.float32)), backend=backend)
+    assert torch.equal(as_float, gk.token_advantages(**batch, backend=backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# empty inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    """docs/guarantees.md §5 "Empty inputs": the empty answer (a loss of 0 with zero gradients),
+    never a crash; D = 0 and V = 0 raise (test_zero_feature_dimension_raises)."""
+    dtype = dtype_for(backend)
+    _, w, b = head(1, 8, 20, dtype=dtype)
+    # §2: B = 0 and T = 0, plain (every aggregation) and fused
+    for bsz, t in ((0, 4), (3, 0), (0, 0)):
+        for agg in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+            logp = torch.zeros(bsz, t, dtype=dtype, device=DEVICE, requires_grad=True)
+            loss, metrics = gk.policy_loss(logp, None, torch.zeros(bsz, dtype=dtype, device=DEVICE),
+                                           torch.ones(bsz, t, dtype=torch.bool, device=DEVICE),
+                                           config=gk.PolicyLossConfig(loss_agg=agg))
+            loss.backward()
+            assert loss.item() == 0.0 and logp.grad.shape == (bsz, t) and not bool(logp.grad.any())
+            reduced = gk.reduce_metrics(metrics)
+            assert reduced["ratio_mean"] == 0.0 and math.isnan(reduced["ratio_max"])
+        h = torch.zeros(bsz, t, 8, dtype=dtype, device=DEVICE, requires_grad=True)
+        wg = w.clone().requires_grad_()
+        out = gk.fused_linear_policy_loss(h, wg, torch.zeros(bsz, t, dtype=torch.long, device=DEVICE),
+                                          torch.zeros(bsz, dtype=dtype, device=DEVICE),
+                                          torch.ones(bsz, t, dtype=torch.bool, device=DEVICE), bias=b, backend=backend)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and out.logp.shape == out.entropy.shape == (bsz, t)
+        assert h.grad.shape == h.shape and not bool(wg.grad.any())
+    # §1: no rows
+    logp, ent = gk.fused_linear_logprobs(torch.zeros(2, 0, 8, dtype=dtype, device=DEVICE), w,
+                                         torch.zeros(2, 0, dtype=torch.long, device=DEVICE), bias=b,
+                                         return_entropy=True, backend=backend)
+    assert logp.shape == ent.shape == (2, 0)
+    # §3
+    h0 = torch.zeros(0, 8, dtype=dtype, device=DEVICE)
+    assert gk.perturb_latents(h0, 3).shape == (0, 3, 8)
+    assert gk.counterfactual_divergence(h0, w, torch.zeros(0, 2, 8, dtype=dtype, device=DEVICE),
+                                        backend=backend).shape == (0, 2)
+    h3, _, _ = head(3, 8, 1, dtype=dtype)
+    assert gk.counterfactual_divergence(h3, w, torch.zeros(3, 0, 8, dtype=dtype, device=DEVICE),
+                                        backend=backend).shape == (3, 0)
+    # §4: R = 0 with G = 0, 2 (offsets) and 0, 3 (ids)
+    for layout, groups in ((dict(group_offsets=torch.tensor([0], device=DEVICE)), 0),
+                           (dict(group_offsets=torch.tensor([0, 0, 0], device=DEVICE)), 2),
+                           (dict(group_ids=torch.zeros(0, dtype=torch.long, device=DEVICE)), 0),
+                           (dict(group_ids=torch.zeros(0, dtype=torch.long, device=DEVICE), num_groups=3), 3)):
+        stats = gk.group_distribution_stats(h0, w, bias=b, backend=backend, **layout)
+        assert [t.shape[0] for t in stats] == [0, 0, groups, groups, groups]
+        assert not any(bool(t.any()) for t in stats)
+    # §5-§6
+    assert gk.episode_rewards(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 3)
+    for bsz, t in ((0, 5), (3, 0), (0, 0)):
+        adv = gk.token_advantages(torch.zeros(bsz, dtype=dtype, device=DEVICE),
+                                  torch.zeros(bsz, dtype=torch.long, device=DEVICE),
+                                  torch.zeros(bsz, t, dtype=torch.long, device=DEVICE),
+                                  torch.zeros(bsz, 2, dtype=dtype, device=DEVICE),
+                                  torch.zeros(bsz, t, dtype=dtype, device=DEVICE),
+                                  torch.ones(bsz, t, dtype=torch.bool, device=DEVICE), backend=backend)
+        assert adv.shape == (bsz, t)
