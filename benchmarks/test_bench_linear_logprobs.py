@@ -1,7 +1,7 @@
 """Benchmark of SPEC §1 (fused log-probs + entropy) against the naive eager path and the peers.
 
 CPU target (issue 2), N=2048, D=512, V=32000 fp32, forward + backward of logp and entropy:
-at most 0.95x the naive time and at most 12% of its peak memory growth. Each benchmark records in
+at most 0.9x the naive time (issue 18; 0.95x in issue 2) and at most 12% of its peak memory growth. Each benchmark records in
 extra_info the median times of every path that runs here, our ratio against each, and (for
 forward + backward) the peak RSS growth of each path measured in a clean subprocess.
 
@@ -166,5 +166,81 @@ def test_forward_backward(benchmark):
         info["liger"] = "not run: Liger's fused linear cross-entropy is a Triton kernel (needs CUDA)"
     benchmark.extra_info.update(info)
     if DEVICE.type == "cpu" and (N, D, V) == (2048, 512, 32000):
-        assert ours <= 0.95 * times["naive"], info
+        assert ours <= 0.90 * times["naive"], info
         assert info["memory_ratio_vs_naive"] <= 0.12, info
+
+
+# ------------------------------------------------------------------------------------------------
+# per-token NLL (no entropy): PyTorch's own chunked linear_cross_entropy as a peer (issue 18)
+# ------------------------------------------------------------------------------------------------
+
+def naive_nll(h, w, y):
+    return torch.nn.functional.cross_entropy((h @ w.T).float(), y, reduction="none")
+
+
+def torch_chunked_nll(h, w, y):
+    """torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (torch >= 2.13:
+    the batch processed in chunks, logits never materialized whole)."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    return torch.nn.functional.linear_cross_entropy(h, w, y, reduction="none",
+                                                    options=LinearCrossEntropyOptions())
+
+
+def ours_nll(h, w, y):
+    return -fused_linear_logprobs(h, w, y)[0]
+
+
+NLL_PATHS = {"naive_ce": naive_nll, "torch_linear_ce": torch_chunked_nll, "ours": ours_nll}
+
+
+def _torch_lce_available() -> bool:
+    return hasattr(torch.nn, "LinearCrossEntropyOptions") and hasattr(torch.nn.functional,
+                                                                     "linear_cross_entropy")
+
+
+def nll_workload(path: str, n: int, d: int, v: int):
+    """Factory for peak_rss_growth: per-token NLL forward + backward of one path."""
+    h, w, y = _inputs(n, d, v)
+    h.grad, w.grad = torch.zeros_like(h), torch.zeros_like(w)
+
+    def run():
+        NLL_PATHS[path](h, w, y).sum().backward()
+
+    return run
+
+
+def test_nll_forward_backward(benchmark):
+    """Per-token NLL forward + backward, against naive cross-entropy and PyTorch's chunked
+    linear_cross_entropy. Issue 18 asks to beat PyTorch's on time (asserted) and memory (not met
+    on the CPU yet: recorded in extra_info, not asserted)."""
+    h, w, y = _inputs()
+    paths = [p for p in NLL_PATHS if p != "torch_linear_ce" or _torch_lce_available()]
+
+    def make(fn):
+        def run():
+            h.grad = w.grad = None
+            fn(h, w, y).sum().backward()
+        return run
+
+    runs = {p: make(NLL_PATHS[p]) for p in paths}
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for i in range(3):  # interleaved rounds
+        for p in paths:
+            times[p].append(median_time(runs[p], repeats=1, warmup=1 if i == 0 else 0))
+    med = {p: sorted(t)[1] for p, t in times.items()}
+    benchmark.pedantic(runs["ours"], rounds=1, iterations=1)
+    info = {"shape": [N, D, V], "dtype": str(DTYPE), "device": str(DEVICE), "median_s": med,
+            **ratio_info(med["ours"], {p: med[p] for p in paths if p != "ours"})}
+    if not _torch_lce_available():
+        info["torch_linear_ce"] = "not run: torch.nn.LinearCrossEntropyOptions needs torch >= 2.13"
+    if DEVICE.type == "cpu":
+        growth = {p: peak_rss_growth(f"{HERE}:nll_workload", path=p, n=N, d=D, v=V,
+                                     warmup=dict(n=8, d=16, v=64)) for p in paths}
+        info["peak_rss_growth_mib"] = {p: round(g / 2**20, 1) for p, g in growth.items()}
+    benchmark.extra_info.update(info)
+    print(info)
+    if DEVICE.type == "cpu" and (N, D, V) == (2048, 512, 32000) and _torch_lce_available():
+        assert info["ratio_vs_torch_linear_ce"] < 1.0, info
+        # memory: ours is above PyTorch's here (+103 vs +72 MiB: our 32 MiB CPU workspace against
+        # its few MiB); issue 18 asks for less, not met yet (RESULTS.md), so not asserted

@@ -5,12 +5,16 @@ TRL's ``dapo`` loss with beta = 0.04 (k3 KL to given reference log-probs, no bia
 Liger computes it), eps 0.2 / 0.28, off-policy old log-probs, every token unmasked (masked tokens
 would favour us: we skip their matmuls, the others do not).
 
-- ours:  ``fused_linear_policy_loss`` (backend torch: the chunked primitive + policy_loss)
+- ours:  ``fused_linear_policy_loss`` (backend torch: the gradient computed in the forward, one
+         pass over the logits, 6NVD GEMM FLOPs; ``gccpo_kernels.loss_in_forward``)
+- composed: the same call forced onto the composed path (the chunked primitive, 8NVD, +
+         policy_loss): what the in-forward gradient saves
 - naive: materialized logits -> log_softmax -> gather (+ entropy for the metrics, without grad)
          -> the same ``policy_loss``; what a trainer without fused kernels does
 - liger: ``LigerFusedLinearGRPOLoss(compiled=False)`` (gradient computed inside the forward)
 
-Targets (issue 3): ours <= 1.0x naive time, <= 12% of naive's peak-memory growth, <= 0.8x Liger.
+Targets: ours <= 0.8x naive time (issue 18), <= 0.8x Liger (issue 3; issue 18's 0.6x is not met on
+the CPU: 0.61-0.62x), <= 12% of naive's peak-memory growth, faster than the composed path.
 Timings on a shared machine are noisy: the ratios come from one run, interleaved.
 """
 
@@ -67,6 +71,22 @@ def make_fused(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
         return out.loss
 
     return run
+
+
+def make_composed(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
+    """Ours on the composed path (forward, then a backward that recomputes the logits)."""
+    import gccpo_kernels.loss_in_forward as lif
+
+    run = make_fused(seed, shape)
+
+    def composed():
+        real, lif.eligible = lif.eligible, (lambda *a: False)
+        try:
+            return run()
+        finally:
+            lif.eligible = real
+
+    return composed
 
 
 def make_naive(seed: int = 0, shape: tuple[int, int, int, int] = SHAPE):
@@ -135,31 +155,35 @@ def test_same_loss_as_peers():
 
 def test_bench_policy_loss(benchmark):
     mem = _measure_memory()
-    fused, naive = make_fused(), make_naive()
+    fused, naive, composed = make_fused(), make_naive(), make_composed()
     liger = make_liger() if HAS_LIGER else None
     repeats = int(os.environ.get("GCCPO_BENCH_REPEATS", "3"))
     # interleave the contenders so a noisy neighbour slows all of them alike
-    times: dict[str, list[float]] = {"fused": [], "naive": [], "liger": []}
+    runs = {"fused": fused, "naive": naive, "composed": composed, "liger": liger}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        times["fused"].append(median_time(fused, repeats=1, warmup=1 if not times["fused"] else 0))
-        times["naive"].append(median_time(naive, repeats=1, warmup=1 if not times["naive"] else 0))
-        if liger is not None:
-            times["liger"].append(median_time(liger, repeats=1, warmup=1 if not times["liger"] else 0))
+        for name, run in runs.items():
+            if run is not None:
+                times[name].append(median_time(run, repeats=1, warmup=1 if not times[name] else 0))
     med = {k: sorted(v)[len(v) // 2] if v else None for k, v in times.items()}
     benchmark.pedantic(fused, rounds=1, iterations=1)
 
     info = {"shape": f"B*T={B * T} D={D} V={V} float32 cpu", "seconds": med,
             "peak_rss_growth_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
             "mem_fraction_of_naive": round(mem["fused"] / mem["naive"], 4)}
-    info.update(ratio_info(med["fused"], {"naive": med["naive"], "liger": med["liger"]}))
+    info.update(ratio_info(med["fused"], {"naive": med["naive"], "liger": med["liger"],
+                                          "composed": med["composed"]}))
     if HAS_LIGER:
         info["mem_fraction_of_liger"] = round(mem["fused"] / mem["liger"], 4)
     benchmark.extra_info.update(info)
     print(info)
     assert mem["fused"] <= 0.12 * mem["naive"], info
     if HAS_LIGER:
+        # issue 3's target; issue 18 asks for <= 0.6x and is not met on this CPU (0.61-0.62x
+        # measured: the 6NVD GEMMs alone run at ~86% of the 2 cores' peak), see RESULTS.md
         assert med["fused"] <= 0.8 * med["liger"], info
-    assert med["fused"] <= 1.0 * med["naive"], info
+    assert med["fused"] <= 0.8 * med["naive"], info
+    assert med["fused"] < med["composed"], info  # the in-forward gradient is a measured speed-up
 
 
 if __name__ == "__main__":  # quick manual timing: python -m benchmarks.test_bench_policy_loss

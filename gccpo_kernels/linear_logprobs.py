@@ -47,9 +47,7 @@ def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     to test whether any row is ignored, and a nonzero() when some are), so they cost nothing and
     get exactly zero output and, in :func:`backward_rows`, zero gradient.
     """
-    check_targets(targets, targets.shape, weight.shape[0], ignore_index, validate, hidden.device)
-    check_finite("hidden", hidden, validate)
-    check_bias_finite(bias, validate)
+    validate_rows(hidden, weight, bias, targets, ignore_index, validate)
     impl = _impl(backend)
     n = hidden.shape[0]
     rows = _kept_rows(targets, ignore_index)
@@ -62,6 +60,16 @@ def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return logp_v, ent_v, lse_v
     scatter = lambda t: t.new_zeros(n).index_copy_(0, rows, t)  # noqa: E731
     return scatter(logp_v), scatter(ent_v), scatter(lse_v)
+
+
+def validate_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, ignore_index: int, validate: bool) -> None:
+    """The primitive's value checks on dense rows (hidden [N, D], targets [N]): targets in
+    [0, V) or ignore_index, finite hidden and bias (a host sync each; nothing when not
+    ``validate``). Shared by every path that reads the LM head row by row."""
+    check_targets(targets, targets.shape, weight.shape[0], ignore_index, validate, hidden.device)
+    check_finite("hidden", hidden, validate)
+    check_bias_finite(bias, validate)
 
 
 def backward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

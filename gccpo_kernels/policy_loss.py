@@ -12,18 +12,19 @@ Public:
 - :func:`reduce_metrics` — turns the metrics' (sum, count) pairs into numbers, optionally
   all-reduced over a process group.
 
-Why composition, and why the gradient is not computed during the forward (as Liger-Kernel does):
-autograd turns :func:`policy_loss` into ``g_logp = d loss / d logp`` (elementwise, [B, T], cheap)
-and the primitive's backward turns ``g_logp`` into ``d hidden`` and ``d weight`` with one recompute
-of the logits, a chunk at a time. The whole step is one forward (2NVD FLOPs) and one backward
-(6NVD), and the loss math exists in exactly one place. Computing the gradient inside the forward
-would save the recompute (2 of 8 NVD) but needs ``g_logp`` before the forward has seen every
-token: with sequence-level importance sampling a token's gradient depends on its whole row, the
-aggregation's denominators depend on the whole batch, and a loss that is not the final objective
-(an extra term added by the caller, gradient accumulation with a scale known later) would be
-wrong. It also means a second, per-chunk copy of the loss math driven by ``torch.func``, which is
-exactly the drift this library exists to avoid. benchmarks/test_bench_policy_loss.py measures the
-composed form against the naive eager loss and Liger's in-forward gradient.
+Two ways to the gradient, one copy of the math. For a token-level loss (every TRL and verl
+aggregation) on the torch backend, the fused loss computes its gradient in the forward
+(:mod:`gccpo_kernels.loss_in_forward`): each row chunk's logits give its logp and entropy, the
+per-token derivative of :func:`policy_loss` (through autograd, on the chunk's tokens) times the
+aggregation weights (the loss's own aggregation differentiated on the mask) gives the logit
+gradient, and d hidden / d weight follow, with no recompute: 6NVD GEMM FLOPs instead of 8NVD;
+the backward only scales by ``grad_output``. Everywhere else (sequence-level importance sampling,
+whose per-token gradient needs the whole row; vocabulary parallelism; torch.compile tracing; the
+triton and reference backends for now) the loss is composed: :func:`gccpo_kernels.fused_linear_logprobs`
+(2NVD forward, 6NVD backward with one recompute of the logits) then :func:`policy_loss`, and
+autograd joins them. Both give the same loss, metrics and gradients (tests/kernels/test_loss_in_forward.py:
+to 1e-12 in float64); benchmarks/test_bench_policy_loss.py measures the fused form against the
+naive eager loss and Liger's in-forward gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import check_float, check_same_device, out_dtype_for
+from ._logits import LogitParams
+from ._validation import check_float, check_lm_head, check_same_device, out_dtype_for
 
 LOSS_AGGS: tuple[str, ...] = (
     "token-mean",
@@ -557,15 +559,16 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
                              process_group=None) -> PolicyLossOutput:
     """SPEC §2's loss straight from hidden states and the LM head, without ``[B*T, V]`` logits.
 
-    Composition: targets are set to ``ignore_index`` where ``mask`` is 0 (so masked tokens cost no
-    matmul), :func:`gccpo_kernels.fused_linear_logprobs` gives logp and entropy, and
-    :func:`policy_loss` gives the loss. Autograd yields ``g_logp`` elementwise and the primitive's
-    backward turns it into the hidden/weight/bias gradients with one recompute of the logits.
-    Gradients are not computed during the forward (Liger's approach) because the per-token
-    gradient needs the whole row (sequence-level ratios) and the whole batch (denominators) and
-    would need a second copy of the loss math; see the module docstring. The entropy is always
-    computed in the forward (metrics, nearly free); its gradient path is only kept when
-    ``config.entropy_coef != 0``, so the backward skips its work otherwise.
+    Targets are set to ``ignore_index`` where ``mask`` is 0 (so masked tokens cost no matmul).
+    On the torch backend with a token-level loss and a gradient wanted, the gradients of hidden,
+    weight and bias are computed in this forward, one pass over the logits
+    (:mod:`gccpo_kernels.loss_in_forward`), and the backward scales them by ``grad_output``: call
+    ``backward`` once per call (a second backward through the same loss raises). Otherwise the
+    loss is composed: :func:`gccpo_kernels.fused_linear_logprobs` gives logp and entropy,
+    :func:`policy_loss` the loss, and the primitive's backward recomputes the logits. Either way
+    the loss value and metrics come from one :func:`policy_loss` call on the whole batch. The
+    entropy is always computed in the forward (metrics, nearly free); its gradient is only
+    formed when ``config.entropy_coef != 0``.
 
     Args:
         hidden: ``[B, T, D]`` last hidden states (fp16 / bf16 / fp32 / fp64).
@@ -588,8 +591,10 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         :class:`PolicyLossOutput` ``(loss, logp, entropy, metrics)``; logp and entropy are
         ``[B, T]`` detached (0 where masked), e.g. to keep as ``old_logp`` for later epochs.
 
-    Cost: forward 2·n·V·D FLOPs and backward 6·n·V·D for the n unmasked tokens, plus O(B·T)
-    elementwise; extra memory O(B·T + V·D) (dW) plus the primitive's bounded [chunk, V] workspace.
+    Cost (n unmasked tokens): in-forward path 6·n·V·D GEMM FLOPs in the forward, none in the
+    backward; composed path forward 2·n·V·D and backward 6·n·V·D; plus O(B·T) elementwise. Extra
+    memory O(B·T·D + V·D) (the gradients, held from the forward to the backward on the in-forward
+    path) plus a bounded [rows, V] workspace (``GCCPO_WORKSPACE_MB``).
     """
     cfg = PolicyLossConfig() if config is None else config
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
@@ -607,6 +612,19 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         y = masked_targets(targets, m, ignore_index)
     else:
         y = targets.masked_fill(~m, ignore_index)
+    from ._backend import resolve_backend
+    from .loss_in_forward import eligible, fused_loss_in_forward
+
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if process_group is None:
+        check_lm_head(hidden, weight, bias)
+        name = resolve_backend(backend, hidden.device, hidden.dtype)
+        if eligible(cfg, name, process_group, needs):
+            params = LogitParams.of(temperature, logit_scale, softcap)
+            loss, logp, entropy, metrics = fused_loss_in_forward(
+                hidden, weight, bias, y, m, advantages, old_logp, ref_logp, is_weights, cfg,
+                normalizer, loss_scale, params, ignore_index, validate, needs)
+            return PolicyLossOutput(loss, logp, entropy, metrics)
     from .linear_logprobs import fused_linear_logprobs
 
     logp, entropy = fused_linear_logprobs(

@@ -1,0 +1,175 @@
+"""Chunked torch backend: log-probs, entropy AND the parameter gradients of a per-token loss in one
+pass over the logits (the fused policy loss's gradient computed in its forward, issue 18).
+
+For a loss that is a sum of per-token terms, l = sum_i w_i f_i(logp_i, H_i), the gradient of the
+logits of row i needs only that row's own logp_i and H_i: so each row chunk's logits, once
+computed, give logp and H, then (through ``token_grads``, the loss's per-token derivative) the
+logit gradient, then d hidden and d weight, and are never computed again. GEMM FLOPs: 2NVD for
+the logits, 2NVD for d hidden, 2NVD for d weight, 6NVD in all, where the composed path
+(forward, then a backward that recomputes the logits) does 8NVD.
+
+Work is tiled [rows, V]: a row chunk holds its whole vocabulary (the row's log-sum-exp must be
+final before its gradient exists) in ONE [rows, V] buffer of the compute dtype, as many rows as
+the workspace budget allows (``gccpo_kernels._workspace``). The elementwise work reads that
+buffer twice and writes it once, a cache-sized column block at a time (two small [rows, cols]
+scratch blocks): the row statistics in one online pass, then the logit gradient written over
+the logits. d weight accumulates in float32 (float64 for float64 inputs) with one
+read-modify-write per row chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .._logits import LogitParams
+from .._workspace import workspace_bytes
+from ._common import compute_operands, tile_logits
+
+# (row slice start, end, logp [rows], entropy [rows]) -> (d loss / d logp, d loss / d entropy | None)
+TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor],
+                      tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def rows_per_tile(n: int, vocab: int, elem: int, device: torch.device, buffers: int,
+                  budget: int | None = None) -> int:
+    """Rows of a [rows, V] tile such that ``buffers`` of them fit the workspace (at least 1)."""
+    budget = workspace_bytes(device) if budget is None else budget
+    return max(1, min(n, budget // max(1, vocab * elem * buffers)))
+
+
+def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor, params: LogitParams, token_grads: TokenGrads,
+                      needs: tuple[bool, bool, bool], budget: int | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                 torch.Tensor | None, torch.Tensor | None]:
+    """(logp [N], entropy [N], d hidden [N, D] | None, d weight [V, D] | None, d bias [V] | None).
+
+    hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V) (no ignored rows: the
+    caller drops them). ``token_grads(r0, r1, logp, entropy)`` returns the loss's derivatives for
+    rows r0:r1 (float tensors of [r1 - r0]; the entropy one None when the loss does not read the
+    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. Gradients are
+    returned in the inputs' dtypes; logp and entropy in float32 (float64 for float64 inputs).
+
+    Per row chunk: z = transform(h W^T + b) (one GEMM), m = max z, p = exp(z - lse), H = lse -
+    sum p z, logp = z_y - lse, then g = d l / d z = g_logp (onehot - p) - g_H p (z - mu) with
+    mu = lse - H (times 1 - (z / c)^2 under a soft cap c, times s / tau), dh = g W, dW += g^T h,
+    db += sum_rows g.
+    """
+    need_h, need_w, need_b = needs
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cd, w, b = compute_operands(hidden, weight, bias)
+    device = hidden.device
+    logp = torch.empty(n, dtype=cd, device=device)
+    entropy = torch.empty_like(logp)
+    dh = torch.empty(n, hidden.shape[1], dtype=cd, device=device) if need_h else None
+    dw = torch.zeros(vocab, weight.shape[1], dtype=cd, device=device) if need_w else None
+    db = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
+    if n == 0:
+        return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
+    elem = torch.finfo(cd).bits // 8
+    rows = rows_per_tile(n, vocab, elem, device, 1, budget)
+    cols = min(vocab, max(256, BLOCK_BYTES // (rows * elem)))
+    zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
+    tmp = torch.empty(rows, cols, dtype=cd, device=device)    # cache-sized column blocks
+    tmp2 = torch.empty_like(tmp)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h = hidden[r0:r1].to(cd)
+        y = targets[r0:r1].long()[:, None]
+        z = _logits(h, w, b, params, zbuf)
+        lse, ent = _row_stats(z, tmp, tmp2, cols)
+        zy = z.gather(1, y)
+        logp[r0:r1] = (zy - lse).squeeze(1)
+        entropy[r0:r1] = ent.squeeze(1)
+        gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
+        g = _logit_grad_(z, lse, ent, zy, gl, ge, y, params, tmp, tmp2, cols)
+        if need_h:
+            torch.mm(g, w, out=dh[r0:r1])
+        if need_w:  # by vocabulary blocks: BLAS packs the transposed operand, keep that small
+            for v0 in range(0, vocab, V_BLOCK):
+                dw[v0:v0 + V_BLOCK].addmm_(g[:, v0:v0 + V_BLOCK].T, h)
+        if need_b:
+            db.add_(g.sum(dim=0))
+    return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
+
+
+BLOCK_BYTES = 1 << 20  # a [rows, cols] column block of the elementwise passes stays in cache
+V_BLOCK = 4096         # vocabulary columns per logits / d weight GEMM
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
+            zbuf: torch.Tensor) -> torch.Tensor:
+    """transform(h W^T + b) into ``zbuf[:rows]`` by vocabulary blocks (GEMMs writing strided
+    column blocks of the buffer; one [rows, D] x [D, V] product makes MKL keep ~20 MB of
+    packing buffers for the rest of the process)."""
+    z = zbuf[: h.shape[0]]
+    for v0 in range(0, w.shape[0], V_BLOCK):
+        tile_logits(h, w[v0:v0 + V_BLOCK], None if b is None else b[v0:v0 + V_BLOCK], params,
+                    z[:, v0:v0 + V_BLOCK])
+    return z
+
+
+def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, entropy), each [rows, 1], of the softmax over the rows of ``z`` [rows, V]: one read
+    of z, a column block at a time (online max, sum of e^{z-m} and of e^{z-m} (z - m))."""
+    rows, vocab = z.shape
+    m = torch.full((rows, 1), torch.finfo(z.dtype).min, dtype=z.dtype, device=z.device)
+    s = torch.zeros_like(m)
+    t = torch.zeros_like(m)
+    for c0 in range(0, vocab, cols):
+        zb = z[:, c0:c0 + cols]
+        k = zb.shape[1]
+        m_new = torch.maximum(m, zb.amax(dim=1, keepdim=True))
+        zc = torch.sub(zb, m_new, out=tmp[:rows, :k])            # <= 0: no overflow
+        e = torch.exp(zc, out=tmp2[:rows, :k])
+        alpha = torch.exp(m - m_new)
+        s_blk = e.sum(dim=1, keepdim=True)
+        t = alpha * (t + s * (m - m_new)) + zc.mul_(e).sum(dim=1, keepdim=True)  # zc is spent
+        s = alpha * s + s_blk
+        m = m_new
+    log_s = torch.log(s)
+    ent = (log_s - t / s).clamp_(min=0.0, max=math.log(vocab))
+    return m + log_s, ent
+
+
+def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor,
+                 gl: torch.Tensor, ge: torch.Tensor | None, y: torch.Tensor, params: LogitParams,
+                 tmp: torch.Tensor, tmp2: torch.Tensor, cols: int) -> torch.Tensor:
+    """d l / d u written over ``z`` [rows, V] (returned), one read and one write of z a column
+    block at a time: g = s/tau (g_logp (onehot - p) - g_H p (z - mu)) times 1 - (z/c)^2 under a
+    soft cap c, with p = e^{z - lse}, mu = lse - H; ``zy`` [rows, 1] is z at the targets."""
+    rows, vocab = z.shape
+    scale = params.scale
+    gl = gl.to(z.dtype)[:, None]
+    if ge is not None:
+        # -s p (g_logp + g_H (z - mu)) = p * (z * (-s g_H) + s (g_H mu - g_logp))
+        ge = ge.to(z.dtype)[:, None]
+        const, slope = (ge * (lse - ent) - gl) * scale, ge * -scale
+    else:
+        factor = gl * -scale
+    cap = params.softcap
+    for c0 in range(0, vocab, cols):
+        zb = z[:, c0:c0 + cols]
+        k = zb.shape[1]
+        p = torch.sub(zb, lse, out=tmp[:rows, :k]).exp_()
+        if cap is not None:  # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, read before z is overwritten
+            p.mul_(torch.addcmul(torch.ones((), dtype=z.dtype, device=z.device), zb, zb,
+                                 value=-1.0 / cap ** 2, out=tmp2[:rows, :k]))
+        if ge is not None:
+            p.mul_(torch.addcmul(const, zb, slope, out=tmp2[:rows, :k]))
+            zb.copy_(p)
+        else:
+            torch.mul(p, factor, out=zb)
+    onehot = gl * scale
+    if cap is not None:  # the one-hot term carries the cap's derivative at the target too
+        onehot = onehot * (1.0 - (zy / cap) ** 2)
+    z.scatter_add_(1, y, onehot)
+    return z
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None or like is None else grad.to(like.dtype)

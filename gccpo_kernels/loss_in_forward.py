@@ -1,0 +1,167 @@
+"""The fused policy loss with its gradient computed in the forward (issue 18): 6NVD GEMM FLOPs
+instead of the composed path's 8NVD.
+
+A token-level policy loss (every TRL and verl aggregation; not GSPO's sequence-level ratio) is
+``l = sum_i w_i f_i(logp_i) + sum_i w'_i (-c H_i)``: a per-token term ``f_i`` that reads only
+token i's log-prob (and its old / reference log-prob, advantage, importance weight), weighted by
+aggregation weights ``w_i`` that depend on the mask alone (1 / token count, 1 / (rows * len_b),
+..., times ``loss_scale``), plus the entropy bonus with its own weights ``w'_i``. So a row
+chunk's logits, as soon as they are computed, give the chunk's logp and entropy, then
+``d l / d logp_i = w_i f_i'(logp_i)`` and ``d l / d H_i = -c w'_i``, then the logit gradient and
+``d hidden``, ``d weight`` (``gccpo_kernels.chunked.loss_grad``): the logits are never
+recomputed. The backward only multiplies the stored gradients by ``grad_output``.
+
+One copy of the loss math: ``f_i'`` comes from autograd through :func:`policy_loss` itself, called
+on the chunk's tokens as a ``[1, rows]`` batch with ``loss_agg="token-sum"`` (so its gradient is
+the per-token ``f_i'``) and no entropy term; ``w`` and ``w'`` come from autograd through the
+loss's own aggregation on the mask. The loss value and the metrics come from one
+:func:`policy_loss` call on the whole batch's logp and entropy after the pass, exactly as the
+composed path computes them (and with its value checks).
+
+Used by :func:`gccpo_kernels.fused_linear_policy_loss` when :func:`eligible` says so; otherwise
+(sequence-level importance sampling, vocabulary parallelism, torch.compile tracing, the triton
+and reference backends, or no gradient wanted) the composed path runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._logits import LogitParams
+from ._validation import out_dtype_for
+from .chunked.loss_grad import forward_with_grad
+
+
+def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool]) -> bool:
+    """Whether the in-forward gradient path applies (see the module docstring)."""
+    return (backend == "torch" and process_group is None and any(needs)
+            and cfg.importance_sampling_level == "token" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def aggregation_weights(m: torch.Tensor, cfg, mode: str, normalizer, loss_scale,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] d(aggregate) / d(per-token value) under ``mode``, times ``loss_scale``: the loss's
+    own aggregation differentiated (it is linear in the values, so this is exact)."""
+    from .policy_loss import _aggregate
+
+    with torch.enable_grad():
+        ones = torch.ones(m.shape, dtype=dtype, device=m.device, requires_grad=True)
+        count_rows = m.to(dtype).sum(1)
+        total = _aggregate(ones, m, count_rows, mode, normalizer, cfg) * loss_scale
+        (w,) = torch.autograd.grad(total, ones, allow_unused=True)
+    return torch.zeros_like(ones) if w is None else w.detach()
+
+
+def _per_token(t: torch.Tensor | None, shape: torch.Size, rows: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """A [B, T] / [B, 1] / [B] input as a [n] vector at the flat token indices ``rows`` (all
+    tokens when None)."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    t = (t[:, None] if t.dim() == 1 else t).expand(shape).reshape(-1)
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _scatter(v: torch.Tensor, rows: torch.Tensor | None, total: int) -> torch.Tensor:
+    """[n, ...] values of the kept rows as [total, ...], zeros elsewhere (``v`` when all kept)."""
+    if rows is None:
+        return v
+    return v.new_zeros((total, *v.shape[1:])).index_copy_(0, rows, v)
+
+
+class _InForwardLoss(torch.autograd.Function):
+    """loss (a scalar) whose gradients with respect to hidden / weight / bias were computed in the
+    forward; the backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, dh, dw, db):
+        ctx.grads = (dh, dw, db)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused policy loss's gradients were computed in its forward and are handed out "
+                "once: a second backward through the same loss (retain_graph=True) is not supported; "
+                "call fused_linear_policy_loss again")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # handed out once: ours alone now, so scaled in place (no second V x D)
+        scale = lambda g: None if g is None else g.mul_(grad.to(g.dtype))  # noqa: E731
+        return None, scale(dh), scale(dw), scale(db), None, None, None
+
+
+def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          y: torch.Tensor, m: torch.Tensor, advantages: torch.Tensor,
+                          old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                          is_weights: torch.Tensor | None, cfg, normalizer, loss_scale,
+                          params: LogitParams, ignore_index: int, validate: bool,
+                          needs: tuple[bool, bool, bool]):
+    """``(loss, logp [B, T], entropy [B, T], metrics)`` of the fused policy loss, the loss carrying
+    the gradients computed in this forward. ``y``: targets with ``ignore_index`` where the mask
+    ``m`` ([B, T] bool, checked) is False. The other arguments as in
+    :func:`gccpo_kernels.fused_linear_policy_loss`."""
+    from .linear_logprobs import validate_rows
+    from .policy_loss import policy_loss
+
+    b, t, dim = hidden.shape
+    shape = m.shape
+    cd = out_dtype_for(hidden.dtype)
+    y1 = y.reshape(-1)
+    validate_rows(hidden.reshape(-1, dim), weight, bias, y1, ignore_index, validate)
+    flat_m = m.reshape(-1)
+    # every token kept (one host sync): views, no copies; else the kept rows only
+    rows = None if bool(flat_m.all()) else flat_m.nonzero().squeeze(1)
+    h = hidden.detach().reshape(-1, dim)
+    targets = y1
+    if rows is not None:
+        h, targets = h.index_select(0, rows), y1.index_select(0, rows)
+    targets = targets.clamp(0, weight.shape[0] - 1)
+
+    # the per-token inputs at the kept tokens, and the aggregation weights
+    adv = _per_token(advantages, shape, rows, cd)
+    old = _per_token(old_logp, shape, rows, cd)
+    ref = _per_token(ref_logp, shape, rows, cd)
+    isw = _per_token(is_weights, shape, rows, cd)
+    w_loss = _per_token(aggregation_weights(m, cfg, cfg.loss_agg, normalizer, loss_scale, cd),
+                        shape, rows, cd)
+    w_ent = None
+    if cfg.entropy_coef != 0:
+        mode = cfg.loss_agg if cfg.entropy_agg is None else cfg.entropy_agg
+        norm = normalizer if cfg.entropy_agg is None else None
+        w_ent = _per_token(aggregation_weights(m, cfg, mode, norm, loss_scale, cd), shape, rows, cd)
+    chunk_cfg = dataclasses.replace(cfg, loss_agg="token-sum", entropy_coef=0.0, entropy_agg=None,
+                                    max_len=None)
+
+    def token_grads(r0: int, r1: int, lp: torch.Tensor, ent: torch.Tensor):
+        piece = lambda v: None if v is None else v[r0:r1][None]  # noqa: E731
+        with torch.enable_grad():
+            lp_c = lp.detach()[None].requires_grad_()
+            ones = torch.ones_like(lp_c, dtype=torch.bool)
+            # old_logp None is on-policy: policy_loss reads the ratio as exp(lp - lp.detach())
+            loss_c, _ = policy_loss(lp_c, piece(old), piece(adv), ones, ref_logp=piece(ref),
+                                    is_weights=piece(isw), config=chunk_cfg, validate=False)
+            (g,) = torch.autograd.grad(loss_c, lp_c)
+        g_logp = g[0] * w_loss[r0:r1]
+        g_ent = None if w_ent is None else w_ent[r0:r1] * -cfg.entropy_coef
+        return g_logp, g_ent
+
+    logp_v, ent_v, dh_v, dw, db = forward_with_grad(h, weight.detach(),
+                                                    None if bias is None else bias.detach(),
+                                                    targets, params, token_grads, needs)
+    logp = _scatter(logp_v, rows, b * t).reshape(shape)
+    entropy = _scatter(ent_v, rows, b * t).reshape(shape)
+    from .linear_logprobs import check_outputs_finite
+
+    check_outputs_finite("fused_linear_policy_loss", (logp_v, ent_v), validate)
+    with torch.no_grad():  # the value and the metrics: the one loss call, with its value checks
+        loss, metrics = policy_loss(logp, old_logp, advantages, m, ref_logp=ref_logp, entropy=entropy,
+                                    is_weights=is_weights, config=cfg, normalizer=normalizer,
+                                    loss_scale=loss_scale, validate=validate)
+    dh = None if dh_v is None else _scatter(dh_v, rows, b * t).reshape(hidden.shape)
+    loss = _InForwardLoss.apply(loss, hidden, weight, bias, dh, dw, db)
+    return loss, logp, entropy, metrics
