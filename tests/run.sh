@@ -7,6 +7,7 @@
 #   bash tests/run.sh --no-install    # in an environment this script already set up
 #   bash tests/run.sh --no-bench      # tests only
 #   bash tests/run.sh -- -k policy    # everything after -- goes to the tests' pytest
+#   GCCPO_BENCH_JSON=out.json bash tests/run.sh   # also keep the benchmarks' numbers
 #
 # torch: a torch already installed is kept (a GPU machine keeps its CUDA build, 2.11-2.13);
 # otherwise torch 2.13.0, the CPU build on this project's machines, is installed first.
@@ -77,7 +78,10 @@ step "tests: exit $rc after $((SECONDS - start)) s"
 if [ "$bench" -eq 1 ]; then
     start=$SECONDS
     step "benchmarks (every stated target asserted; pytest-benchmark's tables follow)"
-    run_pytest benchmarks/ -q -ra -p no:cacheprovider
+    bench_args=(-q -ra -p no:cacheprovider)
+    # GCCPO_BENCH_JSON=path keeps pytest-benchmark's JSON (every ratio and peak memory)
+    [ -n "${GCCPO_BENCH_JSON:-}" ] && bench_args+=("--benchmark-json=$GCCPO_BENCH_JSON")
+    run_pytest benchmarks/ "${bench_args[@]}"
     brc=$?
     step "benchmarks: exit $brc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] && rc=$brc
