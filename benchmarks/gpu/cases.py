@@ -57,6 +57,10 @@ def primitive(n, d, v, dtype, device, sets):
     if liger_ok(device):
         paths["liger"] = PATHS["liger"]
     _add_cce(paths, device)
+    from benchmarks.test_bench_linear_logprobs import _torch_lce_available, torch_chunked_nll
+
+    if _torch_lce_available():  # PyTorch's own chunked linear_cross_entropy (NLL only, no entropy)
+        paths["torch_linear_ce"] = torch_chunked_nll
     paths["bare_gemm"] = lambda h, w, y: h @ w.T
     return inputs, paths, {"backward": True, "gemm_flops_fwd_bwd": 6 * n * v * d}
 
@@ -86,12 +90,19 @@ def policy_loss(n, d, v, dtype, device, sets):
         return fused_linear_policy_loss(h, w, y, adv, mask, old_logp=old, ref_logp=ref,
                                         config=cfg).loss
 
+    def ours_in_forward(h, w, y, adv, mask, old, ref):
+        """The torch backend: gradient formed in the forward (6NVD), cuBLAS bf16 GEMMs with a
+        float32 result (gccpo_kernels._gemm), torch elementwise passes (issue 18)."""
+        return fused_linear_policy_loss(h, w, y, adv, mask, old_logp=old, ref_logp=ref,
+                                        config=cfg, backend="torch").loss
+
     def naive(h, w, y, adv, mask, old, ref):
         logprobs = torch.log_softmax((h @ w.T).float(), dim=-1)
         logp = logprobs.gather(-1, y[..., None]).squeeze(-1)
         return loss_math(logp, old, adv, mask, ref_logp=ref, config=cfg)[0]
 
-    paths = {"ours": ours, "naive": naive, "bare_gemm": lambda h, w, y, *rest: h @ w.T}
+    paths = {"ours": ours, "ours_in_forward": ours_in_forward, "naive": naive,
+             "bare_gemm": lambda h, w, y, *rest: h @ w.T}
     if liger_ok(device):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 

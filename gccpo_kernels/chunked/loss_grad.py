@@ -24,9 +24,10 @@ from typing import Callable
 
 import torch
 
+from .._gemm import SIXTEEN_BIT, addmm_f32_, mm_f32
 from .._logits import LogitParams
+from .._validation import out_dtype_for
 from .._workspace import workspace_bytes
-from ._common import compute_operands, tile_logits
 
 # (row slice start, end, logp [rows], entropy [rows]) -> (d loss / d logp, d loss / d entropy | None)
 TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor],
@@ -60,7 +61,11 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """
     need_h, need_w, need_b = needs
     n, vocab = hidden.shape[0], weight.shape[0]
-    cd, w, b = compute_operands(hidden, weight, bias)
+    # operands stay in their dtype (no float32 copy of a 16-bit head): GEMMs give float32
+    cd = out_dtype_for(hidden.dtype)
+    w = weight
+    b = None if bias is None else bias.to(cd)
+    sixteen = w.dtype in SIXTEEN_BIT
     device = hidden.device
     logp = torch.empty(n, dtype=cd, device=device)
     entropy = torch.empty_like(logp)
@@ -70,14 +75,20 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if n == 0:
         return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
     elem = torch.finfo(cd).bits // 8
-    rows = rows_per_tile(n, vocab, elem, device, 1, budget)
-    cols = min(vocab, max(256, BLOCK_BYTES // (rows * elem)))
+    # bytes per [rows, V] element: the logits / gradient buffer, plus its 16-bit copy (the
+    # gradient GEMMs' operand) for 16-bit inputs
+    per_elem = elem + (torch.finfo(w.dtype).bits // 8 if sixteen else 0)
+    rows = rows_per_tile(n, vocab, per_elem, device, 1, budget)
+    # column blocks: cache-sized on the CPU; the whole row on a GPU (streaming passes, where
+    # every block would cost a launch per op)
+    cols = vocab if device.type == "cuda" else min(vocab, max(256, BLOCK_BYTES // (rows * elem)))
     zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
+    gbuf = torch.empty(rows, vocab, dtype=w.dtype, device=device) if sixteen else None
     tmp = torch.empty(rows, cols, dtype=cd, device=device)    # cache-sized column blocks
     tmp2 = torch.empty_like(tmp)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        h = hidden[r0:r1].to(cd)
+        h = hidden[r0:r1]
         y = targets[r0:r1].long()[:, None]
         z = _logits(h, w, b, params, zbuf)
         lse, ent = _row_stats(z, tmp, tmp2, cols)
@@ -86,30 +97,34 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
         g = _logit_grad_(z, lse, ent, zy, gl, ge, y, params, tmp, tmp2, cols)
-        if need_h:
-            torch.mm(g, w, out=dh[r0:r1])
-        if need_w:  # by vocabulary blocks: BLAS packs the transposed operand, keep that small
-            for v0 in range(0, vocab, V_BLOCK):
-                dw[v0:v0 + V_BLOCK].addmm_(g[:, v0:v0 + V_BLOCK].T, h)
         if need_b:
             db.add_(g.sum(dim=0))
+        if sixteen:  # the GEMM operand in the head's dtype (what a bf16 backward rounds anyway)
+            g = gbuf[: r1 - r0].copy_(g)
+        if need_h:
+            mm_f32(g, w, out=dh[r0:r1])
+        if need_w:  # by vocabulary blocks: BLAS packs the transposed operand, keep that small
+            for v0 in range(0, vocab, V_BLOCK):
+                addmm_f32_(dw[v0:v0 + V_BLOCK], g[:, v0:v0 + V_BLOCK].T, h)
     return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
 
 
-BLOCK_BYTES = 1 << 20  # a [rows, cols] column block of the elementwise passes stays in cache
+BLOCK_BYTES = 1 << 20  # CPU: a [rows, cols] column block of the elementwise passes stays in cache
 V_BLOCK = 4096         # vocabulary columns per logits / d weight GEMM
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,
             zbuf: torch.Tensor) -> torch.Tensor:
-    """transform(h W^T + b) into ``zbuf[:rows]`` by vocabulary blocks (GEMMs writing strided
-    column blocks of the buffer; one [rows, D] x [D, V] product makes MKL keep ~20 MB of
+    """transform(h W^T + b) into ``zbuf[:rows]`` (float32 for 16-bit operands: cuBLAS's
+    16-bit-in / float32-out GEMM, ``gccpo_kernels._gemm``) by vocabulary blocks: GEMMs writing
+    strided column blocks of the buffer (one [rows, D] x [D, V] product makes MKL keep ~20 MB of
     packing buffers for the rest of the process)."""
     z = zbuf[: h.shape[0]]
     for v0 in range(0, w.shape[0], V_BLOCK):
-        tile_logits(h, w[v0:v0 + V_BLOCK], None if b is None else b[v0:v0 + V_BLOCK], params,
-                    z[:, v0:v0 + V_BLOCK])
-    return z
+        zb = mm_f32(h, w[v0:v0 + V_BLOCK].T, out=z[:, v0:v0 + V_BLOCK])
+        if b is not None:
+            zb.add_(b[v0:v0 + V_BLOCK])
+    return params.apply_(z)
 
 
 def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int,
