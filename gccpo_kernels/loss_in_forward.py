@@ -106,11 +106,16 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     ``m`` ([B, T] bool, checked) is False. The other arguments as in
     :func:`gccpo_kernels.fused_linear_policy_loss`."""
     from .linear_logprobs import validate_rows
-    from .policy_loss import policy_loss
+    from .policy_loss import check_loss_arguments, policy_loss
 
     b, t, dim = hidden.shape
     shape = m.shape
     cd = out_dtype_for(hidden.dtype)
+    # the loss's argument checks before the pass over the logits (its value checks come with
+    # the loss call at the end); logp and entropy are placeholders of their shape and dtype
+    placeholder = hidden.new_empty(shape, dtype=cd)
+    check_loss_arguments(placeholder, old_logp, advantages, m, ref_logp, placeholder, is_weights,
+                         cfg, normalizer, loss_scale, validate)
     y1 = y.reshape(-1)
     validate_rows(hidden.reshape(-1, dim), weight, bias, y1, ignore_index, validate)
     flat_m = m.reshape(-1)

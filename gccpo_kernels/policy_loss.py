@@ -336,6 +336,46 @@ def _stat(x: torch.Tensor, m: torch.Tensor, mf: torch.Tensor, tokens: torch.Tens
     return torch.stack([value, tokens])
 
 
+def check_loss_arguments(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
+                         mask: torch.Tensor, ref_logp: torch.Tensor | None,
+                         entropy: torch.Tensor | None, is_weights: torch.Tensor | None,
+                         cfg: PolicyLossConfig, normalizer, loss_scale, validate: bool,
+                         ) -> torch.Tensor:
+    """Every argument check of :func:`policy_loss` that needs no loss value (types, shapes,
+    dtypes, devices, required inputs, scalar arguments; the mask's 0/1 values when ``validate``).
+    Returns the mask as bool. The fused loss's in-forward path calls it before its pass over the
+    logits, with ``logp`` a placeholder of the right shape, dtype and device."""
+    if not isinstance(cfg, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
+    check_float("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)} (packed sequences: B = 1)")
+    shape = logp.shape
+    _check_bt("old_logp", old_logp, shape)
+    _check_bt("ref_logp", ref_logp, shape)
+    _check_bt("entropy", entropy, shape)
+    _check_rowwise("advantages", advantages, shape)
+    _check_rowwise("is_weights", is_weights, shape)
+    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+                      entropy=entropy, is_weights=is_weights)
+    m = _as_mask(mask, shape, validate)
+    if cfg.beta != 0 and ref_logp is None:
+        raise ValueError(f"config.beta={cfg.beta} adds a KL to the reference policy: pass ref_logp= "
+                         "(the reference model's log-probs) or set beta=0")
+    if cfg.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"config.entropy_coef={cfg.entropy_coef} needs the per-token entropy: pass "
+                         "entropy= (fused_linear_logprobs(..., return_entropy=True)) or set entropy_coef=0")
+    if normalizer is not None:
+        _check_scalar("normalizer", normalizer)
+        if not isinstance(normalizer, torch.Tensor) and normalizer <= 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
+        if cfg.loss_agg == "token-sum":
+            raise ValueError("loss_agg='token-sum' has no denominator for normalizer to replace: use "
+                             "loss_agg='token-mean' with normalizer=..., or drop normalizer")
+    _check_scalar("loss_scale", loss_scale)
+    return m
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
                 mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
@@ -382,34 +422,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     Cost: O(B*T) elementwise work, no [.., V] tensor.
     """
     cfg = PolicyLossConfig() if config is None else config
-    if not isinstance(cfg, PolicyLossConfig):
-        raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
-    check_float("logp", logp)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)} (packed sequences: B = 1)")
+    m = check_loss_arguments(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cfg,
+                             normalizer, loss_scale, validate)
     shape = logp.shape
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_bt("entropy", entropy, shape)
-    _check_rowwise("advantages", advantages, shape)
-    _check_rowwise("is_weights", is_weights, shape)
-    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
-                      entropy=entropy, is_weights=is_weights)
-    m = _as_mask(mask, shape, validate)
-    if cfg.beta != 0 and ref_logp is None:
-        raise ValueError(f"config.beta={cfg.beta} adds a KL to the reference policy: pass ref_logp= "
-                         "(the reference model's log-probs) or set beta=0")
-    if cfg.entropy_coef != 0 and entropy is None:
-        raise ValueError(f"config.entropy_coef={cfg.entropy_coef} needs the per-token entropy: pass "
-                         "entropy= (fused_linear_logprobs(..., return_entropy=True)) or set entropy_coef=0")
-    if normalizer is not None:
-        _check_scalar("normalizer", normalizer)
-        if not isinstance(normalizer, torch.Tensor) and normalizer <= 0:
-            raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
-        if cfg.loss_agg == "token-sum":
-            raise ValueError("loss_agg='token-sum' has no denominator for normalizer to replace: use "
-                             "loss_agg='token-mean' with normalizer=..., or drop normalizer")
-    _check_scalar("loss_scale", loss_scale)
 
     cd = out_dtype_for(logp.dtype)
     if isinstance(normalizer, torch.Tensor):

@@ -206,7 +206,9 @@ def test_compiled_training_step_matches_eager(backend, dtype):
     eager = run(step)
     torch._dynamo.reset()
     compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-6, atol=1e-8)
+    # on the torch backend eager forms the gradient in the forward (gccpo_kernels.loss_in_forward)
+    # and the compiled graph takes the composed path: the same math, other rounding in float32
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-7)
     for name, a, c in zip(("loss", "hidden", "weight", "bias"), eager, compiled):
         torch.testing.assert_close(c, a, **tol, msg=name)
     # the same capture as aot_eager, recording AOTAutograd's forward and backward graphs: the
