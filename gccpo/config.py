@@ -825,7 +825,7 @@ def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str
         new = get_value(config, dotted)
         if not config.is_given(dotted):
             set_value(config, dotted, old)
-        elif new != old:
+        elif _differs(new, old):
             raise ConfigError(f"--{dotted} {new!r} cannot change on resume: {why} ({where} has {old!r}); "
                               "drop the option or start a new run")
     notes = []
@@ -836,10 +836,39 @@ def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str
         new = get_value(config, dotted)
         if not config.is_given(dotted):
             set_value(config, dotted, old)
-        elif new != old:
+        elif _differs(new, old):
             notes.append(f"{dotted} {old!r} -> {new!r}")
+    # every other option not given again continues as the run was configured (a default never
+    # silently replaces the checkpoint's value); one given again is the new value
+    for dotted, old in _flatten(saved):
+        if dotted in RESUME_APPLIED or dotted in RESUME_FIXED or dotted in RESUME_RUN_LOCATION:
+            continue
+        if not config.is_given(dotted) and get_value(config, dotted, _MISSING) is not _MISSING:
+            set_value(config, dotted, old)
     config.validate()
     return notes
+
+
+#: Options that say where this process runs, not how the run trains: never taken from a checkpoint.
+RESUME_RUN_LOCATION: frozenset[str] = frozenset({"train.resume", "train.output_dir"})
+
+
+def _flatten(saved: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(dotted option, value) pairs of a saved ``Config.to_dict()``."""
+    pairs = []
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            pairs.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            pairs.append((key, value))
+    return pairs
+
+
+def _differs(new: Any, old: Any) -> bool:
+    """Whether a given value differs from the saved one (lists and tuples compare by items)."""
+    if isinstance(new, (list, tuple)) and isinstance(old, (list, tuple)):
+        return list(new) != list(old)
+    return new != old
 
 
 def format_config(config: Config) -> str:

@@ -28,14 +28,20 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._logits import LogitParams
 from ._validation import out_dtype_for
 from .chunked.loss_grad import forward_with_grad
 
 
-def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool]) -> bool:
-    """Whether the in-forward gradient path applies (see the module docstring)."""
+def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool],
+             *others) -> bool:
+    """Whether the in-forward gradient path applies (see the module docstring). ``others``: the
+    loss's other tensor arguments (advantages, old / reference log-probs, importance weights, a
+    tensor normalizer or loss_scale): when any needs a gradient, the composed path gives it."""
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in others):
+        return False
     return (backend == "torch" and process_group is None and any(needs)
             and cfg.importance_sampling_level == "token" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
@@ -47,6 +53,10 @@ def aggregation_weights(m: torch.Tensor, cfg, mode: str, normalizer, loss_scale,
     own aggregation differentiated (it is linear in the values, so this is exact)."""
     from .policy_loss import _aggregate
 
+    if isinstance(normalizer, torch.Tensor):  # a one-element tensor of any shape -> a scalar
+        normalizer = normalizer.to(device=m.device, dtype=dtype).reshape(())
+    if isinstance(loss_scale, torch.Tensor):
+        loss_scale = loss_scale.to(device=m.device, dtype=dtype).reshape(())
     with torch.enable_grad():
         ones = torch.ones(m.shape, dtype=dtype, device=m.device, requires_grad=True)
         count_rows = m.to(dtype).sum(1)
@@ -79,20 +89,25 @@ class _InForwardLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, dh, dw, db):
+        # the gradients in float32 (float64) until the backward has scaled them: a loss scale
+        # (fp16 GradScaler) or 1 / accumulation steps is applied before any 16-bit rounding
         ctx.grads = (dh, dw, db)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
         return loss.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if ctx.grads is None:
             raise RuntimeError(
                 "the fused policy loss's gradients were computed in its forward and are handed out "
                 "once: a second backward through the same loss (retain_graph=True) is not supported; "
                 "call fused_linear_policy_loss again")
-        dh, dw, db = ctx.grads
-        ctx.grads = None  # handed out once: ours alone now, so scaled in place (no second V x D)
-        scale = lambda g: None if g is None else g.mul_(grad.to(g.dtype))  # noqa: E731
-        return None, scale(dh), scale(dw), scale(db), None, None, None
+        grads, ctx.grads = ctx.grads, None  # handed out once: ours alone, scaled in place
+        out = [None if g is None else g.mul_(grad.to(g.dtype)).to(dt)
+               for g, dt in zip(grads, ctx.dtypes)]
+        del grads
+        return (None, *out, None, None, None)
 
 
 def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -118,14 +133,18 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                          cfg, normalizer, loss_scale, validate)
     y1 = y.reshape(-1)
     validate_rows(hidden.reshape(-1, dim), weight, bias, y1, ignore_index, validate)
-    flat_m = m.reshape(-1)
-    # every token kept (one host sync): views, no copies; else the kept rows only
-    rows = None if bool(flat_m.all()) else flat_m.nonzero().squeeze(1)
+    # the rows the composed path keeps: target != ignore_index (masked tokens carry it; with
+    # validate=False an unmasked one may too, and gets logp 0 there as well). Every row kept
+    # (one host sync): views, no copies
+    kept = y1 != ignore_index
+    rows = None if bool(kept.all()) else kept.nonzero().squeeze(1)
     h = hidden.detach().reshape(-1, dim)
     targets = y1
     if rows is not None:
         h, targets = h.index_select(0, rows), y1.index_select(0, rows)
-    targets = targets.clamp(0, weight.shape[0] - 1)
+    # out of range (possible only with validate=False): -1 or V, which match no column (logit 0
+    # read, no one-hot gradient), as on the composed path
+    targets = targets.clamp(-1, weight.shape[0])
 
     # the per-token inputs at the kept tokens, and the aggregation weights
     adv = _per_token(advantages, shape, rows, cd)

@@ -634,7 +634,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
     if process_group is None:
         check_lm_head(hidden, weight, bias)
         name = resolve_backend(backend, hidden.device, hidden.dtype)
-        if eligible(cfg, name, process_group, needs):
+        if eligible(cfg, name, process_group, needs, advantages, old_logp, ref_logp, is_weights,
+                    normalizer, loss_scale):
             params = LogitParams.of(temperature, logit_scale, softcap)
             loss, logp, entropy, metrics = fused_loss_in_forward(
                 hidden, weight, bias, y, m, advantages, old_logp, ref_logp, is_weights, cfg,

@@ -69,10 +69,10 @@ run_pytest() {  # pytest with exit code 5 (nothing collected) turned into a fail
     return "$rc"
 }
 
-"$PY" -m gccpo_kernels
+"$PY" -m gccpo_kernels || exit 1
 start=$SECONDS
 step "tests"
-run_pytest -q -ra -p no:cacheprovider "${pytest_args[@]}"
+run_pytest -q -ra -p no:cacheprovider ${pytest_args[@]+"${pytest_args[@]}"}  # bash < 4.4: empty array
 rc=$?
 step "tests: exit $rc after $((SECONDS - start)) s"
 if [ "$bench" -eq 1 ]; then

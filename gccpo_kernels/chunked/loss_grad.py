@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .._gemm import SIXTEEN_BIT, addmm_f32_, mm_f32
+from .._gemm import addmm_f32_, mm_f32
 from .._logits import LogitParams
 from .._validation import out_dtype_for
 from .._workspace import workspace_bytes
@@ -48,11 +48,13 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                                  torch.Tensor | None, torch.Tensor | None]:
     """(logp [N], entropy [N], d hidden [N, D] | None, d weight [V, D] | None, d bias [V] | None).
 
-    hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V) (no ignored rows: the
+    hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V), or -1 / V for an
+    out-of-range id (its logit reads 0 and it gets no one-hot gradient; no ignored rows: the
     caller drops them). ``token_grads(r0, r1, logp, entropy)`` returns the loss's derivatives for
     rows r0:r1 (float tensors of [r1 - r0]; the entropy one None when the loss does not read the
-    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. Gradients are
-    returned in the inputs' dtypes; logp and entropy in float32 (float64 for float64 inputs).
+    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. Everything is
+    returned in float32 (float64 for float64 inputs): the caller scales the gradients by the
+    upstream gradient before casting them to the parameters' dtypes.
 
     Per row chunk: z = transform(h W^T + b) (one GEMM), m = max z, p = exp(z - lse), H = lse -
     sum p z, logp = z_y - lse, then g = d l / d z = g_logp (onehot - p) - g_H p (z - mu) with
@@ -65,19 +67,24 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cd = out_dtype_for(hidden.dtype)
     w = weight
     b = None if bias is None else bias.to(cd)
-    sixteen = w.dtype in SIXTEEN_BIT
+    # the gradient GEMMs take a 16-bit copy of the logit gradient for bfloat16 (float32's
+    # exponent range); float16 would flush small gradients to zero, so it multiplies in float32
+    sixteen = w.dtype == torch.bfloat16
     device = hidden.device
+    w_grad = w.float() if w.dtype == torch.float16 else w  # float16: an O(V*D) float32 copy
     logp = torch.empty(n, dtype=cd, device=device)
     entropy = torch.empty_like(logp)
     dh = torch.empty(n, hidden.shape[1], dtype=cd, device=device) if need_h else None
     dw = torch.zeros(vocab, weight.shape[1], dtype=cd, device=device) if need_w else None
     db = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
     if n == 0:
-        return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
+        return logp, entropy, dh, dw, db
     elem = torch.finfo(cd).bits // 8
     # bytes per [rows, V] element: the logits / gradient buffer, plus its 16-bit copy (the
     # gradient GEMMs' operand) for 16-bit inputs
     per_elem = elem + (torch.finfo(w.dtype).bits // 8 if sixteen else 0)
+    if device.type == "cuda":  # whole-row scratch blocks (below): two more [rows, V] buffers
+        per_elem += 2 * elem
     rows = rows_per_tile(n, vocab, per_elem, device, 1, budget)
     # column blocks: cache-sized on the CPU; the whole row on a GPU (streaming passes, where
     # every block would cost a launch per op)
@@ -90,23 +97,27 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         r1 = min(n, r0 + rows)
         h = hidden[r0:r1]
         y = targets[r0:r1].long()[:, None]
+        inside = (y >= 0) & (y < vocab)     # -1 / V: an out-of-range target (validate=False)
+        y = y.clamp(0, vocab - 1)
         z = _logits(h, w, b, params, zbuf)
         lse, ent = _row_stats(z, tmp, tmp2, cols)
-        zy = z.gather(1, y)
+        zy = torch.where(inside, z.gather(1, y), 0.0)
         logp[r0:r1] = (zy - lse).squeeze(1)
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
-        g = _logit_grad_(z, lse, ent, zy, gl, ge, y, params, tmp, tmp2, cols)
+        g = _logit_grad_(z, lse, ent, zy, torch.where(inside[:, 0], gl, 0.0), gl, ge, y, params,
+                         tmp, tmp2, cols)
         if need_b:
             db.add_(g.sum(dim=0))
         if sixteen:  # the GEMM operand in the head's dtype (what a bf16 backward rounds anyway)
             g = gbuf[: r1 - r0].copy_(g)
         if need_h:
-            mm_f32(g, w, out=dh[r0:r1])
+            mm_f32(g, w_grad, out=dh[r0:r1])
         if need_w:  # by vocabulary blocks: BLAS packs the transposed operand, keep that small
+            hg = h if w_grad is w else h.float()
             for v0 in range(0, vocab, V_BLOCK):
-                addmm_f32_(dw[v0:v0 + V_BLOCK], g[:, v0:v0 + V_BLOCK].T, h)
-    return logp, entropy, _cast(dh, hidden), _cast(dw, weight), _cast(db, bias)
+                addmm_f32_(dw[v0:v0 + V_BLOCK], g[:, v0:v0 + V_BLOCK].T, hg)
+    return logp, entropy, dh, dw, db
 
 
 BLOCK_BYTES = 1 << 20  # CPU: a [rows, cols] column block of the elementwise passes stays in cache
@@ -152,11 +163,13 @@ def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int
 
 
 def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor,
-                 gl: torch.Tensor, ge: torch.Tensor | None, y: torch.Tensor, params: LogitParams,
-                 tmp: torch.Tensor, tmp2: torch.Tensor, cols: int) -> torch.Tensor:
+                 g_onehot: torch.Tensor, gl: torch.Tensor, ge: torch.Tensor | None,
+                 y: torch.Tensor, params: LogitParams, tmp: torch.Tensor, tmp2: torch.Tensor,
+                 cols: int) -> torch.Tensor:
     """d l / d u written over ``z`` [rows, V] (returned), one read and one write of z a column
     block at a time: g = s/tau (g_logp (onehot - p) - g_H p (z - mu)) times 1 - (z/c)^2 under a
-    soft cap c, with p = e^{z - lse}, mu = lse - H; ``zy`` [rows, 1] is z at the targets."""
+    soft cap c, with p = e^{z - lse}, mu = lse - H; ``zy`` [rows, 1] is z at the targets and
+    ``g_onehot`` [rows] the one-hot term's weight (g_logp; 0 for an out-of-range target)."""
     rows, vocab = z.shape
     scale = params.scale
     gl = gl.to(z.dtype)[:, None]
@@ -179,12 +192,8 @@ def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, zy: torc
             zb.copy_(p)
         else:
             torch.mul(p, factor, out=zb)
-    onehot = gl * scale
+    onehot = g_onehot.to(z.dtype)[:, None] * scale  # 0 for a target outside [0, V)
     if cap is not None:  # the one-hot term carries the cap's derivative at the target too
         onehot = onehot * (1.0 - (zy / cap) ** 2)
     z.scatter_add_(1, y, onehot)
     return z
-
-
-def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None or like is None else grad.to(like.dtype)

@@ -241,3 +241,72 @@ def test_kernel_chunks_equal_one_chunk():
     for a, c in zip(whole, tiled):
         if a is not None:
             torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-15)
+
+
+def test_many_vocabulary_blocks_float64(monkeypatch):
+    """V above the GEMM block (4096) and a workspace small enough for several row chunks and
+    column blocks: still equal to the composed path to 1e-12."""
+    monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
+    x = _inputs(b=4, t=9, d=8, v=9000)
+    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, softcap=30.0)
+    monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
+    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, softcap=30.0)
+    for got, want in zip(a[:6], c[:6]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_float16_gradients_survive_a_large_loss_scale(monkeypatch):
+    """fp16 with a GradScaler-like factor: the stored gradients are float32 until the backward has
+    scaled them, so small logit gradients are not flushed to zero before the scale arrives."""
+    x = _inputs(dtype=torch.float16)
+    scale = 65536.0
+    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, scale=scale)
+    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, scale=scale)
+    for got, want in zip(a[1:4], c[1:4]):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        err = (got.double() - want.double()).abs().max() / want.double().abs().max()
+        assert err <= 2e-3, err
+        # as many nonzero entries as the composed path (no flush to zero)
+        assert int((got != 0).sum()) >= 0.99 * int((want != 0).sum())
+
+
+def test_inputs_that_need_a_gradient_take_the_composed_path(monkeypatch):
+    """Advantages (or old / reference log-probs, weights, a tensor normalizer) that require grad
+    get their gradient: the composed path runs."""
+    x = _inputs()
+    x["adv"] = x["adv"].clone().requires_grad_()
+    _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch)  # asserts: no in-forward call
+    assert x["adv"].grad is not None and x["adv"].grad.abs().sum() > 0
+
+
+def test_one_element_normalizer_of_any_shape(monkeypatch):
+    x = _inputs()
+    kw = dict(normalizer=torch.tensor([11.0], dtype=F64), loss_scale=torch.tensor([[0.5]], dtype=F64))
+    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, **kw)
+    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, **kw)
+    for got, want in zip(a[:6], c[:6]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_unchecked_bad_targets_match_the_composed_path(monkeypatch):
+    """validate=False: an out-of-range target reads logit 0 and an unmasked ignore_index token
+    gets logp 0, on both paths alike."""
+    x = _inputs()
+    x["y"] = x["y"].clone()
+    x["y"][0, 0], x["y"][0, 1], x["y"][2, 3] = 10_000, -7, -100
+    x["mask"] = x["mask"].clone()
+    x["mask"][0, :2] = True
+    x["mask"][2, 3] = True
+    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, validate=False)
+    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, validate=False)
+    for got, want in zip(a[:6], c[:6]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_double_backward_is_refused():
+    x = _inputs()
+    out = fused_linear_policy_loss(x["h"], x["w"], x["y"], x["adv"], x["mask"], old_logp=x["old"],
+                                   ref_logp=x["ref"], config=CONFIGS[3], backend="torch")
+    (gh,) = torch.autograd.grad(out.loss, x["h"], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gh.sum().backward()

@@ -116,3 +116,20 @@ def test_resume_config_applies_given_and_keeps_saved_values():
     assert c.optim.lr == 5e-4 and c.optim.weight_decay == 0.05 and c.train.seed == 4
     with pytest.raises(ConfigError, match="train.seed 5 cannot change on resume"):
         resume_config(load_config(["--train.seed", "5"]), saved, "ckpt")
+
+
+def test_resume_keeps_every_option_not_given_again():
+    """A resume without repeating --algo, loss.* or reward.* continues the run as configured; a
+    value given again wins; the run location is never taken from the checkpoint; betas given as
+    the same numbers in another container are no override."""
+    from gccpo.config import resume_config
+
+    saved = load_config(["--algo", "grpo", "--loss.beta", "0.04", "--task.eval_size", "50",
+                         "--train.steps", "7", "--optim.betas", "[0.8, 0.9]"]).to_dict()
+    saved["train"]["output_dir"] = "/somewhere/else"
+    saved["optim"]["betas"] = (0.8, 0.9)  # a tuple, as a restored state may hold it
+    c = load_config(["--train.steps", "9", "--optim.betas", "[0.8, 0.9]"])
+    notes = resume_config(c, saved, "ckpt")
+    assert notes == []
+    assert c.algo == "grpo" and c.loss.beta == 0.04 and c.task.eval_size == 50
+    assert c.train.steps == 9 and c.train.output_dir != "/somewhere/else"
