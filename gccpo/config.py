@@ -670,24 +670,26 @@ def apply_mapping(config: Config, mapping: dict[str, Any], *, origin: str = "con
     return keys
 
 
-def _read_config_file(path: str | Path) -> str:
-    p = Path(path)
+def read_user_file(path: str | Path, option: str, kind: str) -> str:
+    """The text of a file the user named with ``option`` (``--config``, ``task.train_file``, ...);
+    a missing, unreadable, non-UTF-8 file or a directory raises :class:`ConfigError` naming the
+    option and the path (``kind``: what the file should be, e.g. ``"a YAML file"``)."""
     try:
-        return p.read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigError(f"{option} {path}: no such file") from None
     except IsADirectoryError:
-        raise ConfigError(f"--config {path}: is a directory, not a YAML file") from None
+        raise ConfigError(f"{option} {path}: is a directory, not {kind}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"--config {path}: not a text file ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(f"{option} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML (or JSON) config file into a mapping; a missing, unreadable or malformed
     file raises :class:`ConfigError` with the path (and line)."""
-    text = _read_config_file(path)
+    text = read_user_file(path, "--config", "a YAML file")
     try:
         import yaml
     except ImportError:

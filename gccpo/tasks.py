@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError, TaskConfig
+from .config import ConfigError, TaskConfig, read_user_file
 
 #: In-distribution dataset parameters of the reasoning-gym tasks the trainer knows well.
 ID_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -239,25 +239,12 @@ def _build_gym(config: TaskConfig) -> Task:
     return Task(name, config, train, score, eval_set, ood_set, numeric)
 
 
-def _read_data_file(path: str | Path, option: str) -> str:
-    try:
-        return Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{option} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{option} {path}: is a directory, not a JSONL file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{option} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
-
-
 def load_jsonl(path: str | Path, option: str = "task.train_file") -> list[Problem]:
     """Problems from a JSONL file with ``question`` and ``answer`` fields on every line; a bad
     file or line raises :class:`ConfigError` naming ``path:line`` (``option``: the option that
     named the file, for the message)."""
     problems = []
-    for n, line in enumerate(_read_data_file(path, option).splitlines(), 1):
+    for n, line in enumerate(read_user_file(path, option, "a JSONL file").splitlines(), 1):
         if not line.strip():
             continue
         try:

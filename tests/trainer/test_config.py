@@ -73,7 +73,8 @@ def test_parse_overrides_flags():
     assert isinstance(Config().to_dict()["reward"], dict)
 
 
-@pytest.mark.parametrize("args,name", [
+#: (arguments, the option the error must name): every option is type- and range-checked
+BAD_OPTIONS = [
     (["--optim.max_grad_norm", "-1"], "optim.max_grad_norm"),
     (["--optim.lr", "0"], "optim.lr"),
     (["--optim.betas", "[1.5, 0.9]"], "optim.betas"),
@@ -91,7 +92,10 @@ def test_parse_overrides_flags():
     (["--episodes.delimiter", "regex", "--episodes.pattern", "("], "episodes.pattern"),
     (["--loss.eps_low", "2"], "loss.eps_low"),
     (["--task.name", "jsonl"], "task.train_file"),
-])
+]
+
+
+@pytest.mark.parametrize("args,name", BAD_OPTIONS)
 def test_every_option_is_range_checked_with_its_name(args, name):
     from gccpo.config import ConfigError
 

@@ -17,6 +17,7 @@ import gccpo.trainer as trainer_module  # noqa: E402
 from gccpo import cli  # noqa: E402
 from gccpo.config import ConfigError, format_config  # noqa: E402
 from gccpo.trainer import MANIFEST, CheckpointError, Trainer, write_manifest  # noqa: E402
+from tests.trainer.test_config import BAD_OPTIONS  # noqa: E402
 from tests.trainer.test_trainer import make_trainer, tiny_args, tiny_config  # noqa: E402
 
 FAST = ("--train.eval_before", "false", "--train.plots", "false", "--task.eval_size", "1",
@@ -142,16 +143,9 @@ def _bad_jsonl(tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case,expect", [
-    (["--rollout.max_new_tokens", "0"], "rollout.max_new_tokens"),
-    (["--rollout.temperature", "inf"], "rollout.temperature"),
-    (["--reward.num_perturbations", "0"], "reward.num_perturbations"),
-    (["--reward.sigma", "-1"], "reward.sigma"),
-    (["--reward.eta", "nan"], "reward.eta"),
-    (["--train.backend", "foo"], "train.backend"),
-    (["--train.steps", "-1"], "train.steps"),
-    (["--task.eval_size", "-1"], "task.eval_size"),
-    (["--model.autocast", "foo"], "model.autocast"),
-    (["--optim.max_grad_norm", "-1"], "optim.max_grad_norm"),
+    # every option error of the config tests, through the CLI (but "task.name jsonl without a
+    # train file": the tiny run's arguments give it one)
+    *[case for case in BAD_OPTIONS if case[1] != "task.train_file"],
     ("yaml", "run.yaml:3: invalid YAML"),
     ("config_dir", "is a directory"),
     ("config_missing", "no such file"),
