@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(config)
     except (ConfigError, ImportError) as exc:  # a data file, a checkpoint, a missing optional package
         return fail(exc)
+    except OSError as exc:  # a run directory the user cannot create or write (permissions, a file in the way)
+        return fail(exc, " (check train.output_dir / --resume)")
     if trainer.dp.is_main:
         world = f", {trainer.dp.world_size} data-parallel processes" if trainer.dp.enabled else ""
         print(f"gccpo-train: {config.algo} on {trainer.task.name} with {config.model.name} "

@@ -250,3 +250,18 @@ def test_an_interrupted_swap_leaves_no_leftovers(tmp_path, monkeypatch, killed_a
     resumed = _resume(tmp_path, run)
     assert resumed.step == 1
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+
+
+def test_an_unwritable_output_directory_is_one_line(tmp_path, capsys, no_model_load):
+    """A run directory the user cannot create: exit code 2 and one line, no traceback."""
+    if os.geteuid() == 0:  # root writes anywhere: make the parent a file instead
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        out = blocker / "run"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "run"
+    code, err = _cli(capsys, tiny_args(tmp_path, *FAST, "--train.output_dir", str(out)))
+    assert code == 2
+    _assert_one_line(err)
