@@ -326,6 +326,10 @@ class RewardConfig:
         readout: ``"probe"`` (append ``probe_text`` after each episode and read the next-token
             distribution at its last token) or ``"boundary"`` (read it at the episode's last token).
         probe_text: the probe (default ``"\\nAnswer:"``).
+        align_probe: end the probe exactly where the answer's first token starts, as the
+            tokenizer writes ``probe_text + " " + answer`` (SmolLM2: after the bare space token;
+            :func:`gccpo.rewards.aligned_probe_ids`). False: the probe text's own tokens (the
+            readout then reads the next-token distribution at the colon, mostly a space).
         probe_batch_size: probe sequences per no-grad forward.
         readout_temperature: tau_r of the answer distribution.
         answer_tokens: ``"auto"`` (digit and minus tokens for numeric tasks, else the full
@@ -359,6 +363,7 @@ class RewardConfig:
     w_eff: float = 0.8
     readout: str = "probe"
     probe_text: str = "\nAnswer:"
+    align_probe: bool = True
     probe_batch_size: int = 32
     readout_temperature: float = 1.0
     answer_tokens: str = "auto"
@@ -387,6 +392,7 @@ class RewardConfig:
             c.number(key)
         c.choice("readout", ("probe", "boundary"))
         c.text("probe_text", empty=self.readout != "probe")
+        c.flag("align_probe")
         c.integer("probe_batch_size", 1)
         c.number("readout_temperature", 0, open_low=True)
         c.choice("answer_tokens", ("auto", "digits", "full"))

@@ -97,6 +97,72 @@ def answer_token_ids(tokenizer: Any, mode: str = "digits") -> torch.Tensor | Non
     return torch.tensor(ids, dtype=torch.long)
 
 
+def aligned_probe_ids(tokenizer: Any, probe_text: str, example_answer: str = "7") -> list[int]:
+    """Token ids of ``probe_text`` ending exactly where an answer's first token starts, as this
+    tokenizer writes an answer after it.
+
+    Completions end with ``"Answer: <answer>"``: the answer follows the probe text after one
+    space (none when the probe already ends in whitespace). Tokenizers differ in where that space
+    goes: SmolLM2 writes ``" 12"`` as a bare space token then ``1``, ``2`` (so the readout must
+    come after the space, or it reads P(space) and the rare tokens that carry a leading space);
+    others write ``" 12"`` as one token (the readout must come before it). So the probe is derived
+    from tokenizing ``probe_text + sep + example_answer``: its tokens that hold no character of
+    the answer. Raises ValueError when that leaves no token.
+    """
+    sep = "" if probe_text[-1:].isspace() else " "
+    text = probe_text + sep + example_answer
+    start = len(probe_text + sep)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = 0
+    for k in range(1, len(ids) + 1):  # the longest prefix that decodes to text before the answer
+        decoded = tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if len(decoded) <= start and text.startswith(decoded):
+            keep = k
+        else:
+            break
+    if keep == 0:
+        raise ValueError(f"the probe text {probe_text!r} leaves no token before the answer's first token")
+    return list(ids[:keep])
+
+
+def probe_token_ids(tokenizer: Any, config: RewardConfig) -> list[int]:
+    """The probe's token ids under ``config``: aligned to the answer's first token
+    (:func:`aligned_probe_ids`) when ``config.align_probe``, else the probe text's own tokens."""
+    if config.align_probe:
+        return aligned_probe_ids(tokenizer, config.probe_text)
+    ids = tokenizer(config.probe_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"the probe text {config.probe_text!r} tokenizes to no token")
+    return list(ids)
+
+
+def answer_mass(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                answer_ids: torch.Tensor, *, temperature: float = 1.0, logit_scale: float = 1.0,
+                softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """``[R]`` the answer vocabulary's share of the next-token probability at each readout latent
+    (before the readout renormalizes over it): exp(logsumexp_A z - logsumexp_V z).
+
+    The full-vocabulary log-normalizer comes from the fused primitive (lse = z_t - logp_t for one
+    answer token t), the answer logits from an [R, A] product: never R x V memory.
+    """
+    h = latents.detach().to(weight.dtype)
+    ids = answer_ids.to(h.device)
+    if h.shape[0] == 0:
+        return torch.zeros(0, device=h.device)
+    target = ids[:1].expand(h.shape[0])
+    logp_t, _ = gk.fused_linear_logprobs(h, weight.detach(), target, bias=None if bias is None else bias.detach(),
+                                         temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                         backend=backend)
+    z = h.float() @ weight.detach().index_select(0, ids).float().T
+    if bias is not None:
+        z = z + bias.detach().index_select(0, ids).float()
+    z = z * (logit_scale / temperature)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = z[:, 0] - logp_t.float()
+    return torch.exp(torch.logsumexp(z, dim=1) - lse).clamp(max=1.0)
+
+
 def backbone_of(model: Any) -> torch.nn.Module:
     """The decoder without its LM head (``model.model`` for Llama-style models)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
@@ -274,14 +340,18 @@ class CausalReward:
     effectiveness: torch.Tensor
     reward: torch.Tensor
     valid: torch.Tensor
+    answer_mass: torch.Tensor | None = None  # [B, K]: the answer vocabulary's share at the readout
 
     def metrics(self) -> dict[str, float]:
         v = self.valid
         n = max(int(v.sum()), 1)
         mean = (lambda t: float((t * v).sum()) / n)
-        return {"causal/robustness": mean(self.robustness), "causal/effectiveness": mean(self.effectiveness),
-                "causal/episode_reward": mean(self.reward),
-                "causal/robustness_min": float(self.robustness[v].min()) if v.any() else 0.0}
+        out = {"causal/robustness": mean(self.robustness), "causal/effectiveness": mean(self.effectiveness),
+               "causal/episode_reward": mean(self.reward),
+               "causal/robustness_min": float(self.robustness[v].min()) if v.any() else 0.0}
+        if self.answer_mass is not None:
+            out["causal/answer_mass"] = mean(self.answer_mass)
+        return out
 
 
 def gate_by_outcome(episode_rewards: torch.Tensor, outcome: torch.Tensor, group_index: torch.Tensor,
@@ -372,4 +442,10 @@ def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch
             eff[index.rows, index.ks] = torch.log1p(((hf - mu[index.ks]) ** 2).sum(1) / hf.shape[1])
         valid[index.rows, index.ks] = True
     reward = gk.episode_rewards(rob, eff, w_rob=config.w_rob, w_eff=config.w_eff).masked_fill(~valid, 0.0)
-    return CausalReward(rob, eff, reward, valid)
+    mass = None
+    if ids is not None:
+        mass = torch.zeros(B, K, dtype=torch.float32, device=device)
+        if h.shape[0] > 0:
+            mass[index.rows, index.ks] = answer_mass(h, w, b, ids, temperature=config.readout_temperature,
+                                                     logit_scale=logit_scale, softcap=softcap, backend=backend)
+    return CausalReward(rob, eff, reward, valid, mass)

@@ -46,7 +46,7 @@ import gccpo_kernels as gk
 from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, bound_process, causal_reward, gate_by_outcome,
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, probe_token_ids, bound_process, causal_reward, gate_by_outcome,
                       outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from .prefix import shared_prompt_hidden, unique_prompts
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
@@ -472,7 +472,7 @@ class Trainer:
             self.answer_ids = answer_token_ids(self.tokenizer, mode)
             if self.answer_ids is not None:
                 self.answer_ids = self.answer_ids.to(self.device)
-            self.probe_ids = self.tokenizer(cfg.reward.probe_text, add_special_tokens=False)["input_ids"]
+            self.probe_ids = probe_token_ids(self.tokenizer, cfg.reward)
         self.episode_config = EpisodeConfig(delimiter=cfg.episodes.delimiter, pattern=cfg.episodes.pattern,
                                             tokens_per_episode=cfg.episodes.tokens_per_episode,
                                             max_episodes=cfg.episodes.max_episodes)
@@ -1006,7 +1006,8 @@ class Trainer:
             return None
         panels = [("reward", ["reward/outcome", "reward/pass_at_g"]),
                   ("accuracy", ["reward/accuracy"]),
-                  ("causal reward parts", ["causal/robustness", "causal/effectiveness", "causal/episode_reward"]),
+                  ("causal reward parts", ["causal/robustness", "causal/effectiveness", "causal/episode_reward",
+                                           "causal/answer_mass"]),
                   ("episodes per completion", ["episodes/mean", "episodes/frac_multi"]),
                   ("KL", ["policy/approx_kl", "policy/kl_ref"]),
                   ("clip fraction", ["policy/clip_frac_region", "policy/clip_frac_low", "policy/clip_frac_high"]),

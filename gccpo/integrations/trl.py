@@ -444,7 +444,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
     # -------------------------------------------------------------------------------------------
 
     def _gccpo_check_causal(self, base: Any) -> None:
-        from gccpo.rewards import PACKED_ATTENTION, answer_token_ids
+        from gccpo.rewards import PACKED_ATTENTION, answer_token_ids, probe_token_ids
 
         rc = self.gccpo_reward
         if rc.readout == "probe":
@@ -453,10 +453,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"the probe readout packs every probe into one forward with a 4D attention mask, "
                                  f"which {impl!r} attention does not take: use attn_implementation in "
                                  f"{PACKED_ATTENTION} or RewardConfig(readout='boundary')")
-            ids = self._tokenizer(rc.probe_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"the probe text {rc.probe_text!r} tokenizes to no token")
-            self._gccpo_probe_ids = list(ids)
+            self._gccpo_probe_ids = probe_token_ids(self._tokenizer, rc)
         elif rc.readout != "boundary":
             raise ValueError(f"RewardConfig.readout must be 'probe' or 'boundary', got {rc.readout!r}")
         if rc.process_gate not in ("outcome", "none"):

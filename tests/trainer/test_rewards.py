@@ -169,3 +169,102 @@ def test_bounded_process_part_never_flips_the_outcome_sign():
     assert bool((got[:2].sign() == a_out[:2].sign()).all())
     assert torch.equal(got[2], torch.zeros(3))
     assert torch.equal(bound_process(a_out + proc, a_out, 0.0), a_out + proc)
+
+
+# ---- the readout reads the answer (issue 19) -------------------------------------------------------
+
+class _CharTokenizer:
+    """A tokenizer that writes " 12" as one token (space included), unlike SmolLM2."""
+
+    def __init__(self):
+        self.vocab = ["\n", "Answer", ":", " 7", " 12", "7", "x", " "]
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            for j, tok in sorted(enumerate(self.vocab), key=lambda p: -len(p[1])):
+                if text.startswith(tok, i):
+                    ids.append(j)
+                    i += len(tok)
+                    break
+            else:
+                raise ValueError(text[i:])
+        return {"input_ids": ids}
+
+    def decode(self, ids, **kw):
+        return "".join(self.vocab[i] for i in ids)
+
+
+def test_aligned_probe_stops_before_the_answer_token():
+    from gccpo.rewards import aligned_probe_ids
+
+    tok = _CharTokenizer()
+    assert aligned_probe_ids(tok, "\nAnswer:") == [0, 1, 2]      # " 7" carries the space
+    # "x" has no space-carrying token: the space is its own token and belongs to the probe
+    assert aligned_probe_ids(tok, "\nAnswer:", "x") == [0, 1, 2, 7]
+    assert aligned_probe_ids(tok, "\nAnswer: ", "x") == [0, 1, 2, 7]
+    with pytest.raises(ValueError, match="no token"):
+        aligned_probe_ids(tok, "")
+
+
+@pytest.fixture(scope="module")
+def smollm2_model():
+    from tests.trainer.test_episodes import _smollm2_gguf
+
+    path, why = _smollm2_gguf()
+    if path is None:
+        pytest.skip(why)
+    from gccpo.config import ModelConfig
+    from gccpo.trainer import load_model
+
+    model, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
+    return model.eval(), tokenizer
+
+
+def test_aligned_probe_reads_the_answer_on_smollm2(smollm2_model):
+    """On the embedded default (step 0), the aligned probe puts >= 0.5 of the next-token mass on
+    the answer vocabulary; the probe text's own tokens ("...Answer:") put almost all of it on the
+    space SmolLM2 writes before a number."""
+    from gccpo.config import RewardConfig, TaskConfig
+    from gccpo.rewards import answer_mass, answer_token_ids, backbone_of, probe_token_ids
+    from gccpo.trainer import logit_params
+
+    model, tok = smollm2_model
+    prompt = TaskConfig().prompt
+    steps = [("4 + 7 - 3 = ?", "4 + 7 = 11\n\n11 - 3 = 8."), ("12 + 5 = ?", "12 + 5 = 17."),
+             ("9 - 4 + 6 = ?", "9 - 4 = 5\n\n5 + 6 = 11.")]
+    answers = answer_token_ids(tok, "digits")
+    scale, cap = logit_params(model.config)
+    masses = {}
+    for align in (True, False):
+        probe = probe_token_ids(tok, RewardConfig(align_probe=align))
+        latents = []
+        for question, so_far in steps:
+            chat = tok.apply_chat_template([{"role": "user", "content": prompt.format(question=question)}],
+                                           tokenize=False, add_generation_prompt=True)
+            ids = tok(chat + so_far, add_special_tokens=False)["input_ids"] + probe
+            with torch.no_grad():
+                hidden = backbone_of(model)(input_ids=torch.tensor([ids])).last_hidden_state
+            latents.append(hidden[0, -1])
+        mass = answer_mass(torch.stack(latents), model.lm_head.weight, None, answers,
+                           logit_scale=scale, softcap=cap)
+        masses[align] = mass
+    assert float(masses[True].min()) >= 0.5, masses
+    assert float(masses[False].max()) < 0.1, masses
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_answer_mass_equals_the_softmax_share_float64(softcap):
+    from gccpo.rewards import answer_mass
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(300, generator=g, dtype=torch.float64)
+    ids = torch.tensor([3, 17, 42, 299])
+    z = (h @ w.T + b) * 1.3 / 0.7
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    want = torch.softmax(z, -1)[:, ids].sum(1)
+    got = answer_mass(h, w, b, ids, temperature=0.7, logit_scale=1.3, softcap=softcap)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)  # the [R, A] part in float32
