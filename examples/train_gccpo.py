@@ -18,9 +18,10 @@ import argparse
 import torch
 
 import gccpo_kernels as gk
-from gccpo.config import ModelConfig, TaskConfig
+from gccpo.config import ModelConfig, RewardConfig, TaskConfig
 from gccpo.episodes import EpisodeConfig, split_episodes
-from gccpo.rewards import EpisodeIndex, answer_token_ids, packed_probe_forward
+from gccpo.rewards import EpisodeIndex, answer_token_ids, packed_probe_forward, probe_token_ids
+from gccpo.shaping import shape_advantages
 from gccpo.rollout import generate
 from gccpo.tasks import build_task
 from gccpo.trainer import load_model, logit_params
@@ -45,7 +46,8 @@ def main() -> None:
     W = model.get_output_embeddings().weight          # the LM head weight [V, D]; never called on the batch
     scale, cap = logit_params(model.config)            # model's logit scaling / soft cap, for every kernel
     digits = answer_token_ids(tok).to(device)          # answer distribution over digit and minus tokens
-    probe = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
+    reward_config = RewardConfig(eta=args.eta)          # the trainer's defaults: probe, gate, bound
+    probe = probe_token_ids(tok, reward_config)         # "\nAnswer:" ending where the answer starts
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator(device=device).manual_seed(0)
     temperature = 0.8
@@ -82,11 +84,10 @@ def main() -> None:
         #    the process part scaled by |A_out| (the trainer's default process_gate "outcome": no
         #    process push in groups whose outcomes carry no signal; without it the policy games
         #    the effectiveness reward, see docs/trainer.md)
-        adv = gk.token_advantages(reward, r.group_index, ep.episode_ids, episode_reward, old_logp,
-                                  r.completion_mask, eta=args.eta)
-        a_out = gk.token_advantages(reward, r.group_index, ep.episode_ids, episode_reward, old_logp,
-                                    r.completion_mask, eta=0.0)
-        adv = a_out + a_out.abs() * (adv - a_out)
+        #    (gccpo.shaping: the one shaping path the trainer and the TRL integration use)
+        adv = shape_advantages(lambda eta: gk.token_advantages(reward, r.group_index, ep.episode_ids, episode_reward,
+                                                               old_logp, r.completion_mask, eta=eta),
+                               args.eta, reward_config).total
         # 6. fused clipped policy loss from the backbone's hidden states, backward, AdamW
         model.train()
         am = r.attention_mask

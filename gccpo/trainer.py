@@ -46,9 +46,10 @@ import gccpo_kernels as gk
 from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, probe_token_ids, bound_process, causal_reward, gate_by_outcome,
-                      outcome_rewards, packed_probe_forward, probe_latents, scale_process_by_outcome)
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, outcome_rewards,
+                      packed_probe_forward, probe_latents, probe_token_ids)
 from .prefix import shared_prompt_hidden, unique_prompts
+from .shaping import gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
@@ -590,8 +591,8 @@ class Trainer:
         K = episodes.num_episodes
         ep_rewards = causal.reward if causal is not None else torch.zeros(
             rollout.completion_ids.shape[0], max(K, 1), device=self.device)
-        if causal is not None and cfg.reward.process_gate == "signal":
-            ep_rewards = gate_by_outcome(ep_rewards, rewards, rollout.group_index.to(self.device))
+        if causal is not None:
+            ep_rewards = gate_episodes(ep_rewards, rewards, rollout.group_index.to(self.device), cfg.reward)
 
         def advantages_with(eta: float) -> torch.Tensor:
             return gk.token_advantages(
@@ -600,12 +601,8 @@ class Trainer:
                 surprise_weighting=cfg.reward.surprise_weighting, normalize_returns=cfg.reward.normalize_returns,
                 eps=cfg.reward.eps, backend=cfg.train.backend)
 
-        advantages = advantages_with(cfg.reward.eta if cfg.causal else 0.0)
-        outcome_adv = advantages_with(0.0) if causal is not None else advantages
-        if causal is not None:
-            advantages = bound_process(advantages, outcome_adv, cfg.reward.process_bound)
-        if causal is not None and cfg.reward.process_gate == "outcome":
-            advantages = scale_process_by_outcome(advantages, outcome_adv)
+        shaped = shape_advantages(advantages_with, cfg.reward.eta if causal is not None else 0.0, cfg.reward)
+        advantages, outcome_adv = shaped.total, shaped.outcome
 
         # 5. fused policy loss, backward, clip, AdamW
         opt_metrics = {}

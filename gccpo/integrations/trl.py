@@ -284,6 +284,20 @@ def _row_clip_fractions(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor
     return (low & m).sum(1).float() / count, (high & m).sum(1).float() / count
 
 
+def trl_token_advantages(outcome: torch.Tensor, process: torch.Tensor, mask: torch.Tensor,
+                         config: Any) -> torch.Tensor:
+    """``[B, T]`` token advantages from TRL's per-sequence outcome advantage ``outcome`` [B] and
+    the process-only advantages ``process`` [B, T] (token_advantages on zero outcome rewards with
+    eta = 1), through the trainer's one shaping path (:func:`gccpo.shaping.shape_advantages`:
+    eta, the gate and the bound), 0 where ``mask`` is 0."""
+    from gccpo.shaping import shape_advantages
+
+    base = outcome.to(process.dtype)[:, None].expand_as(process)
+    shaped = shape_advantages(lambda eta: base + eta * process if eta else base, config.eta, config)
+    total = shaped.total
+    return torch.where(mask != 0, total, torch.zeros((), dtype=total.dtype, device=total.device))
+
+
 class GCCPOGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss is :func:`gccpo_kernels.fused_linear_policy_loss`.
 
@@ -456,8 +470,8 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             self._gccpo_probe_ids = probe_token_ids(self._tokenizer, rc)
         elif rc.readout != "boundary":
             raise ValueError(f"RewardConfig.readout must be 'probe' or 'boundary', got {rc.readout!r}")
-        if rc.process_gate not in ("outcome", "none"):
-            raise ValueError(f"RewardConfig.process_gate must be 'outcome' or 'none', got {rc.process_gate!r}")
+        if rc.process_gate not in ("outcome", "signal", "none"):
+            raise ValueError(f"RewardConfig.process_gate must be 'outcome', 'signal' or 'none', got {rc.process_gate!r}")
         self._gccpo_answer_ids = answer_token_ids(self._tokenizer, "digits") if rc.answer_tokens == "digits" else None
         self._gccpo_generator = None
 
@@ -472,7 +486,8 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         """``[B, T]`` TRL's outcome advantage + eta * the causal process advantage (SPEC §6)."""
         import gccpo_kernels as gk
         from gccpo.episodes import split_episodes
-        from gccpo.rewards import EpisodeIndex, causal_reward, gate_by_outcome, packed_probe_mask
+        from gccpo.rewards import EpisodeIndex, causal_reward, packed_probe_mask
+        from gccpo.shaping import gate_episodes
 
         rc = self.gccpo_reward
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
@@ -535,17 +550,16 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             logp, causal = self.model(gccpo_head=head, **kwargs)
         old = batch.get("old_per_token_logps")
         old = logp if old is None else old
-        rewards = causal.reward
-        if rc.process_gate == "outcome":  # a group's advantages are all equal iff its rewards are
-            rewards = gate_by_outcome(rewards, outcome, group_index)
+        # TRL's outcome rewards decide the "signal" gate: a group's advantages are all equal iff its
+        # rewards are, so its advantages stand in for them
+        rewards = gate_episodes(causal.reward, outcome, group_index, rc)
         process = gk.token_advantages(
             torch.zeros(b, device=device), group_index, episodes.episode_ids, rewards, old.float(), mask,
-            eta=rc.eta, gamma=rc.gamma, scale=rc.scale, surprise_weighting=rc.surprise_weighting,
+            eta=1.0, gamma=rc.gamma, scale=rc.scale, surprise_weighting=rc.surprise_weighting,
             normalize_returns=rc.normalize_returns, eps=rc.eps, backend=self._gccpo_backend)
         mode = "train" if self.model.training else "eval"
         for key, value in causal.metrics().items():
             self._metrics[mode]["gccpo/" + key.split("/", 1)[-1]].append(value)
         self._metrics[mode]["gccpo/episodes_per_completion"].append(float(episodes.episode_counts.float().mean()))
-        token_adv = outcome.to(process.dtype)[:, None] + process
-        return torch.where(mask != 0, token_adv, torch.zeros((), dtype=token_adv.dtype, device=device))
+        return trl_token_advantages(outcome, process, mask, rc)
 

@@ -268,3 +268,46 @@ def test_answer_mass_equals_the_softmax_share_float64(softcap):
     want = torch.softmax(z, -1)[:, ids].sum(1)
     got = answer_mass(h, w, b, ids, temperature=0.7, logit_scale=1.3, softcap=softcap)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)  # the [R, A] part in float32
+
+
+# ---- one shaping path (issue 19): the trainer and the TRL integration agree -------------------------
+
+@pytest.mark.parametrize("gate", ["outcome", "signal", "none"])
+@pytest.mark.parametrize("bound", [0.0, 0.5])
+def test_trainer_and_trl_shape_advantages_alike(gate, bound):
+    """The trainer's advantages (token_advantages with eta, through gccpo.shaping) equal the TRL
+    integration's (TRL's per-sequence outcome advantage + the process-only advantages, through
+    the same shaping) for every gate and bound; each gate and the bound change something."""
+    import gccpo_kernels as gk
+    from gccpo.config import RewardConfig
+    from gccpo.integrations.trl import trl_token_advantages
+    from gccpo.shaping import gate_episodes, shape_advantages
+
+    g = torch.Generator().manual_seed(3)
+    B, T, K, G = 12, 10, 3, 4
+    group_index = torch.arange(B) // G
+    rewards = torch.randint(0, 2, (B,), generator=g).float()
+    rewards[:G] = 1.0                                           # a group without signal
+    episode_ids = torch.randint(0, K, (B, T), generator=g).sort(1).values
+    mask = torch.ones(B, T)
+    mask[:, -2:] = 0
+    episode_ids = episode_ids.masked_fill(mask == 0, -1)
+    ep_rewards = torch.randn(B, K, generator=g)
+    old_logp = -torch.rand(B, T, generator=g) * 3
+    cfg = RewardConfig(eta=0.7, process_gate=gate, process_bound=bound)
+    kw = dict(gamma=cfg.gamma, scale=cfg.scale, surprise_weighting=cfg.surprise_weighting,
+              normalize_returns=cfg.normalize_returns, eps=cfg.eps, backend="torch")
+    ep = gate_episodes(ep_rewards, rewards, group_index, cfg)
+
+    trainer = shape_advantages(lambda eta: gk.token_advantages(rewards, group_index, episode_ids, ep, old_logp,
+                                                               mask, eta=eta, **kw), cfg.eta, cfg).total
+    outcome = gk.token_advantages(rewards, group_index, episode_ids, ep, old_logp, mask, eta=0.0, **kw)[:, 0]
+    ep_trl = gate_episodes(ep_rewards, outcome, group_index, cfg)  # TRL gates on its advantages
+    process = gk.token_advantages(torch.zeros(B), group_index, episode_ids, ep_trl, old_logp, mask, eta=1.0, **kw)
+    trl = trl_token_advantages(outcome, process, mask, cfg)
+    torch.testing.assert_close(trl * mask, trainer * mask, rtol=1e-5, atol=1e-6)
+    if gate != "none":  # the group without signal gets no process push under either gate
+        torch.testing.assert_close(trainer[:G] * mask[:G], outcome[:G, None].expand(G, T) * mask[:G])
+    if bound:
+        assert float(((trainer - outcome[:, None]) * mask).abs().max()) <= bound * (
+            1 if gate != "outcome" else float(outcome.abs().max())) + 1e-6
