@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import RewardConfig
-from .rewards import CausalReward, EpisodeIndex, answer_mass, causal_reward
+from .rewards import CausalReward, EpisodeIndex, answer_logits, answer_mass, causal_reward
 
 FORMULATION_REGISTRY: dict[str, Callable[["Readouts"], CausalReward]] = {}
 
@@ -85,13 +85,8 @@ def answer_log_probs(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                      logit_scale: float, softcap: float | None) -> torch.Tensor:
     """``[R]`` log q(target) under the readout's distribution renormalized over ``answer_ids``
     (``targets``: positions in ``answer_ids``; an [R, A] product, float32)."""
-    ids = answer_ids.to(latents.device)
-    z = latents.float() @ weight.detach().index_select(0, ids).float().T
-    if bias is not None:
-        z = z + bias.detach().index_select(0, ids).float()
-    z = z * (logit_scale / temperature)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = answer_logits(latents, weight, bias, answer_ids, temperature=temperature, logit_scale=logit_scale,
+                      softcap=softcap)
     return torch.log_softmax(z, dim=1).gather(1, targets[:, None]).squeeze(1)
 
 

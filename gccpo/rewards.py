@@ -136,6 +136,21 @@ def probe_token_ids(tokenizer: Any, config: RewardConfig) -> list[int]:
     return list(ids)
 
 
+def answer_logits(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  answer_ids: torch.Tensor, *, temperature: float = 1.0, logit_scale: float = 1.0,
+                  softcap: float | None = None) -> torch.Tensor:
+    """``[R, A]`` float32 logits of the answer vocabulary at the readout latents, with the model's
+    transform (scale / temperature, soft cap): an [R, D] x [D, A] product, A small."""
+    ids = answer_ids.to(latents.device)
+    z = latents.float() @ weight.detach().index_select(0, ids).float().T
+    if bias is not None:
+        z = z + bias.detach().index_select(0, ids).float()
+    z = z * (logit_scale / temperature)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
 def answer_mass(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 answer_ids: torch.Tensor, *, temperature: float = 1.0, logit_scale: float = 1.0,
                 softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
@@ -153,12 +168,7 @@ def answer_mass(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     logp_t, _ = gk.fused_linear_logprobs(h, weight.detach(), target, bias=None if bias is None else bias.detach(),
                                          temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                                          backend=backend)
-    z = h.float() @ weight.detach().index_select(0, ids).float().T
-    if bias is not None:
-        z = z + bias.detach().index_select(0, ids).float()
-    z = z * (logit_scale / temperature)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = answer_logits(h, weight, bias, ids, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
     lse = z[:, 0] - logp_t.float()
     return torch.exp(torch.logsumexp(z, dim=1) - lse).clamp(max=1.0)
 
