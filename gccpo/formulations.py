@@ -131,12 +131,11 @@ def info_gain(r: Readouts) -> CausalReward:
     rewards = rewards * found[:, None].float()               # rows without a usable a*: no reward
     mass = zero.clone()
     mass[r.index.rows, r.index.ks] = answer_mass(r.latents, w, r.bias, ids, backend=r.backend, **kw)
-    gain = zero.clone()
-    gain[r.index.rows, r.index.ks] = logq
-    # robustness / effectiveness are not parts of this formulation: logged as 0; the reward is
-    # the information gain, and "effectiveness" carries log q_k(a*) for the plots
-    return CausalReward(zero.clone(), gain * found[:, None].float(), rewards.masked_fill(~valid, 0.0), valid,
-                        mass)
+    logq_table = zero.clone()
+    logq_table[r.index.rows, r.index.ks] = logq
+    # robustness and effectiveness are not parts of this formulation (0); its part is log q_k(a*)
+    return CausalReward(zero.clone(), zero.clone(), rewards.masked_fill(~valid, 0.0), valid, mass,
+                        answer_logq=logq_table * found[:, None].float())
 
 
 def answer_first_ids(tokenizer: Any, probe_text: str, probe_ids: list[int], answers: list[str]) -> torch.Tensor:

@@ -351,6 +351,7 @@ class CausalReward:
     reward: torch.Tensor
     valid: torch.Tensor
     answer_mass: torch.Tensor | None = None  # [B, K]: the answer vocabulary's share at the readout
+    answer_logq: torch.Tensor | None = None  # [B, K]: log q_k(a*) of the reference answer (info_gain)
 
     def metrics(self) -> dict[str, float]:
         v = self.valid
@@ -361,6 +362,8 @@ class CausalReward:
                "causal/robustness_min": float(self.robustness[v].min()) if v.any() else 0.0}
         if self.answer_mass is not None:
             out["causal/answer_mass"] = mean(self.answer_mass)
+        if self.answer_logq is not None:
+            out["causal/answer_logq"] = mean(self.answer_logq)
         return out
 
 

@@ -789,11 +789,14 @@ class Trainer:
         if needs_prior(rc.formulation):
             if answers is None:
                 raise ValueError(f"reward.formulation {rc.formulation} needs each row's reference answer")
-            at_prompt = EpisodeIndex(torch.arange(B, device=latents.device), torch.zeros(B, dtype=torch.long,
-                                     device=latents.device), torch.full((B,), -1, device=latents.device))
+            # the readout right after the prompt: one probe sequence per question, shared by its rows
+            groups, row_group = torch.unique(rollout.group_index.to(latents.device), return_inverse=True)
+            first_row = torch.full((len(groups),), B, dtype=torch.long, device=latents.device).scatter_reduce(
+                0, row_group, torch.arange(B, device=latents.device), "amin")
+            at_prompt = EpisodeIndex(first_row, torch.zeros_like(first_row), torch.full_like(first_row, -1))
             prior = probe_latents(self.model, rollout.input_ids, rollout.attention_mask,
                                   rollout.prompt_ids.shape[1], at_prompt, self.probe_ids,
-                                  batch_size=rc.probe_batch_size, autocast=self._autocast)
+                                  batch_size=rc.probe_batch_size, autocast=self._autocast)[row_group]
             first = answer_first_ids(self.tokenizer, rc.probe_text, self.probe_ids, answers)
         with gathered_head(self.model) as (weight, bias):
             readouts = Readouts(latents, index, rollout.group_index, (B, max(episodes.num_episodes, 1)), weight, bias,
@@ -1022,7 +1025,7 @@ class Trainer:
         panels = [("reward", ["reward/outcome", "reward/pass_at_g"]),
                   ("accuracy", ["reward/accuracy"]),
                   ("causal reward parts", ["causal/robustness", "causal/effectiveness", "causal/episode_reward",
-                                           "causal/answer_mass"]),
+                                           "causal/answer_mass", "causal/answer_logq"]),
                   ("episodes per completion", ["episodes/mean", "episodes/frac_multi"]),
                   ("KL", ["policy/approx_kl", "policy/kl_ref"]),
                   ("clip fraction", ["policy/clip_frac_region", "policy/clip_frac_low", "policy/clip_frac_high"]),

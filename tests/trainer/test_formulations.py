@@ -81,6 +81,8 @@ def test_info_gain_formulation_end_to_end():
     torch.testing.assert_close(out.reward[0, :2], torch.stack([lq[0] - lp[0], lq[1] - lq[0]]), rtol=1e-5, atol=1e-6)
     assert not out.reward[1].any()
     assert out.answer_mass is not None and bool((out.answer_mass[out.valid] > 0).all())
+    torch.testing.assert_close(out.answer_logq[0, :2], lq[:2], rtol=1e-5, atol=1e-6)
+    assert not out.answer_logq[1].any() and not out.effectiveness.any() and not out.robustness.any()
 
 
 def test_info_gain_needs_the_aligned_probe():
@@ -110,14 +112,36 @@ def test_answer_first_token_on_smollm2():
     assert tok.convert_ids_to_tokens(first.tolist()) == ["1", "-", "7"]
 
 
-def test_a_training_step_with_info_gain(tmp_path):
+def test_a_training_step_with_info_gain(tmp_path, monkeypatch):
     """The trainer runs the info_gain formulation end to end (tiny random Llama): finite loss,
-    the episode rewards are the gains, robustness is not computed."""
+    robustness not computed, log q(a*) logged; the readout after the prompt runs once per question
+    (not once per row) and gives every row of a question the per-row readout."""
     import math
 
+    import gccpo.trainer as trainer_module
     from tests.trainer.test_trainer import make_trainer, tiny_config
 
-    trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.formulation", "info_gain"))
+    calls = []
+    real = trainer_module.probe_latents
+
+    def spy(model, input_ids, attention_mask, prompt_len, index, *a, **k):
+        out = real(model, input_ids, attention_mask, prompt_len, index, *a, **k)
+        if bool((index.ends == -1).all()):  # the prompt readouts: compare with one per row
+            every = trainer_module.EpisodeIndex(torch.arange(input_ids.shape[0]), torch.zeros(input_ids.shape[0],
+                                                dtype=torch.long), torch.full((input_ids.shape[0],), -1))
+            calls.append((len(index.rows), out, real(model, input_ids, attention_mask, prompt_len, every, *a, **k)))
+        return out
+
+    monkeypatch.setattr(trainer_module, "probe_latents", spy)
+    trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.formulation", "info_gain",
+                                       "--reward.readout", "probe"))
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and metrics["causal/robustness"] == 0.0
-    assert 0.0 < metrics["causal/answer_mass"] <= 1.0
+    assert 0.0 < metrics["causal/answer_mass"] <= 1.0 and math.isfinite(metrics["causal/answer_logq"])
+    (n_sequences, per_question, per_row), = calls
+    rows = trainer.config.rollout.questions_per_step * trainer.config.rollout.num_generations
+    assert n_sequences == trainer.config.rollout.questions_per_step < rows
+    assert per_row.shape[0] == rows
+    # rows are grouped by question (G consecutive rows each): the shared readout is each row's
+    g = trainer.config.rollout.num_generations
+    torch.testing.assert_close(per_question.repeat_interleave(g, 0), per_row, rtol=1e-4, atol=1e-5)
