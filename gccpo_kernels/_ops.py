@@ -300,7 +300,8 @@ def _token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                       episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
                       old_logp: Optional[torch.Tensor], mask: torch.Tensor, eta: float,
                       gamma: float, scale: str, surprise_weighting: bool, normalize_returns: bool,
-                      eps: float, backend: str, validate: bool, dtype: torch.dtype) -> torch.Tensor:
+                      eps: float, backend: str, validate: bool, dtype: torch.dtype,
+                      normalize_rewards: bool = True) -> torch.Tensor:
     """[B, T] token advantages in ``dtype``."""
     from .advantages import advantages_forward
 
@@ -308,13 +309,13 @@ def _token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                               mask, eta=eta, gamma=gamma, scale=scale,
                               surprise_weighting=surprise_weighting,
                               normalize_returns=normalize_returns, eps=eps, name=backend,
-                              validate=validate, dtype=dtype)
+                              validate=validate, dtype=dtype, normalize_rewards=normalize_rewards)
 
 
 @_token_advantages.register_fake
 def _token_advantages_fake(outcome_rewards, group_index, episode_ids, episode_rewards, old_logp,
                            mask, eta, gamma, scale, surprise_weighting, normalize_returns, eps,
-                           backend, validate, dtype):
+                           backend, validate, dtype, normalize_rewards=True):
     return episode_ids.new_empty(episode_ids.shape, dtype=dtype)
 
 
@@ -322,11 +323,12 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                      episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
                      old_logp: torch.Tensor | None, mask: torch.Tensor, eta: float, gamma: float,
                      scale: str, surprise_weighting: bool, normalize_returns: bool, eps: float,
-                     backend: str, validate: bool, dtype: torch.dtype) -> torch.Tensor:
+                     backend: str, validate: bool, dtype: torch.dtype,
+                     normalize_rewards: bool = True) -> torch.Tensor:
     """[B, T] advantages through ``gccpo::token_advantages`` (float inputs detached)."""
     return torch.ops.gccpo.token_advantages(
         outcome_rewards, group_index, episode_ids, episode_rewards, old_logp, mask, eta, gamma,
-        scale, surprise_weighting, normalize_returns, eps, backend, validate, dtype)
+        scale, surprise_weighting, normalize_returns, eps, backend, validate, dtype, normalize_rewards)
 
 
 # ------------------------------------------------------------------------------------------------

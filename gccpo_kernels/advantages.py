@@ -126,7 +126,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                      old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float = 1.0,
                      gamma: float = 1.0, scale: str = "group", surprise_weighting: bool = True,
                      normalize_returns: bool = True, eps: float = 1e-4, backend: str | None = None,
-                     validate: bool = True) -> torch.Tensor:
+                     validate: bool = True, normalize_rewards: bool = True) -> torch.Tensor:
     """SPEC §6: token-level advantages A_t = A_out_i + eta * omega_t * R^_{i,k(t)}.
 
     Args:
@@ -147,6 +147,9 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
             batch's std (``"batch"``), or r - mean_group (``"none"``, Dr. GRPO).
         surprise_weighting: omega_t = |e_k| s_t / sum_{e_k} s (1 when that sum is 0); off: omega = 1.
         normalize_returns: normalize the returns again over the group's episodes.
+        normalize_rewards: standardize the episode rewards over the group's episodes before the
+            returns (SPEC §6). False: ``episode_rewards`` are used as given (r~ = r), for a caller
+            that normalized them its own way (the ``paper`` formulation's truncated mean).
         eps: added to every std.
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
         validate: check id ranges, mask values and finiteness of what is read (one host sync).
@@ -200,14 +203,16 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     return _ops.token_advantages(
         outcome_rewards.detach(), group_index, episode_ids, episode_rewards.detach(),
         None if old_logp is None else old_logp.detach(), mask, float(eta), float(gamma), scale,
-        bool(surprise_weighting), bool(normalize_returns), float(eps), name, bool(validate), dtype)
+        bool(surprise_weighting), bool(normalize_returns), float(eps), name, bool(validate), dtype,
+        bool(normalize_rewards))
 
 
 def advantages_forward(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                        episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
                        old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float,
                        gamma: float, scale: str, surprise_weighting: bool, normalize_returns: bool,
-                       eps: float, name: str, validate: bool, dtype: torch.dtype) -> torch.Tensor:
+                       eps: float, name: str, validate: bool, dtype: torch.dtype,
+                       normalize_rewards: bool = True) -> torch.Tensor:
     """The body of the ``gccpo::token_advantages`` op: value checks (one host sync, when
     ``validate``), then the backend ``name`` on inputs already checked for shape and device."""
     B, T = episode_ids.shape
@@ -219,7 +224,8 @@ def advantages_forward(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     if not surprise_weighting:
         old_logp = None
     opts = dict(eta=float(eta), gamma=float(gamma), scale=scale, surprise_weighting=surprise_weighting,
-                normalize_returns=bool(normalize_returns), eps=float(eps))
+                normalize_returns=bool(normalize_returns), eps=float(eps),
+                normalize_rewards=bool(normalize_rewards))
     if name == "reference":
         from . import reference
 

@@ -466,7 +466,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                      old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float = 1.0,
                      gamma: float = 1.0, scale: str = "group", surprise_weighting: bool = True,
                      normalize_returns: bool = True, eps: float = 1e-4,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
+                     dtype: torch.dtype | None = None, normalize_rewards: bool = True) -> torch.Tensor:
     """SPEC §6 with plain Python loops over groups, completions, episodes and tokens (float64).
 
     Token t of row i is in the completion when mask[i, t] != 0, and in episode k when it is in the
@@ -515,7 +515,8 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     returns: list[list[float]] = [[0.0] * len(episodes[i]) for i in range(B)]
     for rows in members.values():
         keys = [(i, k) for i in rows for k in range(len(episodes[i]))]
-        normed = dict(zip(keys, _standardize_list([rewards[i][k] for i, k in keys], eps)))
+        values = [rewards[i][k] for i, k in keys]
+        normed = dict(zip(keys, _standardize_list(values, eps) if normalize_rewards else values))
         ret = {}
         for i, k in keys:
             ret[(i, k)] = sum(gamma ** (k2 - k) * normed[(i, k2)] for k2 in range(k, len(episodes[i])))

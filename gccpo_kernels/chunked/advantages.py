@@ -93,7 +93,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                      episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
                      old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float, gamma: float,
                      scale: str, surprise_weighting: bool, normalize_returns: bool, eps: float,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, normalize_rewards: bool = True) -> torch.Tensor:
     """SPEC §6, vectorized. Shapes as in :func:`gccpo_kernels.token_advantages`; returns [B, T]
     in ``dtype`` (the compute dtype). Inputs are already validated."""
     B, T = episode_ids.shape
@@ -143,7 +143,11 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     ks = torch.arange(K, device=dev)
     ep_valid = (ks[None, :] < counts[:, None]).reshape(-1)
     ep_seg = seg[:, None].expand(B, K).reshape(-1)
-    r_tilde = segmented_standardize(episode_rewards.to(dtype).reshape(-1), ep_seg, ep_valid, B, eps)
+    r_tilde = episode_rewards.to(dtype).reshape(-1)
+    if normalize_rewards:
+        r_tilde = segmented_standardize(r_tilde, ep_seg, ep_valid, B, eps)
+    else:  # as given; entries past a row's episode count are never read
+        r_tilde = torch.where(ep_valid, r_tilde, zero)
     returns = r_tilde.reshape(B, K) @ discount_matrix(K, gamma, dtype, dev).T
     if normalize_returns:
         returns = segmented_standardize(returns.reshape(-1), ep_seg, ep_valid, B, eps).reshape(B, K)

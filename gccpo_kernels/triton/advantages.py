@@ -11,7 +11,7 @@ live in small [B, K] scratch buffers that only this program touches):
    no atomics);
 2. outcome statistics of the group (two passes: mean, then sample std, min and max); the batch std
    for ``scale="batch"`` (each group program reads the B outcome rewards);
-3. process rewards normalized over the group's episodes -> scratch; discounted reverse cumulative
+3. process rewards normalized over the group's episodes (or copied as given) -> scratch; discounted reverse cumulative
    sum per row (a sequential loop over episodes, R_k = r~_k + gamma R_{k+1}); normalized again;
 4. per member row, one pass over its tokens writing A_out + eta * omega_t * R^_{k(t)} (0 outside
    the completion).
@@ -104,7 +104,7 @@ def _group_standardize(src_ptr, dst_ptr, order_ptr, cnt_ptr, start, end, K, eps,
 @triton.jit
 def _token_advantages_kernel(order_ptr, group_ptr, outcome_ptr, reward_ptr, ids_ptr, logp_ptr,
                              mask_ptr, out_ptr, surp_ptr, size_ptr, ret_ptr, cnt_ptr,
-                             B, T, K, eta, gamma, eps, scale_mode, surprise, normalize,
+                             B, T, K, eta, gamma, eps, scale_mode, surprise, normalize, norm_rewards,
                              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     p = tl.program_id(0)
     g = tl.load(group_ptr + tl.load(order_ptr + p))
@@ -185,7 +185,20 @@ def _token_advantages_kernel(order_ptr, group_ptr, outcome_ptr, reward_ptr, ids_
         out_equal = vmin == vmax
 
         # phase 3: process rewards -> r~ (scratch), discounted returns in place, normalized again
-        _group_standardize(reward_ptr, ret_ptr, order_ptr, cnt_ptr, p, end, K, eps, BLOCK_R, BLOCK_K)
+        if norm_rewards != 0:
+            _group_standardize(reward_ptr, ret_ptr, order_ptr, cnt_ptr, p, end, K, eps, BLOCK_R, BLOCK_K)
+        else:  # as given: copy the group's rows, 0 past a row's count (those are never read)
+            for j0 in range(p, end, BLOCK_R):
+                js = j0 + tl.arange(0, BLOCK_R)
+                jm = js < end
+                rows = tl.load(order_ptr + js, mask=jm, other=0)
+                cnt = tl.load(cnt_ptr + rows, mask=jm, other=0)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    inb = jm[:, None] & (ks[None, :] < K)
+                    valid = jm[:, None] & (ks[None, :] < cnt[:, None])
+                    v = tl.load(reward_ptr + rows[:, None] * K + ks[None, :], mask=valid, other=0.0)
+                    tl.store(ret_ptr + rows[:, None] * K + ks[None, :], v, mask=inb)
         tl.debug_barrier()
         for j0 in range(p, end, BLOCK_R):
             js = j0 + tl.arange(0, BLOCK_R)
@@ -228,7 +241,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
                      episode_ids: torch.Tensor, episode_rewards: torch.Tensor,
                      old_logp: torch.Tensor | None, mask: torch.Tensor, *, eta: float, gamma: float,
                      scale: str, surprise_weighting: bool, normalize_returns: bool, eps: float,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, normalize_rewards: bool = True) -> torch.Tensor:
     """Host side: one stable argsort of the group ids, scratch buffers, one kernel launch.
 
     Inputs are validated by the caller; episode_rewards has K >= 1 columns. Returns [B, T] float32.
@@ -258,7 +271,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     _token_advantages_kernel[(B,)](
         order, groups, outcome, rewards, ids, logp, inside, out, surp, size, ret, cnt,
         B, T, K, float(eta), float(gamma), float(eps), SCALE_CODES[scale], int(bool(surprise_weighting)),
-        int(bool(normalize_returns)), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"],
+        int(bool(normalize_returns)), int(bool(normalize_rewards)), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -276,7 +289,7 @@ def compile_cases(arch: str) -> list[CompileCase]:
                "ids_ptr": f"*{id_type}", "logp_ptr": f"*{t}", "mask_ptr": "*u8", "out_ptr": "*fp32",
                "surp_ptr": "*fp32", "size_ptr": "*fp32", "ret_ptr": "*fp32", "cnt_ptr": "*i32",
                "B": "i32", "T": "i32", "K": "i32", "eta": "fp32", "gamma": "fp32", "eps": "fp32",
-               "scale_mode": "i32", "surprise": "i32", "normalize": "i32"}
+               "scale_mode": "i32", "surprise": "i32", "normalize": "i32", "norm_rewards": "i32"}
         const = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_R": cfg["BLOCK_R"]}
         sig.update({k: "constexpr" for k in const})
         cases.append(CompileCase(f"token_advantages-{t}-{id_type}", _token_advantages_kernel, sig, const,

@@ -103,6 +103,9 @@ OPTIONS = [
     {"gamma": 0.0, "eta": 0.5, "scale": "none"},
     {"surprise_weighting": False, "normalize_returns": False, "eps": 1e-6},
     {"gamma": 0.95, "eta": 2.0, "normalize_returns": False},
+    # episode rewards used as given (a caller that normalized them itself: the paper formulation)
+    {"gamma": 0.0, "normalize_returns": False, "normalize_rewards": False},
+    {"gamma": 0.9, "normalize_rewards": False, "surprise_weighting": False},
 ]
 
 
@@ -130,14 +133,14 @@ def test_matches_reference(backend, opts):
        pad=st.sampled_from(["left", "right", "mixed"]), binary=st.booleans(),
        n_groups=st.integers(1, 6), eta=st.sampled_from([0.0, 1.0, 0.3]),
        gamma=st.sampled_from([1.0, 0.9, 0.0]), scale=st.sampled_from(["group", "batch", "none"]),
-       surprise=st.booleans(), normalize=st.booleans())
+       surprise=st.booleans(), normalize=st.booleans(), normalize_rewards=st.booleans())
 def test_property_torch_matches_reference(seed, B, T, K, pad, binary, n_groups, eta, gamma, scale,
-                                          surprise, normalize):
+                                          surprise, normalize, normalize_rewards):
     rng = random.Random(seed)
     groups = [rng.randrange(n_groups) for _ in range(B)]
     batch = make_batch(seed, B, T, K, groups=groups, pad=pad, binary=binary, p_empty=0.25)
     opts = dict(eta=eta, gamma=gamma, scale=scale, surprise_weighting=surprise,
-                normalize_returns=normalize)
+                normalize_returns=normalize, normalize_rewards=normalize_rewards)
     want = reference64(batch, **opts)
     got = gk.token_advantages(**on(batch, "torch"), backend="torch", **opts)
     assert_close_to(got, want, "torch")
@@ -445,3 +448,24 @@ def test_episode_rewards():
     torch.testing.assert_close(gk.episode_rewards(rob, eff, w_rob=0.0, w_eff=2.0), 2 * eff)
     with pytest.raises(ValueError, match="one shape"):
         gk.episode_rewards(rob, eff[:, :2])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+def test_rewards_as_given(backend):
+    """normalize_rewards=False, gamma 0, returns not normalized: A_t = A_out + eta * r_{i,k(t)}
+    exactly (the values a caller normalized itself reach the tokens unchanged)."""
+    ids = torch.tensor([[0, 0, 1, 1, -1], [0, 1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[0.5, -2.0], [3.0, 0.25]])
+    out = gk.token_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), ids, rewards, None, mask,
+                              eta=0.5, gamma=0.0, surprise_weighting=False, normalize_returns=False,
+                              normalize_rewards=False, backend=backend)
+    a = 0.5 / (0.7071067811865476 + 1e-4)  # (1 - 0.5) / (sample std + eps)
+    want = torch.tensor([[a + 0.25, a + 0.25, a - 1.0, a - 1.0, a],
+                         [-a + 1.5, -a + 0.125, -a + 0.125, -a + 0.125, 0.0]])
+    torch.testing.assert_close(out.double(), want.double(), atol=1e-5, rtol=1e-5)
+    # the default standardizes them: a different result
+    normed = gk.token_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), ids, rewards, None, mask,
+                                 eta=0.5, gamma=0.0, surprise_weighting=False, normalize_returns=False,
+                                 backend=backend)
+    assert (normed - out).abs().max() > 0.1
