@@ -18,9 +18,13 @@ loss's own aggregation on the mask. The loss value and the metrics come from one
 :func:`policy_loss` call on the whole batch's logp and entropy after the pass, exactly as the
 composed path computes them (and with its value checks).
 
-Used by :func:`gccpo_kernels.fused_linear_policy_loss` when :func:`eligible` says so; otherwise
-(sequence-level importance sampling, vocabulary parallelism, torch.compile tracing, the triton
-and reference backends, or no gradient wanted) the composed path runs.
+The pass over the logits has two implementations with one contract (``forward_with_grad``):
+the torch backend's :mod:`gccpo_kernels.chunked.loss_grad` (cache-blocked torch passes, any
+device) and the triton backend's :mod:`gccpo_kernels.triton.loss_epilogue` (cuBLAS GEMMs at a
+fixed chunk shape, the row statistics and the logit gradient in two Triton kernels; batch
+invariant). Used by :func:`gccpo_kernels.fused_linear_policy_loss` when :func:`eligible` says
+so; otherwise (sequence-level importance sampling, vocabulary parallelism, torch.compile
+tracing, the reference backend, or no gradient wanted) the composed path runs.
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ from torch.autograd.function import once_differentiable
 
 from ._logits import LogitParams
 from ._validation import out_dtype_for
-from .chunked.loss_grad import forward_with_grad
+from .chunked.loss_grad import forward_with_grad as _torch_forward_with_grad
+
+BACKENDS = ("torch", "triton")  # the backends with an in-forward gradient pass
+
+
+def _forward_with_grad(backend: str):
+    """The backend's pass over the logits (imported lazily: triton may not be importable)."""
+    if backend == "triton":
+        from .triton.loss_epilogue import forward_with_grad
+
+        return forward_with_grad
+    return _torch_forward_with_grad
 
 
 def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool],
@@ -42,7 +57,7 @@ def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool],
     tensor normalizer or loss_scale): when any needs a gradient, the composed path gives it."""
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in others):
         return False
-    return (backend == "torch" and process_group is None and any(needs)
+    return (backend in BACKENDS and process_group is None and any(needs)
             and cfg.importance_sampling_level == "token" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
@@ -115,11 +130,11 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                           is_weights: torch.Tensor | None, cfg, normalizer, loss_scale,
                           params: LogitParams, ignore_index: int, validate: bool,
-                          needs: tuple[bool, bool, bool]):
+                          needs: tuple[bool, bool, bool], backend: str = "torch"):
     """``(loss, logp [B, T], entropy [B, T], metrics)`` of the fused policy loss, the loss carrying
     the gradients computed in this forward. ``y``: targets with ``ignore_index`` where the mask
-    ``m`` ([B, T] bool, checked) is False. The other arguments as in
-    :func:`gccpo_kernels.fused_linear_policy_loss`."""
+    ``m`` ([B, T] bool, checked) is False; ``backend``: ``"torch"`` or ``"triton"``, whose pass
+    over the logits runs. The other arguments as in :func:`gccpo_kernels.fused_linear_policy_loss`."""
     from .linear_logprobs import validate_rows
     from .policy_loss import check_loss_arguments, policy_loss
 
@@ -174,9 +189,9 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         g_ent = None if w_ent is None else w_ent[r0:r1] * -cfg.entropy_coef
         return g_logp, g_ent
 
-    logp_v, ent_v, dh_v, dw, db = forward_with_grad(h, weight.detach(),
-                                                    None if bias is None else bias.detach(),
-                                                    targets, params, token_grads, needs)
+    logp_v, ent_v, dh_v, dw, db = _forward_with_grad(backend)(h, weight.detach(),
+                                                              None if bias is None else bias.detach(),
+                                                              targets, params, token_grads, needs)
     logp = _scatter(logp_v, rows, b * t).reshape(shape)
     entropy = _scatter(ent_v, rows, b * t).reshape(shape)
     from .linear_logprobs import check_outputs_finite

@@ -13,14 +13,14 @@ Public:
   all-reduced over a process group.
 
 Two ways to the gradient, one copy of the math. For a token-level loss (every TRL and verl
-aggregation) on the torch backend, the fused loss computes its gradient in the forward
-(:mod:`gccpo_kernels.loss_in_forward`): each row chunk's logits give its logp and entropy, the
+aggregation) on the torch and triton backends, the fused loss computes its gradient in the
+forward (:mod:`gccpo_kernels.loss_in_forward`): each row chunk's logits give its logp and entropy, the
 per-token derivative of :func:`policy_loss` (through autograd, on the chunk's tokens) times the
 aggregation weights (the loss's own aggregation differentiated on the mask) gives the logit
 gradient, and d hidden / d weight follow, with no recompute: 6NVD GEMM FLOPs instead of 8NVD;
 the backward only scales by ``grad_output``. Everywhere else (sequence-level importance sampling,
 whose per-token gradient needs the whole row; vocabulary parallelism; torch.compile tracing; the
-triton and reference backends for now) the loss is composed: :func:`gccpo_kernels.fused_linear_logprobs`
+reference backend) the loss is composed: :func:`gccpo_kernels.fused_linear_logprobs`
 (2NVD forward, 6NVD backward with one recompute of the logits) then :func:`policy_loss`, and
 autograd joins them. Both give the same loss, metrics and gradients (tests/kernels/test_loss_in_forward.py:
 to 1e-12 in float64); benchmarks/test_bench_policy_loss.py measures the fused form against the
@@ -575,8 +575,8 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
     """SPEC §2's loss straight from hidden states and the LM head, without ``[B*T, V]`` logits.
 
     Targets are set to ``ignore_index`` where ``mask`` is 0 (so masked tokens cost no matmul).
-    On the torch backend with a token-level loss and a gradient wanted, the gradients of hidden,
-    weight and bias are computed in this forward, one pass over the logits
+    On the torch and triton backends with a token-level loss and a gradient wanted, the gradients
+    of hidden, weight and bias are computed in this forward, one pass over the logits
     (:mod:`gccpo_kernels.loss_in_forward`), and the backward scales them by ``grad_output``: call
     ``backward`` once per call (a second backward through the same loss raises). Otherwise the
     loss is composed: :func:`gccpo_kernels.fused_linear_logprobs` gives logp and entropy,
@@ -639,7 +639,7 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
             params = LogitParams.of(temperature, logit_scale, softcap)
             loss, logp, entropy, metrics = fused_loss_in_forward(
                 hidden, weight, bias, y, m, advantages, old_logp, ref_logp, is_weights, cfg,
-                normalizer, loss_scale, params, ignore_index, validate, needs)
+                normalizer, loss_scale, params, ignore_index, validate, needs, backend=name)
             return PolicyLossOutput(loss, logp, entropy, metrics)
     from .linear_logprobs import fused_linear_logprobs
 
