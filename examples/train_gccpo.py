@@ -20,6 +20,7 @@ import torch
 import gccpo_kernels as gk
 from gccpo.config import ModelConfig, RewardConfig, TaskConfig
 from gccpo.episodes import EpisodeConfig, split_episodes
+from gccpo.formulations import standardize_in_groups
 from gccpo.rewards import EpisodeIndex, answer_token_ids, packed_probe_forward, probe_token_ids
 from gccpo.shaping import shape_advantages
 from gccpo.rollout import generate
@@ -79,7 +80,12 @@ def main() -> None:
         rob, eff = torch.zeros(B, K, device=device), torch.zeros(B, K, device=device)
         rob[idx.rows, idx.ks] = -kl.mean(1)
         eff[idx.rows, idx.ks] = stats.row_kl_to_mixture
-        episode_reward = gk.episode_rewards(rob, eff, w_rob=0.9, w_eff=0.8)
+        # each term standardized over its question's episodes before the weights (reward.term_norm
+        # "group", the trainer's default: robustness is ~100x smaller than effectiveness raw)
+        valid = torch.zeros(B, K, dtype=torch.bool, device=device)
+        valid[idx.rows, idx.ks] = True
+        z = lambda t: standardize_in_groups(t, valid, r.group_index)  # noqa: E731
+        episode_reward = gk.episode_rewards(z(rob), z(eff), w_rob=0.9, w_eff=0.8)
         # 5. token advantages: group-normalized outcome + eta * surprise-weighted normalized returns,
         #    the process part scaled by |A_out| (the trainer's default process_gate "outcome": no
         #    process push in groups whose outcomes carry no signal; without it the policy games

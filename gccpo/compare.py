@@ -12,6 +12,7 @@ Usage::
 
     gccpo-compare                                         # grpo vs gccpo, seeds 0,1,2, the embedded default
     gccpo-compare --arms grpo,gccpo,rob_only,eff_only,js,sibling --seeds 0,1 --out runs/ablation
+    gccpo-compare --arms grpo,spec,paper,info_gain,mi_floor --seeds 0     # the reward formulations
     gccpo-compare --train.steps 20 --task.eval_size 400  # any gccpo-train option applies to every arm
 
 Writes to ``--out`` (default ``runs/compare``): one run directory per arm and seed (with its
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import load_config
+from .config import FORMULATIONS, load_config
 from .stats import mean_se, paired, paired_problems, t975  # noqa: F401 (re-exported)
 
 #: Arm name -> the ``gccpo-train`` options that make it (applied after the shared options).
@@ -49,6 +50,8 @@ ARMS: dict[str, list[str]] = {
     "eff_only": ["--algo", "gccpo", "--reward.w_rob", "0"],       # effectiveness only
     "js": ["--algo", "gccpo", "--reward.divergence", "js"],       # JS instead of KL (both terms)
     "sibling": ["--algo", "gccpo", "--reward.perturbation", "sibling"],  # sibling, not gaussian, perturbations
+    # the episode-reward formulations (gccpo/formulations.py, docs/formulations.md)
+    **{name: ["--algo", "gccpo", "--reward.formulation", name] for name in FORMULATIONS},
 }
 BASELINE = "grpo"
 SPLITS = ("id", "ood")

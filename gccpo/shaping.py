@@ -19,12 +19,12 @@ advantage plus the process-only advantages (token_advantages on zero outcome rew
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .config import RewardConfig
-from .rewards import bound_process, gate_by_outcome, scale_process_by_outcome
+from .rewards import CausalReward, bound_process, gate_by_outcome, scale_process_by_outcome
 
 
 @dataclass
@@ -38,6 +38,17 @@ class ShapedAdvantages:
     def process(self) -> torch.Tensor:
         """[B, T] the process part after the gate and the bound (total - outcome)."""
         return self.total - self.outcome
+
+
+def advantage_options(config: RewardConfig, causal: CausalReward | None) -> dict[str, Any]:
+    """The :func:`gccpo_kernels.token_advantages` options (gamma, scale, surprise weighting, the
+    normalizations, eps) from ``config``, with those the formulation fixes
+    (:attr:`CausalReward.advantage_options`; ``paper``: rewards as given, no returns) on top."""
+    opts: dict[str, Any] = dict(gamma=config.gamma, scale=config.scale, surprise_weighting=config.surprise_weighting,
+                                normalize_returns=config.normalize_returns, eps=config.eps)
+    if causal is not None and causal.advantage_options:
+        opts.update(causal.advantage_options)
+    return opts
 
 
 def gate_episodes(episode_rewards: torch.Tensor, outcome_rewards: torch.Tensor, group_index: torch.Tensor,

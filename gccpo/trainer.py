@@ -46,11 +46,11 @@ import gccpo_kernels as gk
 from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .formulations import FORMULATION_REGISTRY, Readouts, answer_first_ids, needs_prior
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_token_ids, outcome_rewards, packed_probe_forward,
-                      probe_latents, probe_token_ids)
+from .formulations import FORMULATION_NEEDS, FORMULATION_REGISTRY, Readouts, answer_continuations, needs_prior
+from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
+                      packed_probe_forward, probe_latents, probe_token_ids)
 from .prefix import shared_prompt_hidden, unique_prompts
-from .shaping import gate_episodes, shape_advantages
+from .shaping import advantage_options, gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
@@ -583,7 +583,7 @@ class Trainer:
         # 3. one no-grad forward (probes included): hidden states -> old_logp, episode latents
         old_logp, latents = self.rollout_forward(rollout, episodes)
         t_causal = time.perf_counter()
-        causal = self.causal_reward(rollout, episodes, latents, [p.answer for p in rows_problem]) \
+        causal = self.causal_reward(rollout, episodes, latents, [p.answer for p in rows_problem], rewards) \
             if cfg.causal else None
         t_causal = time.perf_counter() - t_causal if causal is not None else 0.0
         ref_logp = self.policy_logprobs(self.ref_model, rollout) if self.ref_model is not None else None
@@ -596,12 +596,12 @@ class Trainer:
         if causal is not None:
             ep_rewards = gate_episodes(ep_rewards, rewards, rollout.group_index.to(self.device), cfg.reward)
 
+        options = advantage_options(cfg.reward, causal)
+
         def advantages_with(eta: float) -> torch.Tensor:
             return gk.token_advantages(
                 rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
-                eta=eta, gamma=cfg.reward.gamma, scale=cfg.reward.scale,
-                surprise_weighting=cfg.reward.surprise_weighting, normalize_returns=cfg.reward.normalize_returns,
-                eps=cfg.reward.eps, backend=cfg.train.backend)
+                eta=eta, backend=cfg.train.backend, **options)
 
         shaped = shape_advantages(advantages_with, cfg.reward.eta if causal is not None else 0.0, cfg.reward)
         advantages, outcome_adv = shaped.total, shaped.outcome
@@ -778,32 +778,53 @@ class Trainer:
 
     @torch.no_grad()
     def causal_reward(self, rollout: Rollout, episodes: Any, latents: torch.Tensor,
-                      answers: list[str] | None = None) -> Any:
+                      answers: list[str] | None = None, outcome: torch.Tensor | None = None) -> Any:
         """Episode rewards ``[B, K]`` (and their parts) from the episode latents, by the configured
         formulation (:mod:`gccpo.formulations`); ``answers``: each row's reference answer (read
-        by ``info_gain``, with one extra probe forward of every row's prompt)."""
+        by ``info_gain``, with one extra probe forward of every question's prompt, and with
+        ``answer_readout = "sequence"`` one of every episode and prompt with the answer appended);
+        ``outcome``: ``[B]`` the verifier's rewards (read by ``paper``)."""
         rc = self.config.reward
         index = EpisodeIndex.of(episodes)
         B = rollout.completion_ids.shape[0]
-        prior = first = None
+        needs = FORMULATION_NEEDS[rc.formulation]
+        if "outcome" in needs and outcome is None:
+            raise ValueError(f"reward.formulation {rc.formulation} needs each row's outcome reward")
+        extra: dict[str, Any] = {"outcome": outcome}
         if needs_prior(rc.formulation):
             if answers is None:
                 raise ValueError(f"reward.formulation {rc.formulation} needs each row's reference answer")
-            # the readout right after the prompt: one probe sequence per question, shared by its rows
-            groups, row_group = torch.unique(rollout.group_index.to(latents.device), return_inverse=True)
-            first_row = torch.full((len(groups),), B, dtype=torch.long, device=latents.device).scatter_reduce(
-                0, row_group, torch.arange(B, device=latents.device), "amin")
-            at_prompt = EpisodeIndex(first_row, torch.zeros_like(first_row), torch.full_like(first_row, -1))
-            prior = probe_latents(self.model, rollout.input_ids, rollout.attention_mask,
-                                  rollout.prompt_ids.shape[1], at_prompt, self.probe_ids,
-                                  batch_size=rc.probe_batch_size, autocast=self._autocast)[row_group]
-            first = answer_first_ids(self.tokenizer, rc.probe_text, self.probe_ids, answers)
+            extra.update(self._answer_readouts(rollout, index, answers))
         with gathered_head(self.model) as (weight, bias):
             readouts = Readouts(latents, index, rollout.group_index, (B, max(episodes.num_episodes, 1)), weight, bias,
                                 rc, logit_scale=self.logit_scale, softcap=self.softcap, answer_ids=self.answer_ids,
-                                generator=self.generator, backend=self.config.train.backend, prior_latents=prior,
-                                answer_first=first)
+                                generator=self.generator, backend=self.config.train.backend, **extra)
             return FORMULATION_REGISTRY[rc.formulation](readouts)
+
+    def _answer_readouts(self, rollout: Rollout, index: EpisodeIndex, answers: list[str]) -> dict[str, Any]:
+        """The readouts right after each prompt (one probe sequence per question, shared by its rows)
+        and the reference answers' tokens after the probe; with ``answer_readout = "sequence"`` the
+        whole answer's log-likelihood after every episode's probe and after the prompt's."""
+        rc = self.config.reward
+        B, device = rollout.completion_ids.shape[0], rollout.completion_ids.device
+        groups, row_group = torch.unique(rollout.group_index.to(device), return_inverse=True)
+        first_row = torch.full((len(groups),), B, dtype=torch.long, device=device).scatter_reduce(
+            0, row_group, torch.arange(B, device=device), "amin")
+        at_prompt = EpisodeIndex(first_row, torch.zeros_like(first_row), torch.full_like(first_row, -1))
+        tails = answer_continuations(self.tokenizer, rc.probe_text, self.probe_ids, answers)
+        first = torch.tensor([t[0] if t else -1 for t in tails], dtype=torch.long)
+        args = (self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1])
+        if rc.answer_readout == "sequence":  # unsharded (Config.validate): the head is the model's own
+            weight, bias = self._head(self.model)
+            kw = dict(temperature=rc.readout_temperature, logit_scale=self.logit_scale, softcap=self.softcap,
+                      batch_size=rc.probe_batch_size, autocast=self._autocast, backend=self.config.train.backend)
+            return {"answer_first": first,
+                    "answer_loglik": answer_logliks(*args, index, self.probe_ids, tails, weight, bias, **kw),
+                    "prior_loglik": answer_logliks(*args, at_prompt, self.probe_ids, tails, weight, bias,
+                                                   **kw)[row_group]}
+        prior = probe_latents(*args, at_prompt, self.probe_ids, batch_size=rc.probe_batch_size,
+                              autocast=self._autocast)[row_group]
+        return {"answer_first": first, "prior_latents": prior}
 
     def optimize(self, rollout: Rollout, advantages: torch.Tensor, old_logp: torch.Tensor,
                  ref_logp: torch.Tensor | None) -> dict[str, float]:

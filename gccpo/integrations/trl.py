@@ -284,6 +284,23 @@ def _row_clip_fractions(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor
     return (low & m).sum(1).float() / count, (high & m).sum(1).float() / count
 
 
+def trl_process_advantages(causal: Any, outcome: torch.Tensor, group_index: torch.Tensor, episode_ids: torch.Tensor,
+                           old_logp: torch.Tensor, mask: torch.Tensor, config: Any,
+                           backend: str | None) -> torch.Tensor:
+    """``[B, T]`` the process-only advantages (SPEC §6 on zero outcome rewards, eta = 1) of the
+    formulation's episode rewards ``causal`` after the gate, with the token-advantage options the
+    trainer uses (:func:`gccpo.shaping.advantage_options`). TRL's per-sequence advantages
+    ``outcome`` [B] decide the ``"signal"`` gate: a group's advantages are all equal iff its rewards
+    are, so they stand in for the rewards."""
+    import gccpo_kernels as gk
+    from gccpo.shaping import advantage_options, gate_episodes
+
+    rewards = gate_episodes(causal.reward, outcome, group_index, config)
+    return gk.token_advantages(torch.zeros(outcome.shape[0], device=outcome.device), group_index, episode_ids,
+                               rewards, old_logp, mask, eta=1.0, backend=backend,
+                               **advantage_options(config, causal))
+
+
 def trl_token_advantages(outcome: torch.Tensor, process: torch.Tensor, mask: torch.Tensor,
                          config: Any) -> torch.Tensor:
     """``[B, T]`` token advantages from TRL's per-sequence outcome advantage ``outcome`` [B] and
@@ -470,9 +487,10 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             self._gccpo_probe_ids = probe_token_ids(self._tokenizer, rc)
         elif rc.readout != "boundary":
             raise ValueError(f"RewardConfig.readout must be 'probe' or 'boundary', got {rc.readout!r}")
-        if rc.formulation != "spec":
-            raise ValueError(f"RewardConfig.formulation={rc.formulation!r}: the TRL integration computes the 'spec' "
-                             "formulation only (info_gain needs each row's reference answer; use gccpo-train)")
+        if rc.formulation not in ("spec", "mi_floor"):
+            raise ValueError(f"RewardConfig.formulation={rc.formulation!r}: the TRL integration computes 'spec' and "
+                             "'mi_floor' (info_gain needs each row's reference answer and paper its outcome "
+                             "reward, which TRL's batch does not carry; use gccpo-train)")
         if rc.process_gate not in ("outcome", "signal", "none"):
             raise ValueError(f"RewardConfig.process_gate must be 'outcome', 'signal' or 'none', got {rc.process_gate!r}")
         self._gccpo_answer_ids = answer_token_ids(self._tokenizer, "digits") if rc.answer_tokens == "digits" else None
@@ -487,10 +505,9 @@ class GCCPOGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _gccpo_token_advantages(self, batch: dict[str, Any]) -> torch.Tensor:
         """``[B, T]`` TRL's outcome advantage + eta * the causal process advantage (SPEC §6)."""
-        import gccpo_kernels as gk
         from gccpo.episodes import split_episodes
-        from gccpo.rewards import EpisodeIndex, causal_reward, packed_probe_mask
-        from gccpo.shaping import gate_episodes
+        from gccpo.formulations import FORMULATION_REGISTRY, Readouts
+        from gccpo.rewards import EpisodeIndex, packed_probe_mask
 
         rc = self.gccpo_reward
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
@@ -543,23 +560,19 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             else:
                 per_row = hidden[torch.arange(b, device=hidden.device)[:, None], p + ends.clamp_min(0)]
             latents = per_row[index.rows, index.ks]
-            causal = causal_reward(latents, index, group_index, (b, k), weight, bias, rc,
-                                   logit_scale=self._gccpo_logit_scale, softcap=self._gccpo_softcap,
-                                   answer_ids=self._gccpo_answer_ids, generator=self._gccpo_generator,
-                                   backend=self._gccpo_backend)
+            readouts = Readouts(latents, index, group_index, (b, k), weight, bias, rc,
+                                logit_scale=self._gccpo_logit_scale, softcap=self._gccpo_softcap,
+                                answer_ids=self._gccpo_answer_ids, generator=self._gccpo_generator,
+                                backend=self._gccpo_backend)
+            causal = FORMULATION_REGISTRY[rc.formulation](readouts)
             return logp, causal
 
         with self.accelerator.autocast():
             logp, causal = self.model(gccpo_head=head, **kwargs)
         old = batch.get("old_per_token_logps")
         old = logp if old is None else old
-        # TRL's outcome rewards decide the "signal" gate: a group's advantages are all equal iff its
-        # rewards are, so its advantages stand in for them
-        rewards = gate_episodes(causal.reward, outcome, group_index, rc)
-        process = gk.token_advantages(
-            torch.zeros(b, device=device), group_index, episodes.episode_ids, rewards, old.float(), mask,
-            eta=1.0, gamma=rc.gamma, scale=rc.scale, surprise_weighting=rc.surprise_weighting,
-            normalize_returns=rc.normalize_returns, eps=rc.eps, backend=self._gccpo_backend)
+        process = trl_process_advantages(causal, outcome, group_index, episodes.episode_ids, old.float(), mask, rc,
+                                         self._gccpo_backend)
         mode = "train" if self.model.training else "eval"
         for key, value in causal.metrics().items():
             self._metrics[mode]["gccpo/" + key.split("/", 1)[-1]].append(value)

@@ -145,3 +145,285 @@ def test_a_training_step_with_info_gain(tmp_path, monkeypatch):
     # rows are grouped by question (G consecutive rows each): the shared readout is each row's
     g = trainer.config.rollout.num_generations
     torch.testing.assert_close(per_question.repeat_interleave(g, 0), per_row, rtol=1e-4, atol=1e-5)
+
+
+# ---- the shared pieces: per-term standardization, the truncated mean -------------------------
+
+
+def _standardize_reference(values, valid, groups, eps, trim):
+    """Plain-Python float64 (v - trimmed mean) / (sample std + eps) per group, 0 for equal values."""
+    B, K = len(values), len(values[0])
+    out = [[0.0] * K for _ in range(B)]
+    for g in sorted(set(groups)):
+        keys = [(i, k) for i in range(B) if groups[i] == g for k in range(K) if valid[i][k]]
+        v = [values[i][k] for i, k in keys]
+        n = len(v)
+        if n == 0 or max(v) == min(v):
+            continue
+        cut = int(trim * n)
+        kept = sorted(v)[cut:n - cut] or v
+        center = sum(kept) / len(kept)
+        mean = sum(v) / n
+        std = (sum((x - mean) ** 2 for x in v) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        for (i, k), x in zip(keys, v):
+            out[i][k] = (x - center) / (std + eps)
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("trim", [0.0, 0.1, 0.25])
+def test_standardize_in_groups_float64(trim):
+    from gccpo.formulations import standardize_in_groups
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(7, 4, generator=g, dtype=F64)
+    values[2, 0] = 40.0                                   # an outlier the truncated mean ignores
+    valid = torch.rand(7, 4, generator=g) < 0.8
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    values[5:, :] = 1.5                                   # group 2: all equal -> exactly 0
+    got = standardize_in_groups(values, valid, groups, eps=1e-4, trim=trim)
+    want = _standardize_reference(values.tolist(), valid.tolist(), groups.tolist(), 1e-4, trim)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not got[5:].any() and not got[~valid].any()
+    if trim:  # the outlier moved the plain mean, not the trimmed one
+        plain = standardize_in_groups(values, valid, groups, eps=1e-4)
+        assert (got[:3][valid[:3]] - plain[:3][valid[:3]]).abs().min() > 1e-3
+
+
+def test_answer_energy_share_float64():
+    from gccpo.formulations import answer_energy_share
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(30, 6, generator=g, dtype=F64)
+    h = torch.randn(5, 6, generator=g, dtype=F64)
+    ids = torch.tensor([1, 4, 9, 20])
+    a = (w[ids] - w[ids].mean(0)).T.numpy()                 # [D, A], rank A - 1 = 3
+    import numpy as np
+
+    want = []
+    for x in h.numpy():
+        coef, *_ = np.linalg.lstsq(a, x, rcond=None)
+        proj = a @ coef
+        want.append(float(proj @ proj / (x @ x)))
+    got = answer_energy_share(h, w, ids)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=F64), rtol=1e-4, atol=1e-5)
+    # a latent inside the span reads 1, one orthogonal to it 0
+    inside = torch.tensor(a[:, 0] - a[:, 1], dtype=F64)[None]
+    q, _ = torch.linalg.qr(torch.tensor(a, dtype=F64), mode="complete")
+    orth = q[:, -1][None]                                   # orthogonal to the 3-dim span (D = 6)
+    torch.testing.assert_close(answer_energy_share(torch.cat([inside, orth]), w, ids).double(),
+                               torch.tensor([1.0, 0.0], dtype=F64), rtol=0, atol=1e-5)
+
+
+def _readouts(formulation: str, seed: int = 5, **config):
+    g = torch.Generator().manual_seed(seed)
+    counts = [2, 3, 1, 2, 1, 3]
+    index = _index(counts)
+    d, v = 8, 40
+    w = torch.randn(v, d, generator=g, dtype=F64)
+    lat = torch.randn(len(index.rows), d, generator=g, dtype=F64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    cfg = RewardConfig(formulation=formulation, **config)
+    return Readouts(lat, index, groups, (6, 3), w, None, cfg, answer_ids=torch.tensor([3, 5, 9, 12]),
+                    generator=torch.Generator().manual_seed(7), backend="torch",
+                    outcome=torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=F64),
+                    prior_latents=torch.randn(6, d, generator=g, dtype=F64),
+                    answer_first=torch.tensor([5, 5, 5, 9, 9, 9]))
+
+
+def _q(h, w, ids):
+    return torch.softmax(h @ w[ids].T, 1)
+
+
+def test_paper_formulation_float64():
+    """paper = truncated-mean normalization of w_rob z(stability) + w_eff z(norm ratio) + z(r_out/K),
+    each z over the question's episodes; its advantages take the rewards as given, without returns."""
+    from gccpo.formulations import answer_energy_share
+    import gccpo_kernels as gk
+
+    r = _readouts("paper", trim=0.2)
+    out = FORMULATION_REGISTRY["paper"](r)
+    ids = r.answer_ids
+    # stability from the same perturbations (same seed), KL in float64
+    deltas = gk.perturb_latents(r.latents, 4, sigma=0.05, group_index=r.group_index[r.index.rows],
+                                generator=torch.Generator().manual_seed(7))
+    q = _q(r.latents, r.weight, ids)
+    stab = []
+    for i in range(len(r.index.rows)):
+        kls = []
+        for m in range(4):
+            qm = _q(r.latents[i:i + 1] + deltas[i, m:m + 1], r.weight, ids)[0]
+            kls.append(float((q[i] * (q[i].log() - qm.log())).sum()))
+        stab.append(-sum(kls) / 4)
+    ratio = answer_energy_share(r.latents, r.weight, ids).double().tolist()
+    counts = torch.bincount(r.index.rows).tolist()
+    share = [float(r.outcome[b]) / counts[b] for b in r.index.rows.tolist()]
+    valid = [[False] * 3 for _ in range(6)]
+    tabs = [[[0.0] * 3 for _ in range(6)] for _ in range(3)]
+    for j, (b, k) in enumerate(zip(r.index.rows.tolist(), r.index.ks.tolist())):
+        valid[b][k] = True
+        for t, vals in zip(tabs, (stab, ratio, share)):
+            t[b][k] = vals[j]
+    groups = r.group_index.tolist()
+    z = [_standardize_reference(t, valid, groups, 1e-4, 0.0) for t in tabs]
+    total = 0.9 * z[0] + 0.8 * z[1] + z[2]
+    want = _standardize_reference(total.tolist(), valid, groups, 1e-4, 0.2)
+    torch.testing.assert_close(out.reward.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.robustness[r.valid()].double(), torch.tensor(stab, dtype=F64), rtol=1e-4,
+                               atol=1e-7)
+    assert out.advantage_options == {"normalize_rewards": False, "gamma": 0.0, "normalize_returns": False}
+    assert set(out.metrics()) >= {"causal/norm_ratio", "causal/outcome_share", "causal/answer_mass"}
+
+
+def test_paper_needs_the_answer_vocabulary_and_outcomes():
+    r = _readouts("paper")
+    r.answer_ids = None
+    with pytest.raises(ValueError, match="answer block"):
+        FORMULATION_REGISTRY["paper"](r)
+    r = _readouts("paper")
+    r.outcome = None
+    with pytest.raises(ValueError, match="outcome"):
+        FORMULATION_REGISTRY["paper"](r)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 5.0])
+def test_mi_floor_float64(threshold):
+    """I_k = H(mixture at k) - sum_q n_qk/n_k H(question q's mixture at k), a hinge below the
+    threshold shared by every episode at k, 0 where fewer than two questions reach k."""
+    r = _readouts("mi_floor", mi_threshold=threshold)
+    # question 1's rows (3, 4, 5) have 2, 1, 3 episodes and question 0's (0, 1, 2) 2, 3, 1: k = 2 has
+    # rows 1 and 5 (two questions); make k = 2 single-question by dropping row 5's third episode
+    keep = ~((r.index.rows == 5) & (r.index.ks == 2))
+    r.index = EpisodeIndex(r.index.rows[keep], r.index.ks[keep], r.index.ends[keep])
+    r.latents = r.latents[keep]
+    out = FORMULATION_REGISTRY["mi_floor"](r)
+    q = _q(r.latents, r.weight, r.answer_ids)
+    H = lambda p: float(-(p * p.log()).sum())  # noqa: E731
+    mi = {}
+    for k in range(3):
+        at = r.index.ks == k
+        qs = sorted(set(r.group_index[r.index.rows[at]].tolist()))
+        if len(qs) < 2:
+            mi[k] = None
+            continue
+        cond = 0.0
+        for g in qs:
+            sel = at & (r.group_index[r.index.rows] == g)
+            cond += float(sel.sum()) / float(at.sum()) * H(q[sel].mean(0))
+        mi[k] = H(q[at].mean(0)) - cond
+    assert mi[2] is None and mi[0] > 0
+    for j, (b, k) in enumerate(zip(r.index.rows.tolist(), r.index.ks.tolist())):
+        want = 0.0 if mi[k] is None else -max(0.0, threshold - mi[k])
+        assert abs(float(out.effectiveness[b, k]) - want) < 1e-5
+        assert abs(float(out.parts["mutual_information"][b, k]) - (mi[k] or 0.0)) < 1e-5
+    if threshold == 0.0:  # never below a zero floor: the reward is robustness alone
+        from gccpo.formulations import standardize_in_groups
+
+        z = standardize_in_groups(out.robustness.double(), out.valid, r.group_index, eps=1e-4)
+        torch.testing.assert_close(out.reward.double(), 0.9 * z, rtol=1e-5, atol=1e-6)
+    else:
+        assert out.effectiveness[out.valid].min() < 0
+
+
+def test_spec_standardizes_each_term():
+    """term_norm group: w_rob z(R_rob) + w_eff z(R_eff); none: SPEC §5 as written."""
+    from gccpo.formulations import standardize_in_groups
+
+    grouped = FORMULATION_REGISTRY["spec"](_readouts("spec"))
+    raw = FORMULATION_REGISTRY["spec"](_readouts("spec", term_norm="none"))
+    torch.testing.assert_close(raw.robustness, grouped.robustness)
+    v, groups = grouped.valid, torch.tensor([0, 0, 0, 1, 1, 1])
+    want = 0.9 * standardize_in_groups(grouped.robustness, v, groups) + \
+        0.8 * standardize_in_groups(grouped.effectiveness, v, groups)
+    torch.testing.assert_close(grouped.reward, want.masked_fill(~v, 0.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw.reward, (0.9 * raw.robustness + 0.8 * raw.effectiveness).masked_fill(~v, 0.0))
+
+
+def test_info_gain_robust_float64():
+    """robust: log q(a*) averaged over the M perturbed latents (the same draws), then the gains."""
+    import gccpo_kernels as gk
+
+    r = _readouts("info_gain", robust=True, num_perturbations=3, sigma=0.3)
+    out = FORMULATION_REGISTRY["info_gain"](r)
+    gen = torch.Generator().manual_seed(7)
+    ids = r.answer_ids
+    pos = torch.tensor([1, 1, 1, 2, 2, 2])
+
+    def mean_logq(h, groups, targets):
+        d = gk.perturb_latents(h, 3, sigma=0.3, group_index=groups, generator=gen)
+        return torch.stack([torch.log_softmax((h + d[:, m]) @ r.weight[ids].T, 1).gather(1, targets[:, None])[:, 0]
+                            for m in range(3)], 1).mean(1)
+
+    logq = mean_logq(r.latents, r.group_index[r.index.rows], pos[r.index.rows])
+    prior = mean_logq(r.prior_latents, r.group_index, pos)
+    want = info_gain_rewards(logq, prior, r.index, (6, 3))
+    torch.testing.assert_close(out.reward.double(), want, rtol=1e-5, atol=1e-6)
+    plain = FORMULATION_REGISTRY["info_gain"](_readouts("info_gain"))
+    assert (plain.reward - out.reward).abs().max() > 1e-3
+
+
+def test_info_gain_sequence_reads_the_given_logliks():
+    r = _readouts("info_gain", answer_readout="sequence")
+    g = torch.Generator().manual_seed(9)
+    r.answer_loglik = -torch.rand(len(r.index.rows), generator=g) * 5
+    r.prior_loglik = -torch.rand(6, generator=g) * 5
+    r.answer_first = torch.tensor([5, 5, 5, -1, -1, -1])   # question 1: no answer tokens
+    out = FORMULATION_REGISTRY["info_gain"](r)
+    want = info_gain_rewards(r.answer_loglik, r.prior_loglik, r.index, (6, 3))
+    torch.testing.assert_close(out.reward[:3], want[:3].float())
+    assert not out.reward[3:].any()
+
+
+def test_answer_logliks_match_a_plain_forward():
+    """The whole answer's teacher-forced log-likelihood after each episode's probe equals log-softmax
+    of the model's own logits on prefix + probe + answer (tiny random Llama, answers of 1-3 tokens)."""
+    from gccpo.rewards import answer_logliks
+    from tests.trainer.test_trainer import tiny_model, tiny_tokenizer
+
+    model = tiny_model(tiny_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    B, P, T = 3, 4, 6
+    ids = torch.randint(3, 60, (B, P + T), generator=g)
+    am = torch.ones(B, P + T, dtype=torch.long)
+    am[0, :2] = 0                                             # a left-padded prompt
+    index = EpisodeIndex(torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 0, 0, 1]), torch.tensor([1, 5, -1, 2, 4]))
+    probe = [7, 8]
+    answers = [[11, 12], [13], [14, 15, 16]]
+    weight = model.get_output_embeddings().weight
+    got = answer_logliks(model, ids, am, P, index, probe, answers, weight, None, batch_size=2, backend="torch")
+    for j, (b, e) in enumerate(zip(index.rows.tolist(), index.ends.tolist())):
+        prefix = ids[b, :P + e + 1][am[b, :P + e + 1] != 0].tolist()
+        seq = torch.tensor([prefix + probe + answers[b]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=seq).logits.double(), -1)[0]
+        n = len(answers[b])
+        want = sum(float(logp[len(seq[0]) - n - 1 + t, answers[b][t]]) for t in range(n))
+        assert abs(float(got[j]) - want) < 1e-4, (j, float(got[j]), want)
+
+
+@pytest.mark.parametrize("extra", [("--reward.formulation", "paper"), ("--reward.formulation", "mi_floor"),
+                                   ("--reward.formulation", "info_gain", "--reward.robust", "true"),
+                                   ("--reward.formulation", "info_gain", "--reward.answer_readout", "sequence")],
+                         ids=["paper", "mi_floor", "info_gain-robust", "info_gain-sequence"])
+def test_a_training_step_with_each_formulation(tmp_path, extra):
+    import math
+
+    from tests.trainer.test_trainer import make_trainer, tiny_config
+
+    trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.readout", "probe", *extra))
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["causal/episode_reward"])
+    assert metrics["advantage/process_abs_mean"] >= 0.0
+    name = extra[1]
+    assert {"paper": "causal/norm_ratio", "mi_floor": "causal/mutual_information"}.get(name, "causal/answer_logq") \
+        in metrics
+
+
+def test_sequence_readout_refuses_sharding():
+    from gccpo.config import Config, ConfigError
+
+    cfg = Config()
+    cfg.reward.formulation, cfg.reward.answer_readout, cfg.model.sharding = "info_gain", "sequence", "fsdp"
+    with pytest.raises(ConfigError, match="answer_readout sequence"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match="reward.robust"):
+        RewardConfig(formulation="info_gain", robust=True, answer_readout="sequence")

@@ -272,40 +272,58 @@ def test_answer_mass_equals_the_softmax_share_float64(softcap):
 
 # ---- one shaping path (issue 19): the trainer and the TRL integration agree -------------------------
 
+def _formulation_output(name: str, group_index, rewards, K: int, gen):
+    """The registered formulation ``name`` on random readouts of a [B, K] batch (every row K episodes)."""
+    from gccpo.config import RewardConfig
+    from gccpo.formulations import FORMULATION_REGISTRY, Readouts
+    from gccpo.rewards import EpisodeIndex
+
+    B, d = group_index.shape[0], 8
+    rows = torch.arange(B).repeat_interleave(K)
+    ks = torch.arange(K).repeat(B)
+    w = torch.randn(40, d, generator=gen)
+    r = Readouts(torch.randn(B * K, d, generator=gen), EpisodeIndex(rows, ks, ks), group_index, (B, K), w, None,
+                 RewardConfig(formulation=name), answer_ids=torch.tensor([3, 5, 9, 12]), backend="torch",
+                 generator=torch.Generator().manual_seed(1), outcome=rewards,
+                 prior_latents=torch.randn(B, d, generator=gen), answer_first=torch.full((B,), 5))
+    return FORMULATION_REGISTRY[name](r)
+
+
+@pytest.mark.parametrize("formulation", ["spec", "paper", "info_gain", "mi_floor"])
 @pytest.mark.parametrize("gate", ["outcome", "signal", "none"])
 @pytest.mark.parametrize("bound", [0.0, 0.5])
-def test_trainer_and_trl_shape_advantages_alike(gate, bound):
-    """The trainer's advantages (token_advantages with eta, through gccpo.shaping) equal the TRL
-    integration's (TRL's per-sequence outcome advantage + the process-only advantages, through
-    the same shaping) for every gate and bound; each gate and the bound change something."""
+def test_trainer_and_trl_shape_advantages_alike(gate, bound, formulation):
+    """The trainer's advantages (token_advantages with eta and the formulation's options, through
+    gccpo.shaping) equal the TRL integration's (TRL's per-sequence outcome advantage + its
+    process-only advantages, through the same shaping) for every gate, bound and formulation;
+    each gate and the bound change something."""
     import gccpo_kernels as gk
-    from gccpo.config import RewardConfig
-    from gccpo.integrations.trl import trl_token_advantages
-    from gccpo.shaping import gate_episodes, shape_advantages
+    from gccpo.config import FORMULATIONS, RewardConfig
+    from gccpo.integrations.trl import trl_process_advantages, trl_token_advantages
+    from gccpo.shaping import advantage_options, gate_episodes, shape_advantages
 
+    assert formulation in FORMULATIONS
     g = torch.Generator().manual_seed(3)
     B, T, K, G = 12, 10, 3, 4
     group_index = torch.arange(B) // G
     rewards = torch.randint(0, 2, (B,), generator=g).float()
     rewards[:G] = 1.0                                           # a group without signal
-    episode_ids = torch.randint(0, K, (B, T), generator=g).sort(1).values
+    episode_ids = torch.arange(T).mul(K).div(T, rounding_mode="floor").repeat(B, 1)  # K episodes per row
     mask = torch.ones(B, T)
     mask[:, -2:] = 0
-    episode_ids = episode_ids.masked_fill(mask == 0, -1)
-    ep_rewards = torch.randn(B, K, generator=g)
     old_logp = -torch.rand(B, T, generator=g) * 3
-    cfg = RewardConfig(eta=0.7, process_gate=gate, process_bound=bound)
-    kw = dict(gamma=cfg.gamma, scale=cfg.scale, surprise_weighting=cfg.surprise_weighting,
-              normalize_returns=cfg.normalize_returns, eps=cfg.eps, backend="torch")
-    ep = gate_episodes(ep_rewards, rewards, group_index, cfg)
+    causal = _formulation_output(formulation, group_index, rewards, K, g)
+    cfg = RewardConfig(eta=0.7, process_gate=gate, process_bound=bound, formulation=formulation)
+    kw = dict(backend="torch", **advantage_options(cfg, causal))
+    ep = gate_episodes(causal.reward, rewards, group_index, cfg)
 
     trainer = shape_advantages(lambda eta: gk.token_advantages(rewards, group_index, episode_ids, ep, old_logp,
                                                                mask, eta=eta, **kw), cfg.eta, cfg).total
     outcome = gk.token_advantages(rewards, group_index, episode_ids, ep, old_logp, mask, eta=0.0, **kw)[:, 0]
-    ep_trl = gate_episodes(ep_rewards, outcome, group_index, cfg)  # TRL gates on its advantages
-    process = gk.token_advantages(torch.zeros(B), group_index, episode_ids, ep_trl, old_logp, mask, eta=1.0, **kw)
+    process = trl_process_advantages(causal, outcome, group_index, episode_ids, old_logp, mask, cfg, "torch")
     trl = trl_token_advantages(outcome, process, mask, cfg)
     torch.testing.assert_close(trl * mask, trainer * mask, rtol=1e-5, atol=1e-6)
+    assert float(((trainer - outcome[:, None]) * mask).abs().max()) > 1e-3   # a process part exists
     if gate != "none":  # the group without signal gets no process push under either gate
         torch.testing.assert_close(trainer[:G] * mask[:G], outcome[:G, None].expand(G, T) * mask[:G])
     if bound:
