@@ -221,6 +221,12 @@ def test_trainer_option_errors(model_dir, tmp_path):
                  gccpo_reward=dict(eta=1.0))
     with pytest.raises(ValueError, match="delta"):  # TRL takes any delta; the loss needs a cap > 1
         _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path, "dapo", 0.0, delta=0.5))
+    from gccpo.config import RewardConfig
+
+    for name in ("paper", "info_gain"):  # they read what TRL's batch does not carry
+        with pytest.raises(ValueError, match="computes 'spec' and 'mi_floor'"):
+            _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path, "dapo", 0.0), gccpo_causal_reward=True,
+                     gccpo_reward=RewardConfig(formulation=name))
 
 
 def test_drop_in_fused_lm_head_matches_trl(model_dir):
@@ -308,7 +314,9 @@ def test_causal_reward_token_advantages(model_dir, tmp_path, monkeypatch):
     seen = {}
     for name, reward in (("eta0", RewardConfig(eta=0.0, readout="boundary")),
                          ("probe", RewardConfig(eta=1.0, readout="probe", probe_text="=?", process_gate="none")),
-                         ("boundary", RewardConfig(eta=1.0, readout="boundary", perturbation="sibling"))):
+                         ("boundary", RewardConfig(eta=1.0, readout="boundary", perturbation="sibling")),
+                         ("mi_floor", RewardConfig(eta=1.0, readout="boundary", formulation="mi_floor",
+                                                   mi_threshold=10.0, process_gate="none"))):
         trainer = _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path / name, "grpo", 0.0),
                            gccpo_causal_reward=True, gccpo_reward=reward, gccpo_episodes=episodes)
         original = trainer._gccpo_token_advantages
@@ -335,6 +343,9 @@ def test_causal_reward_token_advantages(model_dir, tmp_path, monkeypatch):
             assert torch.isfinite(token_adv).all()
             logged = trainer.state.log_history[0]
             assert "gccpo/robustness" in logged and logged["gccpo/robustness"] <= 0
-            assert "gccpo/effectiveness" in logged and logged["gccpo/effectiveness"] >= 0
+            if name == "mi_floor":  # the penalty below a floor no batch reaches, and the information
+                assert logged["gccpo/effectiveness"] < 0 and logged["gccpo/mutual_information"] >= 0
+            else:
+                assert "gccpo/effectiveness" in logged and logged["gccpo/effectiveness"] >= 0
         seen[name] = token_adv
     assert not torch.equal(seen["probe"], seen["boundary"])
