@@ -25,7 +25,7 @@ from gccpo.rewards import EpisodeIndex, answer_token_ids, packed_probe_forward, 
 from gccpo.shaping import shape_advantages
 from gccpo.rollout import generate
 from gccpo.tasks import build_task
-from gccpo.trainer import load_model, logit_params
+from gccpo.models import load_model, logit_params
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def run(arms: Sequence[str], seeds: Sequence[int], out: Path, shared: list[str],
     """Train every (arm, seed), evaluate, and write ``compare.json`` / ``compare.md`` / ``compare.png``
     under ``out``. ``model`` / ``tokenizer`` (tests) replace loading ``--model.name``; every run
     starts from a deep copy of the same initial model."""
-    from .trainer import Trainer, load_model
+    from .models import load_model
+    from .trainer import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = _run_config(shared, arms[0], seeds[0], out / "before")

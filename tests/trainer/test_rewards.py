@@ -215,7 +215,7 @@ def smollm2_model():
     if path is None:
         pytest.skip(why)
     from gccpo.config import ModelConfig
-    from gccpo.trainer import load_model
+    from gccpo.models import load_model
 
     model, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
     return model.eval(), tokenizer
@@ -227,7 +227,7 @@ def test_aligned_probe_reads_the_answer_on_smollm2(smollm2_model):
     space SmolLM2 writes before a number."""
     from gccpo.config import RewardConfig, TaskConfig
     from gccpo.rewards import answer_mass, answer_token_ids, backbone_of, probe_token_ids
-    from gccpo.trainer import logit_params
+    from gccpo.models import logit_params
 
     model, tok = smollm2_model
     prompt = TaskConfig().prompt
