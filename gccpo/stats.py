@@ -73,3 +73,18 @@ def normal_interval(n: int, total: float, total_sq: float) -> dict[str, float]:
     var = max(total_sq - n * m * m, 0.0) / (n - 1) if n > 1 else math.nan
     half = 1.96 * math.sqrt(var / n)
     return {"mean": m, "ci_low": m - half, "ci_high": m + half, "half_width": half, "n_problems": n}
+
+
+def t_interval(values: Sequence[float], low: float | None = None, high: float | None = None) -> dict[str, float]:
+    """Mean of ``values`` with a 95% Student-t interval (mean ± t975(n − 1) · SE), clipped to
+    ``[low, high]`` where given (e.g. [0, 1] for a mean of per-problem accuracies); NaN bounds
+    for fewer than 2 values. Keys: mean, se, ci_low, ci_high, half_width, n."""
+    m, se = mean_se(values)
+    n = len(values)
+    half = t975(n - 1) * se if n >= 2 else math.nan
+    lo, hi = m - half, m + half
+    if low is not None and not math.isnan(lo):
+        lo = max(lo, low)
+    if high is not None and not math.isnan(hi):
+        hi = min(hi, high)
+    return {"mean": m, "se": se, "ci_low": lo, "ci_high": hi, "half_width": half, "n": n}
