@@ -70,13 +70,13 @@ def _cfg(n: int, v: int, warps: int) -> dict[str, int]:
 # is a 2-D elementwise grid. The interpreter's blocks are small to keep the tests fast.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "interpreter": {"stats": _cfg(16, 128, 4), "grad": _cfg(16, 128, 4)},
-    "sm90": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 4)},
-    "sm80": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 4)},
+    "sm90": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 8)},
+    "sm80": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 8)},
 }
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - m) is 0, 0 * it finite
 
 ROW_CHUNK = 8192  # at most this many rows per chunk (d weight's read-modify-write: once per chunk)
-ROW_MULTIPLE = 64  # chunk rows rounded down to this (GEMM-friendly) when the budget allows
+ROW_POW2_FROM = 64  # from this many rows on, chunks are rounded down to a power of two
 V_BLOCK = 4096     # CPU only: vocabulary columns per GEMM (MKL keeps large packing buffers)
 
 
@@ -175,14 +175,15 @@ def chunk_rows(vocab: int, dim: int, dtype: torch.dtype, device: torch.device,
                budget: int | None = None) -> int:
     """R, the rows of every chunk: as many as fit the workspace budget with the [R, V] float32
     workspace (+ its bf16 copy for bf16) and the [R, D] staging buffers, at most ROW_CHUNK,
-    rounded down to ROW_MULTIPLE when at least that many fit. Depends on V, D, the dtype, the
-    device and the budget only (batch invariance: never on N)."""
+    rounded down to a power of two from ROW_POW2_FROM rows on (GEMM-friendly, and token counts
+    that are powers of two then fill their last chunk). Depends on V, D, the dtype, the device
+    and the budget only (batch invariance: never on N)."""
     budget = workspace_bytes(device) if budget is None else budget
     elem = torch.finfo(dtype).bits // 8
     per_row = vocab * (4 + (elem if dtype == torch.bfloat16 else 0)) + dim * (elem + 4)
     rows = min(ROW_CHUNK, budget // max(1, per_row))
-    if rows >= ROW_MULTIPLE:
-        rows -= rows % ROW_MULTIPLE
+    if rows >= ROW_POW2_FROM:
+        rows = 1 << (rows.bit_length() - 1)
     return max(1, rows)
 
 
