@@ -353,7 +353,7 @@ def run(candidates: Sequence[Candidate], out: Path, config: Config, *, n: int = 
             settings = part_settings(config, asked, split, n=n, samples=samples, max_new_tokens=max_new)
             plan.append((cand, asked, style, split, problems, settings, part_path(out, task, style, split, settings)))
     if model is None and any(not item[-1].exists() for item in plan):
-        from .trainer import load_model
+        from .models import load_model
 
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
