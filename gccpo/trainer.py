@@ -26,13 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +42,9 @@ import gccpo_kernels as gk
 from .config import Config, ConfigError, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
+from .checkpoint import (CheckpointError, write_manifest, run_folder, find_checkpoint, recover_interrupted_saves, plain_state, _non_finite, _first_line)
 from .models import load_model, logit_params
+from .report import RunLog, _print, _progress, format_summary, plot_run
 from .formulations import FORMULATION_NEEDS, FORMULATION_REGISTRY, Readouts, answer_continuations, needs_prior
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
                       packed_probe_forward, probe_latents, probe_token_ids)
@@ -120,215 +119,6 @@ def _add_metrics(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -
             total[k] = torch.stack([torch.maximum(total[k][0], v[0]), total[k][1] + v[1]])
         else:
             total[k] = total[k] + v
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints you can trust
-# --------------------------------------------------------------------------------------------
-
-#: The file in every checkpoint folder that lists every other file with its SHA-256 (JSON).
-MANIFEST = "checkpoint.sha256"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-_LEFTOVER = re.compile(r"\.checkpoint-(\d+)\.(old|partial)")
-_STATE_KEYS: dict[str, type | tuple[type, ...]] = {
-    "step": int, "task_cursor": int, "optimizer": (dict, type(None)), "scheduler": dict,
-    "generator": torch.Tensor, "torch_rng": torch.Tensor, "python_rng": (tuple, list)}
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be trusted or used (missing, incomplete, changed on disk, not
-    plain data): nothing of it is loaded."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A ``trainer_state.pt`` whose checksums match but that needs pickled code to load: the run
-    directory itself is not trusted, so no other checkpoint of it is tried either."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> dict[str, Path]:
-    """Every file under ``folder`` (recursively, the manifest excepted) by its relative POSIX path."""
-    return {f.relative_to(folder).as_posix(): f for f in sorted(folder.rglob("*"))
-            if (f.is_file() or f.is_symlink()) and f.relative_to(folder).as_posix() != MANIFEST}
-
-
-def write_manifest(folder: Path) -> None:
-    """Write ``folder/checkpoint.sha256``: the SHA-256 of every file in the checkpoint."""
-    manifest = {name: _sha256(f) for name, f in _files(folder).items()}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-
-def _read_manifest(folder: Path) -> dict[str, str]:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {MANIFEST} (an incomplete checkpoint, or one written by an older "
-                              "gccpo): its files cannot be verified")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in manifest.items()):
-        raise CheckpointError(f"{path}: not a mapping of file -> sha256")
-    return manifest
-
-
-def verify_files(folder: Path) -> None:
-    """Check that ``folder`` holds exactly the files of its manifest, with their checksums."""
-    manifest, on_disk = _read_manifest(folder), _files(folder)
-    links = [name for name, f in on_disk.items() if f.is_symlink()]
-    missing, extra = sorted(set(manifest) - set(on_disk)), sorted(set(on_disk) - set(manifest))
-    for problem, names in (("symbolic links", links), ("missing files", missing),
-                           ("files not written with the checkpoint", extra)):
-        if names:
-            raise CheckpointError(f"{folder}: {problem}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
-    for name, digest in manifest.items():
-        if _sha256(on_disk[name]) != digest:
-            raise CheckpointError(f"{folder / name}: checksum mismatch (changed or corrupted after it was written)")
-
-
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` read with ``weights_only=True`` (tensors and plain data only; a pickle
-    that needs any other code is refused, never run) and checked for the keys a resume needs."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights only" in text.lower():
-            found = re.search(r"[^\n]*global[^\n]*", text, re.IGNORECASE)  # "... unsupported GLOBAL posix.system ..."
-            why = found.group(0).strip() if found else "weights-only load failed"
-            raise UnsafeCheckpointError(f"{path}: holds objects that need pickled code to load; refused without "
-                                        f"running it ({why})") from None
-        raise CheckpointError(f"{path}: unreadable ({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - any other failure to read is an unusable checkpoint
-        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a trainer state (a {type(state).__name__})")
-    for key, kind in _STATE_KEYS.items():
-        if key not in state or not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
-            raise CheckpointError(f"{path}: {key!r} missing or of the wrong type")
-    return state
-
-
-def verify_checkpoint(folder: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint folder whose every file matches its manifest."""
-    if not (folder / "trainer_state.pt").is_file():
-        raise CheckpointError(f"{folder}: no trainer_state.pt (not a checkpoint of this trainer)")
-    verify_files(folder)
-    return load_trainer_state(folder / "trainer_state.pt")
-
-
-def checkpoint_folders(run: Path) -> list[Path]:
-    """``run``'s ``checkpoint-<step>`` folders, latest first (other names, e.g. ``checkpoint-final``,
-    and dot-folders are not checkpoints of the run)."""
-    found = [(int(m.group(1)), c) for c in run.iterdir() if c.is_dir() and (m := _CHECKPOINT.fullmatch(c.name))]
-    return [c for _, c in sorted(found, key=lambda sc: sc[0], reverse=True)]
-
-
-def run_folder(path: str | Path) -> Path:
-    """The run directory of ``--resume PATH`` (a run directory, or a checkpoint folder in one)."""
-    p = Path(path)
-    return p.parent if _CHECKPOINT.fullmatch(p.name) or (p / "trainer_state.pt").exists() else p
-
-
-def find_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
-    """``(folder, trainer state, notes)`` of the checkpoint to resume from.
-
-    ``path`` a checkpoint folder: that one, verified, or :class:`CheckpointError`. ``path`` a run
-    directory: its latest checkpoint that verifies; each later one that does not is skipped with a
-    note saying why. An :class:`UnsafeCheckpointError` (code in a checksummed state) stops the
-    scan: nothing of that run is trusted.
-    """
-    p = Path(path)
-    if _CHECKPOINT.fullmatch(p.name) or (p / "trainer_state.pt").exists() or (p / MANIFEST).exists():
-        if not p.is_dir():
-            raise CheckpointError(f"--resume {path}: no such checkpoint")
-        return p, verify_checkpoint(p), []
-    if not p.is_dir():
-        raise CheckpointError(f"--resume {path}: no such run directory or checkpoint")
-    notes: list[str] = []
-    for folder in checkpoint_folders(p):
-        try:
-            return folder, verify_checkpoint(folder), notes
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as exc:
-            notes.append(f"skipping {folder.name}: {exc}")
-    if not notes:
-        raise CheckpointError(f"--resume {path}: neither a checkpoint (trainer_state.pt) nor a run directory with "
-                              "checkpoint-<step> folders")
-    raise CheckpointError(f"--resume {path}: no usable checkpoint ({'; '.join(notes)})")
-
-
-def recover_interrupted_saves(run: Path) -> list[str]:
-    """Finish or undo saves that were killed in ``run``: a ``.checkpoint-<step>.old`` (the previous
-    copy during a re-save's swap) is moved back into place when the swap never completed, or the
-    complete new copy (``.partial`` with its manifest) is; every leftover dot-folder is removed.
-    Returns what was done, one line each."""
-    if not run.is_dir():
-        return []
-    notes = []
-    leftovers = sorted((m.group(2), int(m.group(1)), c) for c in run.iterdir()
-                       if c.is_dir() and (m := _LEFTOVER.fullmatch(c.name)))
-    for kind, step, folder in leftovers:  # "old" sorts before "partial"
-        final = run / f"checkpoint-{step}"
-        if kind == "old" and not final.exists():
-            partial = run / f".checkpoint-{step}.partial"
-            newer = partial if (partial / MANIFEST).is_file() else folder
-            os.replace(newer, final)
-            notes.append(f"{final.name}: restored from {newer.name} (a save was interrupted during its swap)")
-        if folder.exists():
-            shutil.rmtree(folder)
-            notes.append(f"removed {folder.name} (left by an interrupted save)")
-    return notes
-
-
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
-
-
-def plain_state(obj: Any, where: str = "state") -> Any:
-    """``obj`` as tensors and plain Python data only (dataclasses become dicts, numpy scalars
-    Python numbers), so that ``torch.load(weights_only=True)`` reads it; anything else raises
-    TypeError naming where it is."""
-    if isinstance(obj, _PLAIN):
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return plain_state(dataclasses.asdict(obj), where)
-    if isinstance(obj, dict):
-        bad = [k for k in obj if not isinstance(k, (str, int))]
-        if bad:
-            raise TypeError(f"{where}: key {bad[0]!r} is not a str or int")
-        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"{where}: a {type(obj).__name__} is not a tensor or plain data (a checkpoint holding it "
-                    "would need pickled code to load)")
-
-
-def _non_finite(model: Any, where: Any) -> None:
-    """Raise :class:`CheckpointError` when a floating-point parameter or buffer of ``model`` (loaded
-    from ``where``) holds a NaN or inf."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in tensors if t.is_floating_point()}
-    bad = {n: k for n, k in bad.items() if k}
-    if bad:
-        raise CheckpointError(f"{where}: {sum(bad.values())} non-finite values in {len(bad)} weight tensor(s) "
-                              f"({', '.join(list(bad)[:3])}); not resuming")
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,7 +210,7 @@ class Trainer:
         #: per-problem greedy correctness of each evaluation: {step: {"id": [0/1, ...], "ood": [...]}}
         #: (this process's problems, in eval-set order; paired comparisons use it)
         self.eval_correct: dict[int, dict[str, list[int]]] = {}
-        self._loggers: list[Any] = []
+        self.run_log = RunLog(self.run_dir)
         if resume:
             self._load_state(state)
 
@@ -863,8 +653,7 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print(format_summary(summary))
             self.plot()
-        for logger in self._loggers:
-            getattr(logger, "close", getattr(logger, "finish", lambda: None))()
+        self.run_log.close()
         return summary
 
     def summary(self) -> dict[str, Any]:
@@ -897,37 +686,15 @@ class Trainer:
     # ---- logging ----------------------------------------------------------------------------------
 
     def _open_loggers(self) -> None:
-        to = self.config.train.report_to
-        if to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError("train.report_to=tensorboard needs: pip install tensorboard") from None
-            self._loggers.append(SummaryWriter(str(self.run_dir / "tensorboard")))
-        elif to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("train.report_to=wandb needs: pip install wandb") from None
-            self._loggers.append(wandb.init(project=self.config.train.wandb_project, dir=str(self.run_dir),
-                                            config=self.config.to_dict(), resume="allow"))
+        self.run_log.open(self.config.train.report_to, self.config.train.wandb_project, self.config.to_dict())
 
     @property
     def _show_progress(self) -> bool:
         return bool(self.config.train.progress) and self.dp.is_main
 
     def _write(self, row: dict[str, Any]) -> None:
-        if not self.dp.is_main:  # data parallel: metrics are already averaged over the processes
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for logger in self._loggers:
-            if hasattr(logger, "add_scalar"):
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        logger.add_scalar(k, v, row["step"])
-            else:
-                logger.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.dp.is_main:  # data parallel: metrics are already averaged over the processes
+            self.run_log.write(row)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)
@@ -944,47 +711,10 @@ class Trainer:
         _print(f"[eval step {metrics['step']}] greedy accuracy: " + "; ".join(parts))
 
     def plot(self) -> Path | None:
-        """``<run>/plots.png``: reward, accuracy, reward parts, episodes, KL, clipping, entropy, tokens/s."""
-        if not self.config.train.plots or not self.history:
+        """``<run>/plots.png`` (:func:`gccpo.report.plot_run`), unless ``train.plots`` is off."""
+        if not self.config.train.plots:
             return None
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            _print("matplotlib is not installed: no plots (pip install matplotlib)")
-            return None
-        panels = [("reward", ["reward/outcome", "reward/pass_at_g"]),
-                  ("accuracy", ["reward/accuracy"]),
-                  ("causal reward parts", ["causal/robustness", "causal/effectiveness", "causal/episode_reward",
-                                           "causal/answer_mass", "causal/answer_logq"]),
-                  ("episodes per completion", ["episodes/mean", "episodes/frac_multi"]),
-                  ("KL", ["policy/approx_kl", "policy/kl_ref"]),
-                  ("clip fraction", ["policy/clip_frac_region", "policy/clip_frac_low", "policy/clip_frac_high"]),
-                  ("entropy", ["policy/entropy"]),
-                  ("tokens / s", ["perf/tokens_per_s"])]
-        fig, axes = plt.subplots(3, 3, figsize=(15, 11))
-        steps = [h["step"] for h in self.history]
-        for ax, (title, keys) in zip(axes.flat, panels):
-            for k in keys:
-                if any(k in h for h in self.history):
-                    ax.plot(steps, [h.get(k, float("nan")) for h in self.history], label=k.split("/")[-1])
-            if title == "accuracy":
-                for split, style in (("id", "o-"), ("ood", "s--")):
-                    pts = [(e["step"], e[f"eval/{split}_accuracy"]) for e in self.evals if f"eval/{split}_accuracy" in e]
-                    if pts:
-                        ax.plot(*zip(*pts), style, label=f"eval {split} (greedy)")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            if ax.get_legend_handles_labels()[0]:  # e.g. no causal-reward curves under --algo grpo
-                ax.legend(fontsize=7)
-        axes.flat[-1].axis("off")
-        fig.tight_layout()
-        path = self.run_dir / "plots.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        return path
+        return plot_run(self.history, self.evals, self.run_dir / "plots.png")
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -1075,44 +805,3 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
-
-
-def _print(text: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(text)
-    except ImportError:
-        print(text, flush=True)
-
-
-def _progress(iterable: Any, enabled: bool, **kw) -> Any:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc="train", dynamic_ncols=True, **kw)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The final table: greedy accuracy before / after on ID and OOD with 95% intervals."""
-    before, after = summary.get("before", {}), summary.get("after", {})
-    lines = [f"== {summary['algo']} on {summary['task']}: {summary['steps']} steps, run dir {summary['run_dir']}",
-             f"{'split':<6}{'n':>5}  {'before (95% CI)':<26}{'after (95% CI)':<26}{'change (paired 95% CI)':<26}"]
-    for split in ("id", "ood"):
-        key = f"eval/{split}_accuracy"
-        if key not in after:
-            continue
-        cell = (lambda e: f"{e[key]:.3f} [{e[f'eval/{split}_ci_low']:.3f}, {e[f'eval/{split}_ci_high']:.3f}]"
-                if key in e else "-")
-        change = f"{after[key] - before[key]:+.3f}" if key in before and before is not after else ""
-        paired = summary.get("change", {}).get(split)
-        if change and paired:  # per problem, before and after: problem difficulty cancels
-            change += f" [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
-        lines.append(f"{split:<6}{after.get(f'eval/{split}_n', 0):>5}  {cell(before):<26}{cell(after):<26}{change:<26}")
-    lines.append(f"train reward (mean of first 5 -> last 5 steps): {summary['train_reward_first5']:.3f} -> "
-                 f"{summary['train_reward_last5']:.3f}; episodes/completion {summary['episodes_mean']:.2f} "
-                 f"({100 * summary['episodes_frac_multi']:.0f}% with >= 2); {summary['step_seconds']:.1f} s/step")
-    return "\n".join(lines)

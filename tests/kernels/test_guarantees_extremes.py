@@ -531,5 +531,5 @@ def test_triton_advantages_index_arithmetic_beyond_2_31():
     assert b * t > 2**31
     IndexProbe({**real, **virtual}).run(
         A._token_advantages_kernel, (b,), [(b - 1,)],
-        dict(B=b, T=t, K=k, eta=1.0, gamma=1.0, eps=1e-4, scale_mode=0, surprise=1, normalize=1),
+        dict(B=b, T=t, K=k, eta=1.0, gamma=1.0, eps=1e-4, scale_mode=0, surprise=1, normalize=1, norm_rewards=1),
         dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"])).assert_reaches_every_end()

@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 import gccpo.trainer as trainer_module  # noqa: E402
 from gccpo import cli  # noqa: E402
 from gccpo.config import ConfigError, format_config  # noqa: E402
-from gccpo.trainer import MANIFEST, CheckpointError, Trainer, write_manifest  # noqa: E402
+from gccpo.checkpoint import MANIFEST, CheckpointError, write_manifest  # noqa: E402
+from gccpo.trainer import Trainer  # noqa: E402
 from tests.trainer.test_config import BAD_OPTIONS  # noqa: E402
 from tests.trainer.test_trainer import make_trainer, tiny_args, tiny_config  # noqa: E402
 
