@@ -33,13 +33,15 @@ as in the trainer's evaluation); the mean verifier score and the answer-extracti
 recorded too. The episode, length and truncation columns of the table are over the sampled
 completions (what training sees); the greedy ones are in ``survey.json``. A second table gives,
 per task, the in-distribution difference step − direct paired by problem (normal 95% interval over
-problems, :func:`gccpo.stats.paired_problems`).
+problems, :func:`gccpo.stats.paired_problems`). Last, how out of distribution the OOD set really is
+(:func:`ood_overlap`): the share of its questions that are also ID eval questions or among the
+first training questions, listed under the tables when not zero.
 
 Usage::
 
     gccpo-survey                                    # the default candidates, 100 problems x 4 samples
     gccpo-survey --tasks 'chain_sum:{"min_terms":4,"max_terms":5}' basic_arithmetic --n 200
-    gccpo-survey --tasks 'chain_sum:{"min_terms":4,"max_terms":5}:{"max_digits":2}'   # + OOD overrides
+    gccpo-survey --tasks 'chain_sum:{"min_terms":4,"max_terms":5}:{"min_digits":2,"max_digits":2}'  # + OOD
     gccpo-survey --samples 8 --max_new_tokens 128 --out runs/survey128 --rollout.temperature 1.0
 
 Options: ``--tasks ENTRY ...`` (several values, or comma-separated), each ``name``,
@@ -88,14 +90,17 @@ from .rollout import Rollout, generate
 from .stats import paired_problems, t_interval, wilson_interval
 from .tasks import ID_DEFAULTS, OOD_DEFAULTS, Problem, Task, build_task
 
-#: The candidates of issue 21 when ``--tasks`` is not given.
-DEFAULT_TASKS: tuple[str, ...] = ('chain_sum:{"min_terms":4,"max_terms":5}', "chain_sum", "basic_arithmetic",
-                                  "simple_equations", "leg_counting")
+#: The candidates of issue 21 when ``--tasks`` is not given. chain_sum with 4-5 terms gets OOD overrides of
+#: its own (6-7 terms): the default ones (1-2 digits) repeat about half of its ID eval problems (:func:`ood_overlap`).
+DEFAULT_TASKS: tuple[str, ...] = ('chain_sum:{"min_terms":4,"max_terms":5}:{"min_terms":6,"max_terms":7}', "chain_sum",
+                                  "basic_arithmetic", "simple_equations", "leg_counting")
 DIRECT_PROMPT = '{question}\n\nGive only the final answer, on one line of the form "Answer: <answer>".'
 #: (style, split) of every part, in table order.
 PARTS: tuple[tuple[str, str], ...] = (("step", "id"), ("direct", "id"), ("step", "ood"))
 #: The in-distribution accuracy band issue 21 asks of the chosen task.
 TARGET_BAND = (0.10, 0.40)
+#: Training-stream questions searched for OOD questions (a default run draws a few hundred).
+TRAIN_CHECKED = 2000
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -331,6 +336,22 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def ood_overlap(task: Task, train_problems: int = TRAIN_CHECKED) -> dict[str, Any]:
+    """How out-of-distribution the OOD set is: the share of its questions that are also ID eval
+    questions (``ood_in_id``) or among the first ``train_problems`` questions of the training
+    stream (``ood_in_train``). reasoning-gym items are a function of seed + index, so the OOD set
+    (seed + 2) can repeat ID (seed + 1) and training (seed) problems when its parameters only widen
+    the ID ones (e.g. ``max_digits`` 1 -> 2 draws many 1-digit problems)."""
+    ood = [p.question for p in task.ood_set]
+    if not ood:
+        return {"ood_in_id": None, "ood_in_train": None, "train_checked": 0}
+    checked = train_problems if task.train_size is None else min(train_problems, task.train_size)
+    train = {p.question for p in copy.copy(task).next_problems(checked)}
+    ids = {p.question for p in task.eval_set}
+    return {"ood_in_id": sum(q in ids for q in ood) / len(ood), "ood_in_train": sum(q in train for q in ood) / len(ood),
+            "train_checked": checked}
+
+
 def run(candidates: Sequence[Candidate], out: Path, config: Config, *, n: int = 100, samples: int = 4,
         max_new_tokens: int | None = None, direct_prompt: str = DIRECT_PROMPT, model: Any = None,
         tokenizer: Any = None) -> dict[str, Any]:
@@ -376,6 +397,7 @@ def run(candidates: Sequence[Candidate], out: Path, config: Config, *, n: int = 
         _write_json(path, part)
         parts.append(part)
     report = summarize(parts, samples=samples, n=n, max_new_tokens=max_new, config=config)
+    report["ood_overlap"] = {cand.entry: ood_overlap(task) for cand, task in tasks}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "survey.json", report)
     table = format_table(report)
@@ -424,10 +446,15 @@ def _diff(d: dict[str, Any]) -> str:
     return f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
 
 
+def _json_cell(params: dict | None) -> str:
+    """Parameters as compact JSON for a markdown cell ("-" for none)."""
+    return "-" if params is None else json.dumps(params, separators=(",", ":")).replace("|", "\\|")
+
+
 def _params(part: dict[str, Any]) -> str:
-    shown = part["ood_params"] if part["split"] == "ood" else part["params"]
-    text = "-" if shown is None else json.dumps(shown, separators=(",", ":"))
-    return ("ood " if part["split"] == "ood" else "") + text.replace("|", "\\|")
+    if part["split"] == "ood":
+        return "ood " + _json_cell(part["ood_params"])
+    return _json_cell(part["params"])
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -450,14 +477,19 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{_pct(sm['multi_episode_frac'])} | {sm['length_mean']:.1f} | {_pct(sm['truncated_frac'])} |")
     if report["step_vs_direct"]:
         lo, hi = report["settings"]["target_band"]
-        lines += ["", "In distribution, step − direct, paired by problem (points; normal 95% interval over problems):",
+        lines += ["", "In distribution, step − direct, paired by problem (points; normal 95% interval over "
+                  "problems):",
                   "", f"| task | params | greedy step − direct | sampled step − direct | step sampled acc | "
                   f"in {_pct(lo)}–{_pct(hi)} % | OOD step sampled acc |", "|---|---|---|---|---|---|---|"]
         for c in report["step_vs_direct"]:
-            params = "-" if c["params"] is None else json.dumps(c["params"], separators=(",", ":"))
-            lines.append(f"| {c['task']} | {params.replace('|', chr(92) + '|')} | {_diff(c['greedy'])} | "
+            lines.append(f"| {c['task']} | {_json_cell(c['params'])} | {_diff(c['greedy'])} | "
                          f"{_diff(c['sampled'])} | {_pct(c['step_sampled_accuracy'])} | "
                          f"{'yes' if c['in_target_band'] else 'no'} | {_pct(c['ood_step_sampled_accuracy'])} |")
+    overlaps = [(entry, o) for entry, o in report.get("ood_overlap", {}).items() if o["ood_in_id"] or o["ood_in_train"]]
+    if overlaps:
+        lines += ["", "OOD questions that are not out of distribution (the OOD set repeats these problems):", ""]
+        lines += [f"- `{entry}`: {_pct(o['ood_in_id'])} % are ID eval questions, {_pct(o['ood_in_train'])} % are "
+                  f"among the first {o['train_checked']} training questions" for entry, o in overlaps]
     return "\n".join(lines) + "\n"
 
 

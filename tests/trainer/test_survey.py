@@ -15,6 +15,7 @@ import torch
 from gccpo import survey
 from gccpo.config import ConfigError, load_config
 from gccpo.rollout import Rollout, completion_mask
+from gccpo.tasks import build_task
 from tests.trainer.test_trainer import tiny_args, tiny_model, tiny_tokenizer
 
 try:
@@ -52,6 +53,19 @@ def test_entries_parse_with_defaults_overrides_and_ood():
     cfg = survey.task_config(load_config([]), more, 7)
     assert (cfg.name, cfg.params, cfg.eval_size, cfg.ood_eval_size) == ("chain_sum", more.params, 7, 7)
     assert cfg.ood_params == {"min_terms": 4, "max_terms": 5, "min_digits": 1, "max_digits": 2}
+
+
+def test_default_candidates_have_out_of_distribution_ood_sets():
+    config = load_config([])
+    for candidate in survey.parse_tasks(survey.DEFAULT_TASKS):
+        task = build_task(survey.task_config(config, candidate, 100))
+        assert len(task.eval_set) == len(task.ood_set) == 100, candidate.entry
+        overlap = survey.ood_overlap(task, 500)
+        assert overlap["ood_in_id"] == overlap["ood_in_train"] == 0, (candidate.entry, overlap)
+    # the default OOD overrides of chain_sum with 4-5 terms (1-2 digits) would repeat ID problems
+    widened = build_task(survey.task_config(config, survey.parse_candidate('chain_sum:{"min_terms":4,"max_terms":5}'),
+                                            100))
+    assert survey.ood_overlap(widened, 500)["ood_in_id"] > 0.3
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -134,6 +148,22 @@ def test_episode_splitter_is_the_trainers(tmp_path):
 # ---- scripted completions: exact numbers ------------------------------------------------------------
 
 
+def _rollout(tokenizer, prompts, num_generations, rows, max_new_tokens):
+    """A Rollout of the given completions: (text, ends with EOS) per row, cut to the length cap."""
+    eos = tokenizer.eos_token_id
+    ids = []
+    for text, ends in rows:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.append(tokens[:max_new_tokens - 1] + [eos] if ends else tokens[:max_new_tokens])
+    width = max(len(r) for r in ids)
+    comp = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids])
+    mask = completion_mask(comp, [eos], torch.tensor([len(r) for r in ids]))
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return Rollout(enc["input_ids"].repeat_interleave(num_generations, 0),
+                   enc["attention_mask"].repeat_interleave(num_generations, 0).bool(), comp, mask,
+                   torch.zeros(comp.shape), torch.arange(len(prompts)).repeat_interleave(num_generations))
+
+
 def _scripted_generate(calls: list[dict]):
     """A stand-in for gccpo.rollout.generate that answers from a script: greedy right on the first
     two problems; samples: problem 0 both right, problem 1 the first right, problem 2 none; the
@@ -142,24 +172,13 @@ def _scripted_generate(calls: list[dict]):
     def fake(model, tokenizer, prompts, *, num_generations=1, greedy=False, max_new_tokens=64, **kwargs):
         calls.append({"prompts": list(prompts), "greedy": greedy, "G": num_generations,
                       "max_new_tokens": max_new_tokens, **kwargs})
-        eos = tokenizer.eos_token_id
         rows = []
         for i, prompt in enumerate(prompts):
             a, b = map(int, re.search(r"(\d)\+(\d)", prompt).groups())
             for j in range(num_generations):
                 right = "Give only" not in prompt and (i < 2 if greedy else (i == 0 or (i == 1 and j == 0)))
-                text = f"First add.\nAnswer: {a + b}" if right else f"Answer: {a + b + 1}"
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                rows.append((ids[:max_new_tokens - 1] + [eos]) if right else ids[:max_new_tokens])
-        width = max(len(r) for r in rows)
-        comp = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        mask = completion_mask(comp, [eos], torch.tensor([len(r) for r in rows]))
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
-        return Rollout(enc["input_ids"].repeat_interleave(num_generations, 0),
-                       enc["attention_mask"].repeat_interleave(num_generations, 0).bool(), comp, mask,
-                       None if greedy else torch.zeros(comp.shape), torch.arange(len(prompts)).repeat_interleave(
-                           num_generations))
+                rows.append((f"First add.\nAnswer: {a + b}", True) if right else (f"Answer: {a + b + 1}", False))
+        return _rollout(tokenizer, prompts, num_generations, rows, max_new_tokens)
 
     return fake
 
@@ -246,3 +265,38 @@ def test_end_to_end_on_the_tiny_model_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(survey, "generate", _scripted_generate(calls))
     survey.run(survey.parse_tasks(["jsonl"]), out, config, n=3, samples=1, model=tiny_model(tok), tokenizer=tok)
     assert len(calls) == 6 and len(list((out / "parts").glob("*.json"))) == 6
+
+
+def test_a_reasoning_gym_candidate_with_its_ood_split(tmp_path, monkeypatch):
+    entry = 'chain_sum:{"min_terms":4,"max_terms":5}'
+    task = build_task(survey.task_config(_config(tmp_path), survey.parse_candidate(entry), 3))
+    answers = {p.question: p.answer for p in task.eval_set + task.ood_set}
+    # reasoning-gym items are a function of seed + index: the OOD set (seed + 2, 1-2 digits) repeats ID
+    # items (seed + 1, 1 digit) shifted by one wherever it draws 1-digit numbers; the survey says so
+    shared = [p.question for p in task.ood_set if p.question in {q.question for q in task.eval_set}]
+    assert shared == [p.question for p in task.eval_set[1:3]]
+
+    def fake(model, tokenizer, prompts, *, num_generations=1, max_new_tokens=64, **kwargs):
+        rows = [(f"Answer: {answers[q]}", True) for prompt in prompts for q in answers if q in prompt
+                for _ in range(num_generations)]
+        assert len(rows) == len(prompts) * num_generations
+        return _rollout(tokenizer, prompts, num_generations, rows, max_new_tokens)
+
+    monkeypatch.setattr(survey, "generate", fake)
+    tok = tiny_tokenizer()
+    report = survey.run(survey.parse_tasks([entry]), tmp_path / "out", _config(tmp_path), n=3, samples=2,
+                        max_new_tokens=40, model=tiny_model(tok), tokenizer=tok)
+    assert [(p["style"], p["split"]) for p in report["parts"]] == list(survey.PARTS)
+    ood = report["parts"][2]
+    assert ood["ood_params"] == {"min_terms": 4, "max_terms": 5, "min_digits": 1, "max_digits": 2}
+    assert {e["question"] for e in ood["examples"]} == {p.question for p in task.ood_set}
+    for part in report["parts"]:  # the verifier is reasoning-gym's own
+        assert part["greedy"]["accuracy"] == 1 and part["sampled"]["accuracy"] == 1
+        assert part["sampled"]["pass_at"] == 1 and part["sampled"]["truncated_frac"] == 0
+    table = (tmp_path / "out" / "survey.md").read_text()
+    assert '| chain_sum | {"min_terms":4,"max_terms":5,"min_digits":1,"max_digits":1} | step | id | 3 |' in table
+    assert '| ood {"min_terms":4,"max_terms":5,"min_digits":1,"max_digits":2} | step | ood |' in table
+    assert "| 100.0 [" in table and "| no |" in table  # 100 % is outside the 10-40 % band
+    assert report["ood_overlap"][entry] == {"ood_in_id": pytest.approx(2 / 3), "ood_in_train": 0.0,
+                                            "train_checked": survey.TRAIN_CHECKED}
+    assert f"- `{entry}`: 66.7 % are ID eval questions, 0.0 % are among the first" in table
