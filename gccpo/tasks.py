@@ -112,13 +112,15 @@ class Task:
         self.ood_set = ood_set
         self.numeric = numeric
         self.train_size = train_size
-        self._held_out = {p.question for p in eval_set}
+        # neither eval set is trained on (an OOD range that contains the ID range can repeat
+        # training questions: reasoning-gym items are a pure function of seed + index)
+        self._held_out = {p.question for p in eval_set} | {p.question for p in ood_set}
         self.cursor = 0
 
     # -- training stream --------------------------------------------------------------------------
 
     def next_problems(self, n: int) -> list[Problem]:
-        """The next ``n`` training problems (never one of the ID eval set); advances ``cursor``."""
+        """The next ``n`` training problems (never one of the ID or OOD eval sets); advances ``cursor``."""
         out: list[Problem] = []
         misses = 0
         while len(out) < n:
@@ -230,7 +232,10 @@ def _build_gym(config: TaskConfig) -> Task:
     eval_set = _distinct(_gym_sampler(name, params, config.seed + 1), config.eval_size)
     ood_set: list[Problem] = []
     if config.ood_eval_size > 0 and ood:
-        ood_set = _distinct(_gym_sampler(name, {**params, **ood}, config.seed + 2), config.ood_eval_size)
+        # no OOD question repeats an ID eval question (seeds one apart give shifted copies of the
+        # same item stream, so overlapping parameter ranges repeat questions)
+        ood_set = _distinct(_gym_sampler(name, {**params, **ood}, config.seed + 2), config.ood_eval_size,
+                            exclude={p.question for p in eval_set})
 
     def score(answer: str | None, problem: Problem) -> float:
         return dataset.score_answer(answer, problem.entry)

@@ -87,6 +87,9 @@ def policy_loss(n, d, v, dtype, device, sets):
         return (h, w, y.reshape(b, t), adv, mask, old, ref)
 
     def ours(h, w, y, adv, mask, old, ref):
+        """The default (triton on CUDA): gradient formed in the forward (6NVD), cuBLAS bf16 GEMMs
+        with a float32 result at a fixed chunk shape, Triton row-statistics and logit-gradient
+        epilogues (gccpo_kernels/triton/loss_epilogue.py; issue 18)."""
         return fused_linear_policy_loss(h, w, y, adv, mask, old_logp=old, ref_logp=ref,
                                         config=cfg).loss
 
@@ -96,12 +99,19 @@ def policy_loss(n, d, v, dtype, device, sets):
         return fused_linear_policy_loss(h, w, y, adv, mask, old_logp=old, ref_logp=ref,
                                         config=cfg, backend="torch").loss
 
+    def ours_composed(h, w, y, adv, mask, old, ref):
+        """The composed path (8NVD: primitive forward, loss, primitive backward with recompute),
+        which the loss takes when another input needs a gradient: the advantages here, a leaf
+        whose gradient costs O(N)."""
+        return fused_linear_policy_loss(h, w, y, adv.detach().requires_grad_(), mask, old_logp=old,
+                                        ref_logp=ref, config=cfg).loss
+
     def naive(h, w, y, adv, mask, old, ref):
         logprobs = torch.log_softmax((h @ w.T).float(), dim=-1)
         logp = logprobs.gather(-1, y[..., None]).squeeze(-1)
         return loss_math(logp, old, adv, mask, ref_logp=ref, config=cfg)[0]
 
-    paths = {"ours": ours, "ours_in_forward": ours_in_forward, "naive": naive,
+    paths = {"ours": ours, "ours_in_forward": ours_in_forward, "ours_composed": ours_composed, "naive": naive,
              "bare_gemm": lambda h, w, y, *rest: h @ w.T}
     if liger_ok(device):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss

@@ -77,3 +77,18 @@ def test_chain_sum_splits():
     nxt = task.next_problems(3)
     task.cursor = cursor
     assert [q.question for q in task.next_problems(3)] == [q.question for q in nxt]
+
+
+def test_ood_range_containing_the_id_range_repeats_nothing():
+    """An OOD range that contains the ID range (4-5 terms, 1-2 digits around 4-5 terms, 1 digit):
+    reasoning-gym items are a function of seed + index, so without the exclusions the OOD set
+    repeated ID eval questions (48 of 100, found by the task survey) and the training stream
+    could serve OOD questions."""
+    pytest.importorskip("reasoning_gym")
+    params = {"min_terms": 4, "max_terms": 5, "min_digits": 1, "max_digits": 1}
+    task = build_task(TaskConfig(name="chain_sum", params=params, ood_params={"max_digits": 2},
+                                 eval_size=100, ood_eval_size=100))
+    ids, ood = {p.question for p in task.eval_set}, {p.question for p in task.ood_set}
+    assert len(ood) == 100 and not ids & ood
+    train = {p.question for p in task.next_problems(2000)}
+    assert not train & ids and not train & ood
