@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .tensors import cache_arg_name, position_ids, unique_prompts
+
 Sampler = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -106,8 +108,6 @@ def compact_decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         ``(ids [B, T], logp [B, T] float32)``: generated tokens right-padded with ``pad`` (T the
         longest row's length) and the sampler's log-probs (0 after a row ended).
     """
-    from .prefix import cache_arg_name, unique_prompts  # (prefix imports rollout, which imports this module)
-    from .rollout import position_ids
 
     B, device = prompt_ids.shape[0], prompt_ids.device
     T = int(max_new_tokens)

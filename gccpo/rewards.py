@@ -35,7 +35,7 @@ import gccpo_kernels as gk
 from .config import RewardConfig
 from .episodes import Episodes
 from .prefix import encode_prompts
-from .rollout import position_ids
+from .tensors import position_ids
 from .tasks import sanitize_reward
 
 _DIGITS = re.compile(r"\d+|-")

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+
 from .decode import compact_decode, greedy_sampler, supports_compact, temperature_sampler, warp_logits
 
 DECODERS = ("compact", "generate")
@@ -61,11 +62,6 @@ class Rollout:
         cut = (lambda t: t if t is None or width is None else t[:, :width])
         return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), cut(pick(self.completion_ids)),
                        cut(pick(self.completion_mask)), cut(pick(self.sampling_logp)), pick(self.group_index))
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only attended tokens (left padding gets 0), as ``generate`` uses them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -39,22 +39,24 @@ import torch
 
 import gccpo_kernels as gk
 
+from .checkpoint import (CheckpointError, _first_line, _non_finite, find_checkpoint, plain_state,
+                         recover_interrupted_saves, run_folder, write_manifest)
 from .config import Config, ConfigError, format_config, resume_config
 from .distributed import DataParallel
 from .episodes import EpisodeConfig, split_episodes
-from .checkpoint import (CheckpointError, write_manifest, run_folder, find_checkpoint, recover_interrupted_saves, plain_state, _non_finite, _first_line)
-from .models import load_model, logit_params
-from .report import RunLog, _print, _progress, format_summary, plot_run
 from .formulations import FORMULATION_NEEDS, FORMULATION_REGISTRY, Readouts, answer_continuations, needs_prior
+from .models import load_model, logit_params
+from .prefix import shared_prompt_hidden
+from .report import RunLog, _print, _progress, format_summary, plot_run
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
                       packed_probe_forward, probe_latents, probe_token_ids)
-from .prefix import shared_prompt_hidden, unique_prompts
+from .rollout import Rollout, VLLMSampler, eos_ids, generate
 from .shaping import advantage_options, gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
-from .rollout import Rollout, VLLMSampler, eos_ids, generate, position_ids
 from .stats import normal_interval, wilson_interval
 from .tasks import Task, build_task
+from .tensors import position_ids, unique_prompts
 
 # --------------------------------------------------------------------------------------------
 # small helpers

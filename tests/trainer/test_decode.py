@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 
 from gccpo.decode import (compact_decode, greedy_sampler, supports_compact, temperature_sampler,  # noqa: E402
                           warp_logits)
-from gccpo.rollout import completion_mask, generate, position_ids  # noqa: E402
+from gccpo.rollout import completion_mask, generate  # noqa: E402
+from gccpo.tensors import position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 
 

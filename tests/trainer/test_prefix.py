@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from gccpo.prefix import shared_prompt_hidden, unique_prompts  # noqa: E402
+from gccpo.prefix import shared_prompt_hidden  # noqa: E402
+from gccpo.tensors import unique_prompts  # noqa: E402
 from gccpo.rewards import backbone_of  # noqa: E402
-from gccpo.rollout import position_ids  # noqa: E402
+from gccpo.tensors import position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 
 

@@ -12,7 +12,8 @@ from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
 from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
                            bound_process, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from gccpo.prefix import encode_prompts  # noqa: E402
-from gccpo.rollout import generate, position_ids  # noqa: E402
+from gccpo.rollout import generate  # noqa: E402
+from gccpo.tensors import position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 
 
