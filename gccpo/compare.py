@@ -160,6 +160,7 @@ def summarize(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any],
                  "causal_kernels_share": sum(h.get("perf/causal_s", 0.0) for h in steps) / step_s if step_s else 0.0,
                  "run_minutes": mean_se([results[arm][s]["seconds"] / 60 for s in seeds])[0]}
         report["cost"][arm] = entry
+    report["diagnostics"] = diagnostics(arms, seeds, before, results, clip_at=load_config(list(shared)).optim.max_grad_norm)
     if BASELINE in arms:
         base_reward = report["cost"][BASELINE]["reward_s"]
         for arm in arms:
@@ -167,6 +168,61 @@ def summarize(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any],
             # the causal reward's whole extra cost: probe tokens in the no-grad forward + the kernels
             c["causal_total_share"] = max(c["reward_s"] - base_reward, 0.0) / c["step_s"] if c["step_s"] else 0.0
     return report
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(x for x in values if x is not None and not math.isnan(x))
+    if not v:
+        return math.nan
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
+def diagnostics(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any],
+                results: dict[str, dict[int, dict[str, Any]]], *, clip_at: float | None) -> dict[str, Any]:
+    """Per arm, what a run did besides its accuracy (over all steps of all seeds unless said):
+    the median gradient norm and its ratio to the baseline's, the share of steps whose norm the
+    clip (``clip_at``) cut, truncation over the last 10 steps, episodes per completion and the
+    share with >= 2, the answer mass at steps 1 / 15 / 30 (mean over seeds), and effectiveness and
+    train accuracy over the first and last 5 steps. ``collapse`` lists issue 21's kill signs:
+    effectiveness up while ID accuracy fell below the initial model's, a gradient-norm ratio over
+    1.5, truncation over 10 %."""
+    out: dict[str, Any] = {}
+    for arm in arms:
+        runs = [results[arm][s]["history"] for s in seeds]
+        steps = [h for run in runs for h in run]
+        first = [h for run in runs for h in run[:5]]
+        last = [h for run in runs for h in run[-5:]]
+        mean = (lambda rows, k: (sum(r[k] for r in rows if k in r) / n) if (n := sum(k in r for r in rows)) else math.nan)
+        norms = [h["optim/grad_norm"] for h in steps if "optim/grad_norm" in h]
+        at = {}
+        for step in (1, 15, 30):
+            vals = [run[step - 1]["causal/answer_mass"] for run in runs
+                    if len(run) >= step and "causal/answer_mass" in run[step - 1]]
+            at[str(step)] = sum(vals) / len(vals) if vals else math.nan
+        out[arm] = {
+            "grad_norm_median": _median(norms),
+            "clipped_share": (sum(n > clip_at for n in norms) / len(norms)) if norms and clip_at else math.nan,
+            "truncated_last10": mean([h for run in runs for h in run[-10:]], "completion/truncated"),
+            "episodes_mean": mean(steps, "episodes/mean"), "episodes_multi": mean(steps, "episodes/frac_multi"),
+            "answer_mass": at,
+            "effectiveness": [mean(first, "causal/effectiveness"), mean(last, "causal/effectiveness")],
+            "train_accuracy": [mean(first, "reward/accuracy"), mean(last, "reward/accuracy")]}
+    base = out.get(BASELINE, {}).get("grad_norm_median", math.nan)
+    id_before = before.get("metrics", {}).get("eval/id_accuracy")
+    for arm, d in out.items():
+        d["grad_norm_ratio"] = d["grad_norm_median"] / base if base and not math.isnan(base) else math.nan
+        signs = []
+        id_after = [results[arm][s]["after"].get("eval/id_accuracy") for s in seeds]
+        eff = d["effectiveness"]
+        if not any(math.isnan(x) for x in eff) and eff[1] > eff[0] and id_before is not None and \
+                all(a is not None for a in id_after) and sum(id_after) / len(id_after) < id_before:
+            signs.append("effectiveness up while ID accuracy fell")
+        if d["grad_norm_ratio"] > 1.5:
+            signs.append(f"gradient norm {d['grad_norm_ratio']:.2f}x the baseline's")
+        if d["truncated_last10"] > 0.10:
+            signs.append(f"truncation {100 * d['truncated_last10']:.0f}%")
+        d["collapse"] = signs
+    return out
 
 
 def _pct(x: float) -> str:
@@ -200,6 +256,18 @@ def format_table(report: dict[str, Any]) -> str:
     for arm, c in report["cost"].items():
         lines.append(f"| {arm} | {c['step_s']:.1f} | {_share(c['causal_kernels_share'])}% | "
                      f"{_share(c.get('causal_total_share', math.nan))}% | {c['run_minutes']:.1f} |")
+    if report.get("diagnostics"):
+        lines += ["", "| arm | grad-norm median (× baseline) | clipped steps | truncated (last 10) | episodes / completion "
+                  "(≥ 2) | answer mass (1 / 15 / 30) | effectiveness (first 5 → last 5) | train acc (first 5 → last 5) "
+                  "| collapse signs |", "|---|---|---|---|---|---|---|---|---|"]
+        num = (lambda x, f="{:.2f}": "–" if x is None or math.isnan(x) else f.format(x))  # noqa: E731
+        for arm, d in report["diagnostics"].items():
+            mass = " / ".join(num(d["answer_mass"][k]) for k in ("1", "15", "30"))
+            lines.append(f"| {arm} | {num(d['grad_norm_median'])} ({num(d['grad_norm_ratio'])}) | "
+                         f"{_pct(d['clipped_share'])}% | {_pct(d['truncated_last10'])}% | {num(d['episodes_mean'])} "
+                         f"({_pct(d['episodes_multi'])}%) | {mass} | {num(d['effectiveness'][0], '{:.3g}')} → "
+                         f"{num(d['effectiveness'][1], '{:.3g}')} | {_pct(d['train_accuracy'][0])} → "
+                         f"{_pct(d['train_accuracy'][1])} | {'; '.join(d['collapse']) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -85,3 +85,26 @@ def test_every_arm_differs_from_gccpo_only_in_its_reward_option(tmp_path):
     for cfg in configs.values():  # the same seeds for every arm
         assert (cfg["train"]["seed"], cfg["reward"]["seed"]) == (3, 1237)
         assert not cfg["train"]["eval_before"] and not cfg["train"]["save_final"]
+
+
+def test_diagnostics_by_hand():
+    """The per-arm diagnostics and issue 21's collapse signs, on hand-made histories."""
+    from gccpo.compare import diagnostics
+
+    def run(norms, eff, trunc, acc_after):
+        hist = [{"step": i + 1, "optim/grad_norm": n, "causal/effectiveness": e, "completion/truncated": trunc,
+                 "episodes/mean": 2.0, "episodes/frac_multi": 0.5, "reward/accuracy": 0.25,
+                 "causal/answer_mass": 0.9} for i, (n, e) in enumerate(zip(norms, eff))]
+        return {"history": hist, "after": {"eval/id_accuracy": acc_after}}
+
+    steps = 30
+    results = {"grpo": {0: run([1.0] * steps, [0.0] * steps, 0.0, 0.3)},
+               "bad": {0: run([2.0] * steps, [0.1] * 5 + [0.5] * 25, 0.2, 0.1)},
+               "good": {0: run([0.5] * 15 + [1.5] * 15, [0.3] * steps, 0.0, 0.35)}}
+    d = diagnostics(["grpo", "bad", "good"], [0], {"metrics": {"eval/id_accuracy": 0.2}}, results, clip_at=1.0)
+    assert d["grpo"]["grad_norm_median"] == 1.0 and d["grpo"]["clipped_share"] == 0.0
+    assert d["good"]["grad_norm_median"] == 1.0 and d["good"]["clipped_share"] == 0.5
+    assert d["bad"]["grad_norm_ratio"] == 2.0 and d["bad"]["truncated_last10"] == pytest.approx(0.2)
+    assert d["bad"]["effectiveness"] == [pytest.approx(0.1), pytest.approx(0.5)]
+    assert len(d["bad"]["collapse"]) == 3 and d["good"]["collapse"] == [] == d["grpo"]["collapse"]
+    assert d["good"]["answer_mass"] == {"1": 0.9, "15": 0.9, "30": 0.9}
