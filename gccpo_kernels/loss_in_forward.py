@@ -66,7 +66,7 @@ def aggregation_weights(m: torch.Tensor, cfg, mode: str, normalizer, loss_scale,
                         dtype: torch.dtype) -> torch.Tensor:
     """[B, T] d(aggregate) / d(per-token value) under ``mode``, times ``loss_scale``: the loss's
     own aggregation differentiated (it is linear in the values, so this is exact)."""
-    from .policy_loss import _aggregate
+    from .policy_loss import aggregate
 
     if isinstance(normalizer, torch.Tensor):  # a one-element tensor of any shape -> a scalar
         normalizer = normalizer.to(device=m.device, dtype=dtype).reshape(())
@@ -75,7 +75,7 @@ def aggregation_weights(m: torch.Tensor, cfg, mode: str, normalizer, loss_scale,
     with torch.enable_grad():
         ones = torch.ones(m.shape, dtype=dtype, device=m.device, requires_grad=True)
         count_rows = m.to(dtype).sum(1)
-        total = _aggregate(ones, m, count_rows, mode, normalizer, cfg) * loss_scale
+        total = aggregate(ones, m, count_rows, mode, normalizer, cfg) * loss_scale
         (w,) = torch.autograd.grad(total, ones, allow_unused=True)
     return torch.zeros_like(ones) if w is None else w.detach()
 

@@ -6,6 +6,9 @@ Public:
   :meth:`PolicyLossConfig.from_verl` reproducing those trainers' losses.
 - :func:`policy_loss` — THE copy of the loss math, plain differentiable torch on padded ``[B, T]``
   log-probs. The unfused path (log-probs from any model) and the fused path below both call it.
+  It composes :func:`importance_ratio`, the surrogate named by ``config.surrogate`` (looked up in
+  :data:`gccpo_kernels.surrogates.SURROGATES`: ``"clip"``, ``"cispo"``, or one you register),
+  :func:`kl_to_reference`, :func:`aggregate` and :func:`loss_metrics`.
 - :func:`fused_linear_policy_loss` / :class:`FusedLinearPolicyLoss` — hidden states + LM-head
   weight in, loss out, never building ``[B*T, V]`` logits: composition of
   :func:`gccpo_kernels.fused_linear_logprobs` (SPEC §1) and :func:`policy_loss`.
@@ -37,6 +40,7 @@ import torch
 
 from ._logits import LogitParams
 from ._validation import check_float, check_lm_head, check_same_device, out_dtype_for
+from .surrogates import SURROGATE_OPTIONS, SURROGATES, SurrogateTerms, get_surrogate
 
 LOSS_AGGS: tuple[str, ...] = (
     "token-mean",
@@ -46,7 +50,17 @@ LOSS_AGGS: tuple[str, ...] = (
     "seq-mean-token-sum-norm",
 )
 IS_LEVELS: tuple[str, ...] = ("token", "sequence")
-TRL_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+#: TRL 1.16 ``loss_type`` -> (surrogate, aggregation) of :meth:`PolicyLossConfig.from_trl`.
+TRL_LOSSES: dict[str, tuple[str, str]] = {
+    "grpo": ("clip", "seq-mean-token-mean"),
+    "bnpo": ("clip", "token-mean"),
+    "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
+    "dapo": ("clip", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
+}
+TRL_LOSS_TYPES: tuple[str, ...] = tuple(TRL_LOSSES)
+#: verl ``policy_loss.loss_mode`` -> surrogate of :meth:`PolicyLossConfig.from_verl`.
+VERL_LOSS_MODES: dict[str, str] = {"vanilla": "clip"}
 METRIC_NAMES: tuple[str, ...] = (
     "clip_frac_low", "clip_frac_high", "clip_frac_region", "clip_frac_dual", "approx_kl",
     "kl_ref", "entropy", "ratio_mean", "ratio_max",
@@ -63,7 +77,9 @@ class PolicyLossConfig:
 
     Attributes:
         eps_low: lower clip, the clipped ratio is >= 1 - eps_low.
-        eps_high: upper clip (None: eps_low); DAPO's clip-higher uses 0.28.
+        eps_high: upper clip (None: eps_low); DAPO's clip-higher uses 0.28. For
+            ``surrogate="cispo"`` it is the absolute cap on the importance weight (TRL's
+            ``epsilon_high`` there, e.g. 5.0).
         delta: cap on the ratio of the *unclipped* branch (TRL's ``delta``, INTELLECT-2), > 1.
         dual_clip: c > 1: for A < 0 the per-token policy loss is at most c*|A| (verl's clip_ratio_c).
         beta: weight of the k3 KL to the reference, exp(ref - logp) - (ref - logp) - 1.
@@ -73,6 +89,9 @@ class PolicyLossConfig:
             mean log-ratio of the row, broadcast to its tokens).
         loss_agg: one of :data:`LOSS_AGGS` (SPEC §2's meanings).
         max_len: the L of ``seq-mean-token-sum-norm`` (denominator B*L); None: the padded T.
+        surrogate: the policy term, by name in :data:`gccpo_kernels.surrogates.SURROGATES`:
+            ``"clip"`` (PPO / GRPO / DAPO / GSPO; reads ``delta`` and ``dual_clip``) or
+            ``"cispo"``; :func:`gccpo_kernels.surrogates.register_surrogate` adds one.
 
     Trainer-compatibility knobs (set by :meth:`from_verl`; off by default, SPEC's meaning):
         log_ratio_clamp: clamp logp - old_logp to [-c, c] before exp (verl: 20).
@@ -103,6 +122,7 @@ class PolicyLossConfig:
     skip_empty_rows: bool = False
     sum_norm_rows: bool = True
     entropy_agg: str | None = None
+    surrogate: str = "clip"
 
     def __post_init__(self) -> None:
         if not _finite_number(self.eps_low) or not 0 <= self.eps_low <= 1:
@@ -140,6 +160,15 @@ class PolicyLossConfig:
             value = getattr(self, name)
             if value is not None and (not _finite_number(value) or value <= 0):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+        if not isinstance(self.surrogate, str):
+            raise ValueError(f"surrogate must be the name of a registered surrogate {tuple(SURROGATES)}, "
+                             f"got {self.surrogate!r}")
+        reads = get_surrogate(self.surrogate).options
+        for name in SURROGATE_OPTIONS:
+            if getattr(self, name) is not None and name not in reads:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not read by surrogate={self.surrogate!r} "
+                                 f"(it reads {sorted(reads) or 'none of ' + str(SURROGATE_OPTIONS)}): "
+                                 f"set {name}=None")
 
     @property
     def clip_high(self) -> float:
@@ -153,29 +182,34 @@ class PolicyLossConfig:
                  entropy_coef: float = 0.0) -> "PolicyLossConfig":
         """TRL 1.16 ``GRPOTrainer`` losses (``GRPOConfig`` names and defaults).
 
-        ``grpo`` -> seq-mean-token-mean, ``bnpo`` -> token-mean over the local batch, ``dr_grpo`` ->
+        The mapping is :data:`TRL_LOSSES` (loss type -> surrogate, aggregation): ``grpo`` ->
+        seq-mean-token-mean, ``bnpo`` -> token-mean over the local batch, ``dr_grpo`` ->
         sum / (B * max_completion_length), ``dapo`` -> token-mean whose denominator TRL takes from
-        ``num_items_in_batch``. The entropy bonus is TRL's: a local token mean that ignores the
-        loss type's normalizer. To reproduce a trainer step call :func:`policy_loss` with
-        ``loss_scale = 1 / gradient_accumulation_steps`` (1 in eval) and, for ``dapo``,
-        ``normalizer = num_items_in_batch.clamp(min=1) / num_processes / steps_per_generation``
-        (in eval: ``num_items_in_batch.clamp(min=1) / num_processes``); ``is_weights`` is TRL's
+        ``num_items_in_batch``; these use the ``"clip"`` surrogate. ``cispo`` -> the ``"cispo"``
+        surrogate (weight capped at ``epsilon_high``, TRL's meaning there) with dapo's
+        aggregation; TRL's cispo ignores ``delta`` and ``epsilon``, and so does its config. The
+        entropy bonus is TRL's: a local token mean that ignores the loss type's normalizer. To
+        reproduce a trainer step call :func:`policy_loss` with ``loss_scale = 1 /
+        gradient_accumulation_steps`` (1 in eval) and, for ``dapo`` and ``cispo``, ``normalizer =
+        num_items_in_batch.clamp(min=1) / num_processes / steps_per_generation`` (in eval:
+        ``num_items_in_batch.clamp(min=1) / num_processes``); ``is_weights`` is TRL's
         ``importance_sampling_ratio`` (vLLM correction).
         """
-        aggs = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-                "dapo": "token-mean"}
-        if loss_type not in aggs:
+        if loss_type not in TRL_LOSSES:
             raise ValueError(
-                f"loss_type={loss_type!r} is not a clipped-ratio loss this config can express; "
-                f"supported TRL loss types: {TRL_LOSS_TYPES} (cispo/sapo/luspo/vespo use other surrogates)")
+                f"loss_type={loss_type!r} is not a loss this config can express; supported TRL loss types: "
+                f"{TRL_LOSS_TYPES} (sapo/luspo/vespo: no surrogate registered for them yet)")
         if loss_type == "dr_grpo" and max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length: pass max_completion_length=")
+        surrogate, agg = TRL_LOSSES[loss_type]
+        reads = SURROGATES[surrogate].options
         return cls(
-            eps_low=epsilon, eps_high=epsilon if epsilon_high is None else epsilon_high, delta=delta,
+            eps_low=epsilon, eps_high=epsilon if epsilon_high is None else epsilon_high,
+            delta=delta if "delta" in reads else None,
             beta=beta, entropy_coef=entropy_coef, kl_bias_correction=bool(use_bias_correction_kl),
-            importance_sampling_level=importance_sampling_level, loss_agg=aggs[loss_type],
+            importance_sampling_level=importance_sampling_level, loss_agg=agg,
             max_len=max_completion_length if loss_type == "dr_grpo" else None,
-            entropy_agg="token-mean",
+            entropy_agg="token-mean", surrogate=surrogate,
         )
 
     @classmethod
@@ -198,7 +232,7 @@ class PolicyLossConfig:
         modes). ``rollout_is_weights`` is ``is_weights``. verl's per-row mean divides by
         ``count + 1e-8`` where this library divides by ``max(count, 1)`` (relative difference <= 1e-8).
         """
-        if policy_loss != "vanilla":
+        if policy_loss not in VERL_LOSS_MODES:
             raise ValueError(f"policy_loss={policy_loss!r}: only verl's 'vanilla' clipped loss is reproduced; "
                              "for GSPO use importance_sampling_level='sequence' on a config of your own")
         if loss_agg_mode not in LOSS_AGGS or loss_agg_mode == "token-sum":
@@ -216,6 +250,7 @@ class PolicyLossConfig:
             max_len=loss_scale_factor if sum_norm else None,
             log_ratio_clamp=20.0, kl_log_ratio_clamp=20.0, kl_value_clamp=10.0,
             skip_empty_rows=True, sum_norm_rows=bool(sum_norm_divides_rows),
+            surrogate=VERL_LOSS_MODES[policy_loss],
         )
 
 
@@ -290,12 +325,66 @@ def _used(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# the loss math (the one copy)
+# the loss math (the one copy): ratio, surrogate (by name, gccpo_kernels.surrogates), KL,
+# aggregation, metrics; policy_loss composes them
 # ------------------------------------------------------------------------------------------------
 
-def _aggregate(values: torch.Tensor, m: torch.Tensor, count_rows: torch.Tensor, mode: str,
-               normalizer, cfg: PolicyLossConfig) -> torch.Tensor:
-    """Scalar aggregate of per-token ``values`` ([B, T] or broadcastable) under ``mode``."""
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, m: torch.Tensor, count_rows: torch.Tensor,
+                     cfg: PolicyLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance ratio of SPEC §2.
+
+    Args:
+        logp, old_logp: ``[B, T]`` current and sampling log-probs (compute dtype; ``old_logp`` is
+            ``logp.detach()`` when on-policy).
+        m: ``[B, T]`` bool mask; count_rows: ``[B]`` its row sums (compute dtype).
+        cfg: reads ``importance_sampling_level`` and ``log_ratio_clamp``.
+
+    Returns:
+        ``(log_ratio, ratio)``: ``log_ratio`` ``[B, T]`` is ``logp - old_logp`` where ``m`` and 0
+        elsewhere (``where``, so padding garbage never leaks); ``ratio`` is its exp (clamped to
+        ``±log_ratio_clamp`` first) at token level ``[B, T]``, or the exp of the row's masked mean
+        log-ratio at sequence level (GSPO) ``[B, 1]``.
+    """
+    log_ratio = torch.where(m, logp - old_logp, logp.new_zeros(()))
+    if cfg.importance_sampling_level == "sequence":
+        log_w = log_ratio.sum(1, keepdim=True) / count_rows.clamp(min=1)[:, None]  # [B, 1]
+    else:
+        log_w = log_ratio
+    if cfg.log_ratio_clamp is not None:
+        log_w = log_w.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    return log_ratio, torch.exp(log_w)
+
+
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, m: torch.Tensor, ratio: torch.Tensor,
+                    cfg: PolicyLossConfig) -> torch.Tensor:
+    """``[B, T]`` per-token k3 KL to the reference, ``exp(d) - d - 1`` with ``d = ref - logp``
+    (0 where ``m`` is False), as it enters the loss (before ``beta``).
+
+    ``d`` is clamped to ``±kl_log_ratio_clamp`` and the KL to ``±kl_value_clamp`` when set
+    (verl's low_var_kl); with ``kl_bias_correction`` it is multiplied by the (uncapped) ``ratio``
+    (``[B, T]`` or ``[B, 1]``; TRL's use_bias_correction_kl). Differentiable in ``logp``.
+    """
+    d = torch.where(m, ref_logp - logp, logp.new_zeros(()))
+    if cfg.kl_log_ratio_clamp is not None:
+        d = d.clamp(-cfg.kl_log_ratio_clamp, cfg.kl_log_ratio_clamp)
+    kl = torch.exp(d) - d - 1.0
+    if cfg.kl_value_clamp is not None:
+        kl = kl.clamp(-cfg.kl_value_clamp, cfg.kl_value_clamp)
+    if cfg.kl_bias_correction:
+        kl = kl * ratio
+    return kl
+
+
+def aggregate(values: torch.Tensor, m: torch.Tensor, count_rows: torch.Tensor, mode: str,
+              normalizer, cfg: PolicyLossConfig) -> torch.Tensor:
+    """Scalar aggregate of per-token ``values`` (``[B, T]`` or broadcastable) over the mask.
+
+    ``mode`` is one of :data:`LOSS_AGGS` (SPEC §2's meanings); ``normalizer`` (a number or a 0-dim
+    tensor, None: the local count) replaces the denominator; ``cfg`` gives ``skip_empty_rows``,
+    ``max_len`` and ``sum_norm_rows``. Masked values are dropped with ``where``. Linear in
+    ``values``, so its gradient on the mask is the aggregation weight of each token
+    (:func:`gccpo_kernels.loss_in_forward.aggregation_weights`).
+    """
     b, t = m.shape
     vals = torch.where(m, values, values.new_zeros(()))
     if mode == "token-sum":
@@ -334,6 +423,37 @@ def _stat(x: torch.Tensor, m: torch.Tensor, mf: torch.Tensor, tokens: torch.Tens
     else:
         value = torch.cat([torch.where(m, xb, -math.inf).reshape(-1), floor]).amax()
     return torch.stack([value, tokens])
+
+
+def loss_metrics(terms: SurrogateTerms, log_ratio: torch.Tensor, ratio: torch.Tensor, kl: torch.Tensor | None,
+                 entropy: torch.Tensor | None, m: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
+    """The metrics of :func:`policy_loss`: detached ``[2]`` tensors ``[sum, count]`` (``[max,
+    count]`` for ``ratio_max``), no host sync.
+
+    ``terms``: the surrogate's clip flags; ``log_ratio`` ``[B, T]`` masked, ``ratio`` ``[B, T]``
+    or ``[B, 1]`` (:func:`importance_ratio`); ``kl`` ``[B, T]`` (:func:`kl_to_reference`) and
+    ``entropy`` ``[B, T]``, each None when absent. A ``[B, 1]`` quantity counts once per row,
+    every row included (TRL). approx_kl is k1, mean of old - new, clamped like the ratio (verl).
+    """
+    with torch.no_grad():
+        mf = m.to(log_ratio.dtype)
+        tokens = mf.sum()
+        low, high = terms.clipped_low, terms.clipped_high
+        metrics = {"clip_frac_low": _stat(low, m, mf, tokens), "clip_frac_high": _stat(high, m, mf, tokens),
+                   "clip_frac_region": _stat(low | high, m, mf, tokens)}
+        if terms.clipped_dual is not None:
+            metrics["clip_frac_dual"] = _stat(terms.clipped_dual, m, mf, tokens)
+        k1 = -log_ratio
+        if cfg.log_ratio_clamp is not None:
+            k1 = k1.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        metrics["approx_kl"] = _stat(k1, m, mf, tokens)
+        if kl is not None:
+            metrics["kl_ref"] = _stat(kl, m, mf, tokens)
+        if entropy is not None:
+            metrics["entropy"] = _stat(entropy, m, mf, tokens)
+        metrics["ratio_mean"] = _stat(ratio, m, mf, tokens)
+        metrics["ratio_max"] = _stat(ratio, m, mf, tokens, reduce="max")
+        return {k: v.detach() for k, v in metrics.items()}
 
 
 def check_loss_arguments(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
@@ -382,7 +502,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
                 config: PolicyLossConfig | None = None, normalizer: float | torch.Tensor | None = None,
                 loss_scale: float | torch.Tensor = 1.0, validate: bool = True,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped policy loss of SPEC §2 on padded per-token log-probs (the one copy of the math).
+    """The policy loss of SPEC §2 on padded per-token log-probs (the one copy of the math).
+
+    ``ratio`` (:func:`importance_ratio`) -> the surrogate ``config.surrogate`` (PPO clip by
+    default, CISPO, ...: :mod:`gccpo_kernels.surrogates`) -> times ``is_weights`` -> plus
+    ``beta`` times :func:`kl_to_reference` -> minus the entropy bonus -> :func:`aggregate` ->
+    times ``loss_scale``; metrics from :func:`loss_metrics`.
 
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
@@ -413,7 +538,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
         ``(loss, metrics)``: a scalar float32 (float64 for float64 logp) loss and a dict of
         ``[2]`` tensors ``[sum, count]`` (``[max, count]`` for ``ratio_max``) with no host sync;
         :func:`reduce_metrics` turns them into numbers, across processes if asked. Keys:
-        clip_frac_low / high / region (TRL's definitions, on the delta-capped ratio),
+        clip_frac_low / high / region (the surrogate's clipped tokens: for "clip" TRL's
+        definitions on the delta-capped ratio; for "cispo" high is TRL's cispo_clip_ratio),
         clip_frac_dual (when dual_clip: fraction where the dual clip bound is active),
         approx_kl (k1, mean of old - new), kl_ref (the per-token KL term as added to the loss,
         when ref_logp is given), entropy (when given), ratio_mean, ratio_max. Per-sequence
@@ -441,9 +567,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
             normalizer if isinstance(normalizer, torch.Tensor) else None,
             loss_scale if isinstance(loss_scale, torch.Tensor) else None)
     zero = logp.new_zeros((), dtype=cd)
-    mf = m.to(cd)
-    count_rows = mf.sum(1)  # [B]
-    tokens = count_rows.sum()
+    count_rows = m.to(cd).sum(1)  # [B]
     adv = _as_2d(advantages, cd)
     # garbage (NaN/inf) on masked tokens must not reach the backward: with a [B, 1] sequence-level
     # ratio, the row's gradient sums 0 * adv over all its tokens, and 0 * NaN is NaN. With validate,
@@ -457,69 +581,26 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
 
     lp = logp.to(cd)
     old = lp.detach() if old_logp is None else old_logp.to(cd)
-    # masked positions are zeroed with where (not multiplied), so padding holding inf/NaN cannot leak
-    log_ratio = torch.where(m, lp - old, zero)
-    if cfg.importance_sampling_level == "sequence":
-        log_w = log_ratio.sum(1, keepdim=True) / count_rows.clamp(min=1)[:, None]  # [B, 1]
-    else:
-        log_w = log_ratio
-    if cfg.log_ratio_clamp is not None:
-        log_w = log_w.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-    ratio = torch.exp(log_w)
-    clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.clip_high)
-    capped = ratio if cfg.delta is None else ratio.clamp(max=cfg.delta)
-    pg = -torch.min(capped * adv, clipped * adv)
-    pg_single = pg
-    if cfg.dual_clip is not None:
-        pg = torch.where(adv < 0, torch.min(pg, -adv * cfg.dual_clip), pg)
+    log_ratio, ratio = importance_ratio(lp, old, m, count_rows, cfg)
+    terms = get_surrogate(cfg.surrogate).fn(ratio, lp, adv, cfg)
+    pg = terms.loss
     if is_weights is not None:
         w = _as_2d(is_weights, cd)
         pg = pg * torch.where(_used(m, w), w, zero)
     per_token = pg.expand(shape)
 
-    kl = None
-    if ref_logp is not None:
-        d = torch.where(m, ref_logp.to(cd) - lp, zero)
-        if cfg.kl_log_ratio_clamp is not None:
-            d = d.clamp(-cfg.kl_log_ratio_clamp, cfg.kl_log_ratio_clamp)
-        kl = torch.exp(d) - d - 1.0
-        if cfg.kl_value_clamp is not None:
-            kl = kl.clamp(-cfg.kl_value_clamp, cfg.kl_value_clamp)
-        if cfg.kl_bias_correction:
-            kl = kl * ratio
-        if cfg.beta != 0:
-            per_token = per_token + cfg.beta * kl
+    kl = None if ref_logp is None else kl_to_reference(lp, ref_logp.to(cd), m, ratio, cfg)
+    if kl is not None and cfg.beta != 0:
+        per_token = per_token + cfg.beta * kl
     ent = None if entropy is None else entropy.to(cd)
     if cfg.entropy_coef != 0 and cfg.entropy_agg is None:
         per_token = per_token - cfg.entropy_coef * ent
 
-    loss = _aggregate(per_token, m, count_rows, cfg.loss_agg, normalizer, cfg)
+    loss = aggregate(per_token, m, count_rows, cfg.loss_agg, normalizer, cfg)
     if cfg.entropy_coef != 0 and cfg.entropy_agg is not None:
-        loss = loss - cfg.entropy_coef * _aggregate(ent, m, count_rows, cfg.entropy_agg, None, cfg)
+        loss = loss - cfg.entropy_coef * aggregate(ent, m, count_rows, cfg.entropy_agg, None, cfg)
     loss = loss * loss_scale
-
-    with torch.no_grad():
-        metrics: dict[str, torch.Tensor] = {}
-        low = (capped < 1.0 - cfg.eps_low) & (adv < 0)
-        high = (capped > 1.0 + cfg.clip_high) & (adv > 0)
-        metrics["clip_frac_low"] = _stat(low, m, mf, tokens)
-        metrics["clip_frac_high"] = _stat(high, m, mf, tokens)
-        metrics["clip_frac_region"] = _stat(low | high, m, mf, tokens)
-        if cfg.dual_clip is not None:
-            dual = (pg_single > -adv * cfg.dual_clip) & (adv < 0)
-            metrics["clip_frac_dual"] = _stat(dual, m, mf, tokens)
-        k1 = -log_ratio
-        if cfg.log_ratio_clamp is not None:
-            k1 = k1.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-        metrics["approx_kl"] = _stat(k1, m, mf, tokens)
-        if kl is not None:
-            metrics["kl_ref"] = _stat(kl, m, mf, tokens)
-        if ent is not None:
-            metrics["entropy"] = _stat(ent, m, mf, tokens)
-        metrics["ratio_mean"] = _stat(ratio, m, mf, tokens)
-        metrics["ratio_max"] = _stat(ratio, m, mf, tokens, reduce="max")
-        metrics = {k: v.detach() for k, v in metrics.items()}
-    return loss, metrics
+    return loss, loss_metrics(terms, log_ratio, ratio, kl, ent, m, cfg)
 
 
 def reduce_metrics(metrics: dict[str, torch.Tensor], process_group=None, *,

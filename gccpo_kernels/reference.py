@@ -124,6 +124,99 @@ def linear_logprobs_shard_grads(hidden: torch.Tensor, weight: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
+#: surrogate name -> one row's policy term ``fn(r, lp, a, config) -> (loss, low, high, dual)``:
+#: ``r`` the row's ratio, ``[n]`` (token level) or ``[1]`` (sequence level); ``lp`` ``[n]`` its
+#: log-probs; ``a`` ``[n]`` or ``[1]`` (a per-sequence advantage); ``loss`` broadcastable to
+#: ``[n]``; ``low`` / ``high`` / ``dual`` bool flags shaped like ``r * a`` (``dual`` None when the
+#: surrogate has no dual bound). The float64 twins of gccpo_kernels.surrogates, written apart.
+SURROGATES: dict = {}
+
+
+def _surrogate(name: str):
+    def register(fn):
+        SURROGATES[name] = fn
+        return fn
+
+    return register
+
+
+def _upper_eps(c) -> float:
+    return c.eps_low if c.eps_high is None else c.eps_high
+
+
+@_surrogate("clip")
+def clip_row(r: torch.Tensor, lp: torch.Tensor, a: torch.Tensor, c):
+    """PPO clip on one row: -min(min(r, delta) a, clip(r, 1 - eps_low, 1 + eps_high) a), then
+    min(., c |a|) where a < 0 with a dual clip c."""
+    eps_high = _upper_eps(c)
+    r_cap = r if c.delta is None else torch.clamp(r, max=c.delta)
+    r_clip = torch.clamp(r, 1 - c.eps_low, 1 + eps_high)
+    loss = -torch.minimum(r_cap * a, r_clip * a)
+    low = (r_cap < 1 - c.eps_low) & (a < 0)
+    high = (r_cap > 1 + eps_high) & (a > 0)
+    if c.dual_clip is None:
+        return loss, low, high, None
+    bound = c.dual_clip * a.abs()
+    dual = (loss > bound) & (a < 0)
+    return torch.where(a < 0, torch.minimum(loss, bound), loss), low, high, dual
+
+
+@_surrogate("cispo")
+def cispo_row(r: torch.Tensor, lp: torch.Tensor, a: torch.Tensor, c):
+    """CISPO on one row (TRL): -stopgrad(min(r, eps_high)) * a * lp; clipped high where r > eps_high
+    and a > 0."""
+    cap = _upper_eps(c)
+    weight = torch.clamp(r, max=cap).detach()
+    high = (r > cap) & (a > 0)
+    return -weight * a * lp, torch.zeros_like(high), high, None
+
+
+def _row_ratio(diff: torch.Tensor, c) -> torch.Tensor:
+    """One row's ratio from its log-ratios ``diff`` [n]: [n] per token, or [1] (the exp of the
+    mean) per sequence; the log clamped to +-log_ratio_clamp when set."""
+    if c.importance_sampling_level == "sequence":
+        log_r = (diff.sum() / max(diff.numel(), 1)).reshape(1)
+    else:
+        log_r = diff
+    if c.log_ratio_clamp is not None:
+        log_r = torch.clamp(log_r, -c.log_ratio_clamp, c.log_ratio_clamp)
+    return torch.exp(log_r)
+
+
+def _row_kl(lp: torch.Tensor, ref: torch.Tensor, r: torch.Tensor, c) -> torch.Tensor:
+    """One row's k3 KL to the reference, clamped as configured, times r with the bias correction."""
+    x = ref - lp
+    if c.kl_log_ratio_clamp is not None:
+        x = torch.clamp(x, -c.kl_log_ratio_clamp, c.kl_log_ratio_clamp)
+    kl = torch.exp(x) - x - 1
+    if c.kl_value_clamp is not None:
+        kl = torch.clamp(kl, -c.kl_value_clamp, c.kl_value_clamp)
+    return kl * r if c.kl_bias_correction else kl
+
+
+def _aggregate_rows(terms: list, sizes: list, mode: str, norm, c, horizon: int, dtype) -> torch.Tensor:
+    """SPEC §2's aggregation of per-row term vectors (row b holds ``sizes[b]`` tokens)."""
+    sums = [t.sum() if t.numel() else torch.zeros((), dtype=dtype) for t in terms]
+    total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=dtype)
+    n_tokens = sum(sizes)
+    rows = sum(1 for n in sizes if n > 0) if c.skip_empty_rows else len(sizes)
+    # an empty batch (B = 0 or T = 0) sums to 0: loss 0, never 0 / 0
+    rows = max(rows, 1)
+    if mode == "token-sum":
+        return total
+    if mode == "token-mean":
+        return total / (max(n_tokens, 1) if norm is None else norm)
+    if mode == "seq-mean-token-mean":
+        means = [s / max(n, 1) for s, n in zip(sums, sizes)]
+        means = torch.stack(means).sum() if means else torch.zeros((), dtype=dtype)
+        return means / (rows if norm is None else norm)
+    if mode == "seq-mean-token-sum":
+        return total / (rows if norm is None else norm)
+    assert mode == "seq-mean-token-sum-norm", mode
+    length = max(horizon, 1) if c.max_len is None else c.max_len
+    return total / ((rows * length if c.sum_norm_rows else length) if norm is None else norm)
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
                 mask: torch.Tensor, config, *, ref_logp: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, is_weights: torch.Tensor | None = None,
@@ -132,11 +225,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     """SPEC §2, one row at a time (differentiable; float64 for float64 inputs).
 
     ``config`` is read by attribute (a gccpo_kernels.policy_loss.PolicyLossConfig or any object
-    with the same fields). Returns (loss, metrics) with metrics as plain floats
-    (the global means and the ratio maximum).
+    with the same fields; no ``surrogate`` field means ``"clip"``); the policy term is
+    :data:`SURROGATES` ``[config.surrogate]``. Returns (loss, metrics) with metrics as plain
+    floats (the global means and the ratio maximum). A flag or ratio of one value per row (a
+    sequence-level ratio with a per-sequence advantage) counts once per row, every row included;
+    a row without tokens has advantage 0 there.
     """
     c = config
-    eps_high = c.eps_low if c.eps_high is None else c.eps_high
+    row_surrogate = SURROGATES[getattr(c, "surrogate", "clip")]
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     n_rows, horizon = logp.shape
     keep = mask.bool() if mask.dtype == torch.bool else mask != 0
@@ -145,6 +241,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     row_terms, ent_terms, row_sizes = [], [], []
     stats = {k: [0.0, 0.0] for k in ("low", "high", "region", "dual", "k1", "kl", "ent", "ratio")}
     ratio_max = -math.inf
+
+    def add(key, values):
+        stats[key][0] += float(values.to(dtype).sum())
+        stats[key][1] += values.numel()
+
     for b in range(n_rows):
         idx = keep[b].nonzero().flatten()
         n = idx.numel()
@@ -152,108 +253,43 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
         lp = logp[b, idx].to(dtype)
         old = lp.detach() if old_logp is None else old_logp[b, idx].to(dtype)
         a = adv_all[b].reshape(-1)
-        a = a.expand(n) if a.numel() == 1 else a[idx]
+        a = (a if n else torch.zeros_like(a)) if a.numel() == 1 else a[idx]  # [1] per sequence, or [n]
         diff = lp - old
-        per_sequence = c.importance_sampling_level == "sequence"
-        if per_sequence:
-            log_r = (diff.sum() / max(n, 1)).expand(n)
-        else:
-            log_r = diff
-        if c.log_ratio_clamp is not None:
-            log_r = torch.clamp(log_r, -c.log_ratio_clamp, c.log_ratio_clamp)
-        r = torch.exp(log_r)
-        r_cap = r if c.delta is None else torch.clamp(r, max=c.delta)
-        r_clip = torch.clamp(r, 1 - c.eps_low, 1 + eps_high)
-        surrogate = -torch.minimum(r_cap * a, r_clip * a)
-        single = surrogate
-        if c.dual_clip is not None:
-            surrogate = torch.where(a < 0, torch.minimum(surrogate, c.dual_clip * a.abs()), surrogate)
+        r = _row_ratio(diff, c)
+        loss, low, high, dual = row_surrogate(r, lp, a, c)
+        term = loss.expand(n)
         if w_all is not None:
             w = w_all[b].reshape(-1)
-            surrogate = surrogate * (w.expand(n) if w.numel() == 1 else w[idx])
-        term = surrogate
-        kl = None
-        if ref_logp is not None:
-            x = ref_logp[b, idx].to(dtype) - lp
-            if c.kl_log_ratio_clamp is not None:
-                x = torch.clamp(x, -c.kl_log_ratio_clamp, c.kl_log_ratio_clamp)
-            kl = torch.exp(x) - x - 1
-            if c.kl_value_clamp is not None:
-                kl = torch.clamp(kl, -c.kl_value_clamp, c.kl_value_clamp)
-            if c.kl_bias_correction:
-                kl = kl * r
-            if c.beta != 0:
-                term = term + c.beta * kl
+            term = term * (w.expand(n) if w.numel() == 1 else w[idx])
+        kl = None if ref_logp is None else _row_kl(lp, ref_logp[b, idx].to(dtype), r, c)
+        if kl is not None and c.beta != 0:
+            term = term + c.beta * kl
         ent = None if entropy is None else entropy[b, idx].to(dtype)
         if c.entropy_coef != 0 and c.entropy_agg is None:
             term = term - c.entropy_coef * ent
         row_terms.append(term)
         ent_terms.append(ent)
-        # metrics: one count per row for a per-sequence ratio with a per-sequence advantage (TRL)
         with torch.no_grad():
-            # a per-sequence quantity ([B, 1]) counts once per row, every row included (as TRL)
-            if per_sequence:
-                log_row = diff.sum() / max(n, 1)
-                if c.log_ratio_clamp is not None:
-                    log_row = torch.clamp(log_row, -c.log_ratio_clamp, c.log_ratio_clamp)
-                r_row = torch.exp(log_row).reshape(1)
-                stats["ratio"][0] += float(r_row)
-                stats["ratio"][1] += 1.0
-                ratio_max = max(ratio_max, float(r_row))
-            else:
-                stats["ratio"][0] += float(r.sum())
-                stats["ratio"][1] += n
-                if n:
-                    ratio_max = max(ratio_max, float(r.max()))
-            if per_sequence and adv_all[b].numel() == 1:
-                r_m, a_m, weight = r_row, adv_all[b].reshape(1), 1.0
-            else:
-                r_m, a_m, weight = r, a, float(n)
-            r_mc = r_m if c.delta is None else torch.clamp(r_m, max=c.delta)
-            lo = ((r_mc < 1 - c.eps_low) & (a_m < 0)).to(dtype)
-            hi = ((r_mc > 1 + eps_high) & (a_m > 0)).to(dtype)
-            for key, v in (("low", lo), ("high", hi), ("region", torch.maximum(lo, hi))):
-                stats[key][0] += float(v.sum())
-                stats[key][1] += weight
-            if c.dual_clip is not None:
-                stats["dual"][0] += float(((single > c.dual_clip * a.abs()) & (a < 0)).sum())
-                stats["dual"][1] += n
+            add("ratio", r)
+            if r.numel():
+                ratio_max = max(ratio_max, float(r.max()))
+            add("low", low)
+            add("high", high)
+            add("region", low | high)
+            if dual is not None:
+                add("dual", dual)
             k1 = -diff
             if c.log_ratio_clamp is not None:
                 k1 = torch.clamp(k1, -c.log_ratio_clamp, c.log_ratio_clamp)
-            stats["k1"][0] += float(k1.sum())
-            stats["k1"][1] += n
+            add("k1", k1)
             if kl is not None:
-                stats["kl"][0] += float(kl.sum())
-                stats["kl"][1] += n
+                add("kl", kl)
             if ent is not None:
-                stats["ent"][0] += float(ent.sum())
-                stats["ent"][1] += n
+                add("ent", ent)
 
-    def aggregate(terms, mode, norm):
-        sums = [t.sum() if t.numel() else torch.zeros((), dtype=dtype) for t in terms]
-        total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=dtype)
-        n_tokens = sum(row_sizes)
-        rows = sum(1 for n in row_sizes if n > 0) if c.skip_empty_rows else n_rows
-        # an empty batch (B = 0 or T = 0) sums to 0: loss 0, never 0 / 0
-        rows = max(rows, 1)
-        if mode == "token-sum":
-            return total
-        if mode == "token-mean":
-            return total / (max(n_tokens, 1) if norm is None else norm)
-        if mode == "seq-mean-token-mean":
-            means = [s / max(n, 1) for s, n in zip(sums, row_sizes)]
-            means = torch.stack(means).sum() if means else torch.zeros((), dtype=dtype)
-            return means / (rows if norm is None else norm)
-        if mode == "seq-mean-token-sum":
-            return total / (rows if norm is None else norm)
-        assert mode == "seq-mean-token-sum-norm", mode
-        length = max(horizon, 1) if c.max_len is None else c.max_len
-        return total / ((rows * length if c.sum_norm_rows else length) if norm is None else norm)
-
-    loss = aggregate(row_terms, c.loss_agg, normalizer)
+    loss = _aggregate_rows(row_terms, row_sizes, c.loss_agg, normalizer, c, horizon, dtype)
     if c.entropy_coef != 0 and c.entropy_agg is not None:
-        loss = loss - c.entropy_coef * aggregate(ent_terms, c.entropy_agg, None)
+        loss = loss - c.entropy_coef * _aggregate_rows(ent_terms, row_sizes, c.entropy_agg, None, c, horizon, dtype)
     loss = loss * loss_scale
 
     def mean(key):

@@ -4,19 +4,18 @@
 ``GRPOConfig``) and computes the loss with :func:`gccpo_kernels.fused_linear_policy_loss` from
 the backbone's last hidden states and the output-embedding weight, never building
 ``[B, T, V]`` logits. It reproduces TRL's ``_compute_loss`` for ``loss_type`` ``grpo``,
-``bnpo``, ``dr_grpo`` and ``dapo`` (through :meth:`gccpo_kernels.PolicyLossConfig.from_trl`):
+``bnpo``, ``dr_grpo``, ``dapo`` and ``cispo`` (through :meth:`gccpo_kernels.PolicyLossConfig.from_trl`):
 the normalizers, gradient-accumulation scaling and ``num_items_in_batch`` rescaling, ``epsilon``
 / ``epsilon_high``, ``delta``, ``beta`` with the k3 KL and ``use_bias_correction_kl``,
 ``temperature``, ``importance_sampling_level``, the static entropy bonus, ``old_per_token_logps``,
 ``ref_per_token_logps``, the vLLM ``importance_sampling_ratio``, ``tool_mask``, and the metrics TRL
-logs (``kl``, ``entropy``, ``clip_ratio/*``, ``policy_loss`` and ``entropy_coef`` with the entropy
-bonus). The forward goes through the model the trainer hands to ``compute_loss`` (the
+logs (``kl``, ``entropy``, ``clip_ratio/*`` or, for cispo, ``cispo_clip_ratio``, ``policy_loss``
+and ``entropy_coef`` with the entropy bonus). The forward goes through the model the trainer hands to ``compute_loss`` (the
 DDP / FSDP / DeepSpeed-wrapped one): the model's ``forward`` is patched so that
 ``model(..., gccpo_head=fn)`` runs the backbone and calls ``fn(hidden, weight, bias)`` *inside*
 the forward, where FSDP and ZeRO-3 hold the LM head's parameters.
 
-Options the fused loss does not reproduce — loss types ``cispo``, ``sapo``, ``luspo``,
-``vespo``, ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, ``use_adaptive_entropy``,
+Options the fused loss does not reproduce — loss types ``sapo``, ``luspo``, ``vespo``, ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, ``use_adaptive_entropy``,
 MoE router auxiliary losses, vision-language models — make the trainer use TRL's own loss and
 log-prob path unchanged, with a warning that says why (``gccpo_on_unsupported="fallback"``, the
 default), or raise at construction (``"error"``). ``gccpo_fused_loss=False`` keeps TRL's loss
@@ -73,7 +72,10 @@ __all__ = ["GCCPOGRPOTrainer", "GRPOConfig", "add_gccpo_fused_lm_head", "SUPPORT
            "unsupported_options"]
 
 #: TRL loss types the fused loss reproduces.
-SUPPORTED_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+#: loss types whose denominator TRL takes from num_items_in_batch (and that TRL does not divide by
+#: the accumulation steps afterwards).
+_NUM_ITEMS_LOSS_TYPES: tuple[str, ...] = ("dapo", "cispo")
 #: per-token outputs of TRL's FusedCausalLMOutput that this kernel computes.
 SUPPORTED_OUTPUTS: tuple[str, ...] = ("log_probs", "entropy")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -404,7 +406,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         normalizer = None
-        if self.loss_type == "dapo":  # num_items_in_batch spans the generation batch of all processes
+        if self.loss_type in _NUM_ITEMS_LOSS_TYPES:  # num_items_in_batch spans the generation batch of all processes
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer / self.args.steps_per_generation
@@ -437,12 +439,12 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         values = reduce_metrics(out.metrics, process_group=group)
         log = self._metrics[mode]
         if self._entropy_bonus_enabled:
-            # TRL's policy_loss: the policy term before the entropy bonus (and, except for dapo, before
-            # the 1 / accumulation scaling); its entropy term is a local token mean
+            # TRL's policy_loss: the policy term before the entropy bonus (and, except for dapo and
+            # cispo, before the 1 / accumulation scaling); its entropy term is a local token mean
             ent_sum, ent_count = out.metrics["entropy"].tolist()
             bonus = self.entropy_coef * ent_sum / max(ent_count, 1.0) / accumulation
             policy = out.loss.detach() + bonus
-            if self.loss_type != "dapo":
+            if self.loss_type not in _NUM_ITEMS_LOSS_TYPES:
                 policy = policy * accumulation
             log["policy_loss"].append(self.accelerator.gather(policy.reshape(1)).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
@@ -450,12 +452,16 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             log["kl"].append(values["kl_ref"])
         log["entropy"].append(values["entropy"])
-        log["clip_ratio/low_mean"].append(values["clip_frac_low"])
-        log["clip_ratio/high_mean"].append(values["clip_frac_high"])
-        log["clip_ratio/region_mean"].append(values["clip_frac_region"])
-        low_rows, high_rows = _row_clip_fractions(out.logp, out.logp if old is None else old, advantages, mask, cfg)
-        log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_rows)).item())
-        log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_rows)).item())
+        if cfg.surrogate == "cispo":  # TRL logs one clip metric for cispo: r > epsilon_high with A > 0
+            log["cispo_clip_ratio"].append(values["clip_frac_high"])
+        else:
+            log["clip_ratio/low_mean"].append(values["clip_frac_low"])
+            log["clip_ratio/high_mean"].append(values["clip_frac_high"])
+            log["clip_ratio/region_mean"].append(values["clip_frac_region"])
+            low_rows, high_rows = _row_clip_fractions(out.logp, out.logp if old is None else old, advantages, mask,
+                                                      cfg)
+            log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_rows)).item())
+            log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_rows)).item())
         log["gccpo/approx_kl"].append(values["approx_kl"])
         log["gccpo/ratio_max"].append(values["ratio_max"])
 

@@ -127,9 +127,12 @@ CASES = [(lt, beta, {}) for lt in LOSS_TYPES for beta in (0.0, 0.04)] + [
     ("grpo", 0.04, dict(importance_sampling_level="sequence", scale_rewards="batch", entropy_coef=0.01)),
     ("dr_grpo", 0.0, dict(epsilon=0.1, epsilon_high=0.3, temperature=1.3, steps_per_generation=4)),
     ("bnpo", 0.04, dict(importance_sampling_level="sequence", delta=2.0)),
+    # cispo (issue 22): TRL's epsilon_high caps the weight itself; None -> epsilon = 0.2, below every ratio
+    ("cispo", 0.0, dict(epsilon_high=1.02)),
+    ("cispo", 0.04, dict(entropy_coef=0.02, delta=1.5)),
 ]
 METRICS = ["entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-           "clip_ratio/low_min", "clip_ratio/high_max", "policy_loss"]
+           "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "policy_loss"]
 
 
 @pytest.mark.parametrize("loss_type,beta,extra", CASES,
@@ -147,7 +150,8 @@ def test_fused_loss_equals_trl_on_the_same_inputs(model_dir, tmp_path, monkeypat
     assert trl_trainer.state.global_step == 2
     spg = trl_trainer.args.steps_per_generation
     assert len(records) == 4 and all(r["accumulation"] == 2 for r in records)
-    assert any(r["metrics"]["clip_ratio/region_mean"] > 0 for r in records), "no clipping: the test lost its point"
+    clip_key = "cispo_clip_ratio" if loss_type == "cispo" else "clip_ratio/region_mean"
+    assert any(r["metrics"][clip_key] > 0 for r in records), "no clipping: the test lost its point"
     assert any(bool((r["inputs"]["completion_mask"] == 0).any()) for r in records), "completions all full length"
 
     # 2. GCCPOGRPOTrainer from the same GRPOConfig trains 2 optimizer steps on the fused path
@@ -160,7 +164,7 @@ def test_fused_loss_equals_trl_on_the_same_inputs(model_dir, tmp_path, monkeypat
     ours.train()
     assert ours.state.global_step == 2 and len(calls) == 4
     first_trl, first_ours = trl_trainer.state.log_history[0], ours.state.log_history[0]
-    for key in ("reward", "entropy", "clip_ratio/region_mean"):  # same seed, same weights: the same first step
+    for key in ("reward", "entropy", clip_key):  # same seed, same weights: the same first step
         assert first_ours[key] == pytest.approx(first_trl[key], rel=1e-5, abs=1e-6), key
 
     # 3. on every recorded micro-batch: our loss, gradients and metrics equal TRL's
@@ -186,7 +190,6 @@ def test_fused_loss_equals_trl_on_the_same_inputs(model_dir, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("option,value,reason", [
-    ("loss_type", "cispo", "loss_type='cispo'"),
     ("loss_type", "sapo", "loss_type='sapo'"),
     ("loss_type", "luspo", "loss_type='luspo'"),
     ("loss_type", "vespo", "loss_type='vespo'"),

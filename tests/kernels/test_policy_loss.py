@@ -378,7 +378,7 @@ def test_from_trl_mapping_and_errors():
     with pytest.raises(ValueError, match="max_completion_length"):
         PolicyLossConfig.from_trl("dr_grpo")
     with pytest.raises(ValueError, match="supported TRL loss types"):
-        PolicyLossConfig.from_trl("cispo")
+        PolicyLossConfig.from_trl("sapo")  # cispo is supported since it was registered (issue 22)
 
 
 # ------------------------------------------------------------------------------------------------
