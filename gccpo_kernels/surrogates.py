@@ -21,12 +21,26 @@ against that twin (docs/policy_loss.md, "Adding a loss surrogate").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
-if TYPE_CHECKING:  # the config module imports this one: no import at run time
-    from .policy_loss import PolicyLossConfig
+
+class SurrogateOptions(Protocol):
+    """The config fields a surrogate may read; :class:`gccpo_kernels.PolicyLossConfig` has them
+    (this module does not import it: the config validates names against this registry)."""
+
+    @property
+    def eps_low(self) -> float: ...
+
+    @property
+    def clip_high(self) -> float: ...
+
+    @property
+    def delta(self) -> float | None: ...
+
+    @property
+    def dual_clip(self) -> float | None: ...
 
 
 class SurrogateTerms(NamedTuple):
@@ -54,7 +68,7 @@ class SurrogateTerms(NamedTuple):
 #: advantage 0 (never padding garbage); the caller masks the result. Token i's loss must read only
 #: token i's ratio, log-prob and advantage (the in-forward gradient of the fused loss
 #: differentiates the surrogate on row chunks); a sequence-level ratio arrives already averaged.
-SurrogateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "PolicyLossConfig"], SurrogateTerms]
+SurrogateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SurrogateOptions], SurrogateTerms]
 
 
 class Surrogate(NamedTuple):
@@ -102,7 +116,7 @@ def get_surrogate(name: str) -> Surrogate:
 
 @register_surrogate("clip", options=("delta", "dual_clip"))
 def clipped_surrogate(ratio: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor,
-                      cfg: "PolicyLossConfig") -> SurrogateTerms:
+                      cfg: SurrogateOptions) -> SurrogateTerms:
     """PPO's clipped surrogate: ``-min(r' A, clip(r, 1 - eps_low, 1 + eps_high) A)``.
 
     ``r' = min(r, delta)`` when ``cfg.delta`` is set (TRL: the unclipped branch only); with
@@ -125,7 +139,7 @@ def clipped_surrogate(ratio: torch.Tensor, logp: torch.Tensor, advantages: torch
 
 @register_surrogate("cispo")
 def cispo_surrogate(ratio: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor,
-                    cfg: "PolicyLossConfig") -> SurrogateTerms:
+                    cfg: SurrogateOptions) -> SurrogateTerms:
     """CISPO (MiniMax-M1) as TRL 1.16 computes it: ``-sg(min(r, eps_high)) A logp``.
 
     The importance weight is clipped from above at ``eps_high`` itself (TRL's ``epsilon_high``,
