@@ -11,6 +11,12 @@ Backends:
 
 Choice: an explicit ``backend=`` argument wins, then the ``GCCPO_BACKEND`` environment variable
 (``auto`` or a backend name), then automatic: CUDA -> triton (float64 -> torch), otherwise torch.
+
+Dispatch: each op module holds one :class:`OpBackends` table, backend name -> the module that
+implements the op on that backend, every backend with the same functions and signatures (the
+op's backend interface: ``triton/<op>.py``, ``chunked/<op>.py``, ``reference_backend/<op>.py``).
+The op looks its implementation up there, by the name :func:`resolve_backend` gave, and calls it
+the same way whatever the backend (docs/kernels_layout.md: adding an op, adding a backend).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import functools
 import importlib.util
 import os
 import sys
+import types
+from typing import Any
 
 import torch
 
@@ -118,3 +126,50 @@ def explain() -> str:
                 picked = f"error: {exc}"
             lines.append(f"{device} {str(dtype).replace('torch.', '')}: picks {picked}; " + "; ".join(usable))
     return "\n".join(lines)
+
+
+class OpBackends:
+    """One op's backends: the op's single dispatch point.
+
+    ``OpBackends(op, interface, torch=module, triton=loader, reference=module)``: each keyword is
+    a backend name of :data:`BACKENDS` and its implementation, a module (or any object) whose
+    attributes named in ``interface`` are the op's backend functions, one signature across
+    backends; or a zero-argument function returning it, called on first use (the triton modules
+    import triton, which must stay unimported until a triton kernel runs). An op may lack a
+    backend (the in-forward loss gradient has no reference form); asking for it raises.
+    """
+
+    def __init__(self, op: str, interface: tuple[str, ...], **implementations: Any):
+        unknown = [name for name in implementations if name not in BACKENDS]
+        if unknown:
+            raise ValueError(f"{op}: {unknown} are not backends; the backends are {BACKENDS}")
+        self.op = op
+        self.interface = tuple(interface)
+        self._sources = implementations
+        self._loaded: dict[str, Any] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The backends this op has, in :data:`BACKENDS` order."""
+        return tuple(name for name in BACKENDS if name in self._sources)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def load(self, name: str) -> Any:
+        """The implementation of backend ``name`` (a name from :func:`resolve_backend`), its
+        interface checked once: a missing function raises TypeError naming it."""
+        impl = self._loaded.get(name)
+        if impl is not None:
+            return impl
+        if name not in self._sources:
+            raise ValueError(f"{self.op} has no {name!r} backend; it has {self.names}")
+        impl = self._sources[name]
+        if not isinstance(impl, types.ModuleType) and callable(impl):
+            impl = impl()
+        missing = [fn for fn in self.interface if not callable(getattr(impl, fn, None))]
+        if missing:
+            raise TypeError(f"the {name!r} backend of {self.op} ({getattr(impl, '__name__', impl)}) "
+                            f"lacks {missing} of the op's interface {self.interface}")
+        self._loaded[name] = impl
+        return impl

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from ._validation import check_lm_head
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -252,8 +254,6 @@ def check_local_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     """``_validation.check_lm_head`` for a vocabulary slice, which may be empty ([0, D] weight, [0]
     bias): the same dtype, shape and device checks; the full vocabulary's V >= 1 is checked on
     the shard (``VocabShard.total``)."""
-    from ._validation import check_lm_head
-
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 0:
         if bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (0,):
             raise ValueError(f"bias must be [V_local] = [0], got {tuple(bias.shape)}")

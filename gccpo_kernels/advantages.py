@@ -13,12 +13,27 @@ import math
 
 import torch
 
-from . import _ops
-from ._backend import resolve_backend
+from ._backend import OpBackends, resolve_backend
 from ._validation import check_float, check_same_device
+from .chunked import advantages as torch_impl
+from .reference_backend import advantages as reference_impl
 
 SCALES = ("group", "batch", "none")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _triton_impl():
+    from .triton import advantages as impl  # imports triton: only when the backend runs
+
+    return impl
+
+
+#: The advantages' backends, each with ``token_advantages(outcome_rewards, group_index,
+#: episode_ids, episode_rewards, old_logp, mask, *, eta, gamma, scale, surprise_weighting,
+#: normalize_returns, eps, dtype, normalize_rewards) -> [B, T]`` on checked, detached inputs with
+#: B, T >= 1 and K >= 1.
+IMPLEMENTATIONS = OpBackends("token_advantages", ("token_advantages",),
+                             triton=_triton_impl, torch=torch_impl, reference=reference_impl)
 
 
 def episode_rewards(robustness: torch.Tensor, effectiveness: torch.Tensor, *, w_rob: float = 0.9,
@@ -44,7 +59,7 @@ def episode_rewards(robustness: torch.Tensor, effectiveness: torch.Tensor, *, w_
     for name, value in (("w_rob", w_rob), ("w_eff", w_eff)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return _ops.episode_rewards(robustness, effectiveness, float(w_rob), float(w_eff))
+    return torch.ops.gccpo.episode_rewards(robustness, effectiveness, float(w_rob), float(w_eff))
 
 
 def rewards_forward(robustness: torch.Tensor, effectiveness: torch.Tensor, w_rob: float,
@@ -53,6 +68,36 @@ def rewards_forward(robustness: torch.Tensor, effectiveness: torch.Tensor, w_rob
     wide = torch.float64 in (robustness.dtype, effectiveness.dtype)
     dtype = torch.float64 if wide else torch.float32
     return w_rob * robustness.to(dtype) + w_eff * effectiveness.to(dtype)
+
+
+@torch.library.custom_op(
+    "gccpo::episode_rewards", mutates_args=(),
+    schema="(Tensor robustness, Tensor effectiveness, float w_rob, float w_eff) -> Tensor")
+def _episode_rewards_op(robustness, effectiveness, w_rob, w_eff):
+    """w_rob * robustness + w_eff * effectiveness, float32 (float64 when either input is)."""
+    return rewards_forward(robustness, effectiveness, w_rob, w_eff)
+
+
+@_episode_rewards_op.register_fake
+def _episode_rewards_fake(robustness, effectiveness, w_rob, w_eff):
+    wide = torch.float64 in (robustness.dtype, effectiveness.dtype)
+    return robustness.new_empty(robustness.shape, dtype=torch.float64 if wide else torch.float32)
+
+
+def _episode_rewards_setup(ctx, inputs, output) -> None:
+    robustness, effectiveness, w_rob, w_eff = inputs
+    ctx.weights = (w_rob, w_eff)
+    ctx.dtypes = (robustness.dtype, effectiveness.dtype)
+
+
+def _episode_rewards_grad(ctx, grad):
+    (w_rob, w_eff), (d_rob, d_eff) = ctx.weights, ctx.dtypes
+    g_rob = (grad * w_rob).to(d_rob) if ctx.needs_input_grad[0] else None
+    g_eff = (grad * w_eff).to(d_eff) if ctx.needs_input_grad[1] else None
+    return g_rob, g_eff, None, None
+
+
+_episode_rewards_op.register_autograd(_episode_rewards_grad, setup_context=_episode_rewards_setup)
 
 
 def _check_int(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -200,7 +245,7 @@ def token_advantages(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
         floats.append(old_logp.dtype)
     dtype = torch.float64 if torch.float64 in floats else torch.float32
     name = resolve_backend(backend, episode_ids.device, dtype)
-    return _ops.token_advantages(
+    return torch.ops.gccpo.token_advantages(
         outcome_rewards.detach(), group_index, episode_ids, episode_rewards.detach(),
         None if old_logp is None else old_logp.detach(), mask, float(eta), float(gamma), scale,
         bool(surprise_weighting), bool(normalize_returns), float(eps), name, bool(validate), dtype,
@@ -226,22 +271,36 @@ def advantages_forward(outcome_rewards: torch.Tensor, group_index: torch.Tensor,
     opts = dict(eta=float(eta), gamma=float(gamma), scale=scale, surprise_weighting=surprise_weighting,
                 normalize_returns=bool(normalize_returns), eps=float(eps),
                 normalize_rewards=bool(normalize_rewards))
-    if name == "reference":
-        from . import reference
-
-        return reference.token_advantages(outcome_rewards, group_index, episode_ids, episode_rewards,
-                                          old_logp, mask, dtype=dtype, **opts)
     if B == 0 or T == 0:
         return torch.zeros((B, T), dtype=dtype, device=device)
     if episode_rewards.shape[1] == 0:
         # no completion has an episode (ids are all -1 inside the mask): one unread column
         episode_rewards = torch.zeros((B, 1), dtype=episode_rewards.dtype, device=device)
     with torch.no_grad():
-        if name == "triton":
-            from .triton import advantages as impl
-        else:
-            from .chunked import advantages as impl
-        return impl.token_advantages(outcome_rewards.detach(), group_index, episode_ids,
-                                     episode_rewards.detach(),
-                                     None if old_logp is None else old_logp.detach(), mask,
-                                     dtype=dtype, **opts)
+        return IMPLEMENTATIONS.load(name).token_advantages(
+            outcome_rewards.detach(), group_index, episode_ids, episode_rewards.detach(),
+            None if old_logp is None else old_logp.detach(), mask, dtype=dtype, **opts)
+
+
+@torch.library.custom_op(
+    "gccpo::token_advantages", mutates_args=(),
+    schema="(Tensor outcome_rewards, Tensor group_index, Tensor episode_ids, "
+           "Tensor episode_rewards, Tensor? old_logp, Tensor mask, float eta, float gamma, "
+           "str scale, bool surprise_weighting, bool normalize_returns, float eps, str backend, "
+           "bool validate, ScalarType dtype, bool normalize_rewards=True) -> Tensor")
+def _token_advantages_op(outcome_rewards, group_index, episode_ids, episode_rewards, old_logp,
+                         mask, eta, gamma, scale, surprise_weighting, normalize_returns, eps,
+                         backend, validate, dtype, normalize_rewards=True):
+    """[B, T] token advantages in ``dtype``."""
+    return advantages_forward(outcome_rewards, group_index, episode_ids, episode_rewards, old_logp,
+                              mask, eta=eta, gamma=gamma, scale=scale,
+                              surprise_weighting=surprise_weighting,
+                              normalize_returns=normalize_returns, eps=eps, name=backend,
+                              validate=validate, dtype=dtype, normalize_rewards=normalize_rewards)
+
+
+@_token_advantages_op.register_fake
+def _token_advantages_fake(outcome_rewards, group_index, episode_ids, episode_rewards, old_logp,
+                           mask, eta, gamma, scale, surprise_weighting, normalize_returns, eps,
+                           backend, validate, dtype, normalize_rewards=True):
+    return episode_ids.new_empty(episode_ids.shape, dtype=dtype)

@@ -16,16 +16,30 @@ from typing import Any
 
 import torch
 
-from . import _ops
-from ._backend import resolve_backend
+from ._backend import OpBackends, resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import (check_answer_ids, check_bias_finite, check_finite, check_float,
                           check_lm_head, out_dtype_for)
 from ._vocab_parallel import check_local_lm_head, check_total_vocab, local_answer_ids, vocab_shard
+from .chunked import divergence as torch_impl
 from .linear_logprobs import check_outputs_finite
+from .reference_backend import divergence as reference_impl
 
 KINDS = ("kl", "js", "tv")
 MODES = ("gaussian", "sibling")
+
+
+def _triton_impl():
+    from .triton import divergence as impl  # imports triton: only when the backend runs
+
+    return impl
+
+
+#: The divergence's backends, each with ``forward(h, w, b, deltas, params, kind) -> [R, M]`` and
+#: ``forward_sharded(h, w, b, deltas, params, kind, shard) -> [R, M]`` on a head already
+#: restricted to the answer ids, contiguous operands.
+IMPLEMENTATIONS = OpBackends("counterfactual_divergence", ("forward", "forward_sharded"),
+                             triton=_triton_impl, torch=torch_impl, reference=reference_impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +118,8 @@ def perturb_latents(hidden: torch.Tensor, num_perturbations: int, *, sigma: floa
             raise ValueError(f"group_index is on {group_index.device} but hidden is on {hidden.device}")
     else:
         group_index = None
-    return _ops.perturb_latents(hidden.detach(), num_perturbations, float(sigma), mode, float(alpha),
-                                group_index, generator)
+    return torch.ops.gccpo.perturb_latents(hidden.detach(), num_perturbations, float(sigma), mode,
+                                           float(alpha), group_index, generator)
 
 
 def perturbations(hidden: torch.Tensor, num_perturbations: int, sigma: float, mode: str,
@@ -142,6 +156,22 @@ def perturbations(hidden: torch.Tensor, num_perturbations: int, sigma: float, mo
         if lone.numel() > 0:
             delta[lone] = _tangent_gaussian(h[lone], m, float(sigma), generator)
         return delta.to(hidden.dtype)
+
+
+# The schema is written out: Generator? is not inferred from annotations. The op draws random
+# numbers, so it is tagged nondeterministic_seeded (the compiler never merges or reorders two calls).
+@torch.library.custom_op(
+    "gccpo::perturb_latents", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,),
+    schema="(Tensor hidden, int num_perturbations, float sigma, str mode, float alpha, "
+           "Tensor? group_index, Generator? generator) -> Tensor")
+def _perturb_latents_op(hidden, num_perturbations, sigma, mode, alpha, group_index, generator):
+    """hidden [R, D] -> perturbation vectors [R, M, D] in hidden's dtype."""
+    return perturbations(hidden, num_perturbations, sigma, mode, alpha, group_index, generator)
+
+
+@_perturb_latents_op.register_fake
+def _perturb_latents_fake(hidden, num_perturbations, sigma, mode, alpha, group_index, generator):
+    return hidden.new_empty((hidden.shape[0], num_perturbations, hidden.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +242,10 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     params = LogitParams.of(temperature, logit_scale, softcap)
     # forward-only: the op sees detached inputs, so its output never carries a graph
-    return _ops.counterfactual_divergence(
+    return torch.ops.gccpo.counterfactual_divergence(
         hidden.detach(), weight.detach(), deltas.detach(), None if bias is None else bias.detach(),
-        answer_token_ids, params, kind, name, validate)
+        answer_token_ids, params.temperature, params.logit_scale, params.softcap, kind, name,
+        validate)
 
 
 def divergence_forward(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor,
@@ -226,29 +257,34 @@ def divergence_forward(hidden: torch.Tensor, weight: torch.Tensor, deltas: torch
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
     check_bias_finite(bias, validate)
-    out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         bias = None if bias is None else bias.contiguous()
-        if name == "reference":
-            from . import reference
-
-            out = reference.counterfactual_divergence(
-                hidden, weight, deltas, bias=bias, temperature=params.temperature,
-                logit_scale=params.logit_scale, softcap=params.softcap, kind=kind,
-                answer_token_ids=answer_token_ids).to(out_dtype)
-            check_outputs_finite("counterfactual_divergence", (out,), validate)
-            return out
         w, b = restrict_head(weight, bias, answer_token_ids)
         w = w if w.is_contiguous() else w.contiguous()
         h = hidden if hidden.is_contiguous() else hidden.contiguous()
         dl = deltas if deltas.is_contiguous() else deltas.contiguous()
-        if name == "triton":
-            from .triton import divergence as impl
-        else:
-            from .chunked import divergence as impl
-        out = impl.forward(h, w, b, dl, params, kind)
+        out = IMPLEMENTATIONS.load(name).forward(h, w, b, dl, params, kind)
     check_outputs_finite("counterfactual_divergence", (out,), validate)
     return out
+
+
+@torch.library.custom_op(
+    "gccpo::counterfactual_divergence", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor deltas, Tensor? bias, Tensor? answer_token_ids, "
+           "float temperature, float logit_scale, float? softcap, str kind, str backend, "
+           "bool validate) -> Tensor")
+def _counterfactual_divergence_op(hidden, weight, deltas, bias, answer_token_ids, temperature,
+                                  logit_scale, softcap, kind, backend, validate):
+    """hidden [R, D], weight [V, D], deltas [R, M, D] -> divergence [R, M]."""
+    return divergence_forward(hidden, weight, deltas, bias, answer_token_ids,
+                              LogitParams(temperature, logit_scale, softcap), kind, backend,
+                              validate)
+
+
+@_counterfactual_divergence_op.register_fake
+def _counterfactual_divergence_fake(hidden, weight, deltas, bias, answer_token_ids, temperature,
+                                    logit_scale, softcap, kind, backend, validate):
+    return hidden.new_empty(deltas.shape[:2], dtype=out_dtype_for(hidden.dtype))
 
 
 def _check_divergence_args(hidden: torch.Tensor, deltas: torch.Tensor, kind: str) -> None:
@@ -291,26 +327,13 @@ def _divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor, deltas: torc
     check_finite("hidden", hidden, validate)
     check_finite("deltas", deltas, validate)
     check_bias_finite(bias, validate)
-    out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         hidden, weight, deltas = hidden.detach(), weight.detach(), deltas.detach()
         bias = None if bias is None else bias.detach().contiguous()
-        if name == "reference":
-            from . import reference
-
-            out = reference.counterfactual_divergence_sharded(
-                hidden, weight, deltas, shard, bias=bias, temperature=params.temperature,
-                logit_scale=params.logit_scale, softcap=params.softcap, kind=kind,
-                answer_token_ids=answer_token_ids).to(out_dtype)
-        else:
-            w, b = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
-            w = w if w.is_contiguous() else w.contiguous()
-            h = hidden if hidden.is_contiguous() else hidden.contiguous()
-            dl = deltas if deltas.is_contiguous() else deltas.contiguous()
-            if name == "triton":
-                from .triton import divergence as impl
-            else:
-                from .chunked import divergence as impl
-            out = impl.forward_sharded(h, w, b, dl, params, kind, shard)
+        w, b = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
+        w = w if w.is_contiguous() else w.contiguous()
+        h = hidden if hidden.is_contiguous() else hidden.contiguous()
+        dl = deltas if deltas.is_contiguous() else deltas.contiguous()
+        out = IMPLEMENTATIONS.load(name).forward_sharded(h, w, b, dl, params, kind, shard)
     check_outputs_finite("counterfactual_divergence", (out,), validate)
     return out

@@ -12,14 +12,28 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _ops
-from ._backend import resolve_backend
+from ._backend import OpBackends, resolve_backend
 from ._logits import LogitParams, restrict_head
 from ._validation import (check_answer_ids, check_bias_finite, check_finite, check_lm_head,
                           out_dtype_for)
 from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab, local_answer_ids,
                               vocab_shard)
+from .chunked import group_stats as torch_impl
 from .linear_logprobs import check_outputs_finite
+from .reference_backend import group_stats as reference_impl
+
+
+def _triton_impl():
+    from .triton import group_stats as impl  # imports triton: only when the backend runs
+
+    return impl
+
+
+#: The statistics' backends, each with ``forward(h, w, b, offsets, params)`` and
+#: ``forward_sharded(h, w, b, offsets, params, shard)`` -> the five outputs, on rows sorted by
+#: group (``offsets``: G + 1 host ints) and a head already restricted to the answer ids.
+IMPLEMENTATIONS = OpBackends("group_distribution_stats", ("forward", "forward_sharded"),
+                             triton=_triton_impl, torch=torch_impl, reference=reference_impl)
 
 
 class GroupStats(NamedTuple):
@@ -159,9 +173,10 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     params = LogitParams.of(temperature, logit_scale, softcap)
     # forward-only: the op sees detached inputs, so its outputs never carry a graph
-    return GroupStats(*_ops.group_distribution_stats(
+    return GroupStats(*torch.ops.gccpo.group_distribution_stats(
         hidden.detach(), weight.detach(), group_offsets, group_ids, num_groups,
-        None if bias is None else bias.detach(), answer_token_ids, params, name, validate))
+        None if bias is None else bias.detach(), answer_token_ids, params.temperature,
+        params.logit_scale, params.softcap, name, validate))
 
 
 def check_group_args(device: torch.device, group_offsets: torch.Tensor | None,
@@ -197,39 +212,15 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
                      hidden.device, validate)
     check_finite("hidden", hidden, validate)
     check_bias_finite(bias, validate)
-    out_dtype = out_dtype_for(hidden.dtype)
     with torch.no_grad():
         bias = None if bias is None else bias.contiguous()
-        if name == "reference":
-            from . import reference
-
-            num_g = len(offsets) - 1
-            # dtype given: an empty list (G = 0) would make a float tensor
-            sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_g)],
-                                 dtype=torch.long, device=hidden.device)
-            ids = torch.repeat_interleave(torch.arange(num_g, device=hidden.device), sizes)
-            if order is not None:
-                ids = torch.empty_like(ids).scatter_(0, order, ids)
-            kw = dict(bias=bias, temperature=params.temperature, logit_scale=params.logit_scale,
-                      softcap=params.softcap, answer_token_ids=answer_token_ids)
-            if shard is None:
-                outs = reference.group_distribution_stats(hidden, weight, ids, num_g, **kw)
-            else:
-                outs = reference.group_distribution_stats_sharded(hidden, weight, ids, num_g, shard,
-                                                                  **kw)
-            outs = tuple(t.to(out_dtype) for t in outs)
-            check_outputs_finite("group_distribution_stats", outs, validate)
-            return outs
         if shard is not None:
             answer_token_ids = local_answer_ids(shard, answer_token_ids)
         w, b = restrict_head(weight, bias, answer_token_ids)
         w = w if w.is_contiguous() else w.contiguous()
         h = hidden if order is None else hidden.index_select(0, order)
         h = h if h.is_contiguous() else h.contiguous()
-        if name == "triton":
-            from .triton import group_stats as impl
-        else:
-            from .chunked import group_stats as impl
+        impl = IMPLEMENTATIONS.load(name)
         if shard is None:
             row_entropy, row_kl, mix_entropy, mean_entropy, js = impl.forward(h, w, b, offsets, params)
         else:
@@ -241,6 +232,39 @@ def stats_forward(hidden: torch.Tensor, weight: torch.Tensor, group_offsets: tor
     outs = (row_entropy, row_kl, mix_entropy, mean_entropy, js)
     check_outputs_finite("group_distribution_stats", outs, validate)
     return outs
+
+
+@torch.library.custom_op(
+    "gccpo::group_distribution_stats", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? group_offsets, Tensor? group_ids, "
+           "SymInt? num_groups, Tensor? bias, Tensor? answer_token_ids, float temperature, "
+           "float logit_scale, float? softcap, str backend, bool validate) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _group_distribution_stats_op(hidden, weight, group_offsets, group_ids, num_groups, bias,
+                                 answer_token_ids, temperature, logit_scale, softcap, backend,
+                                 validate):
+    """(row_entropy [R], row_kl_to_mixture [R], group_mixture_entropy [G], group_mean_entropy [G],
+    group_js [G])."""
+    return stats_forward(hidden, weight, group_offsets, group_ids, num_groups, bias,
+                         answer_token_ids, LogitParams(temperature, logit_scale, softcap), backend,
+                         validate)
+
+
+@_group_distribution_stats_op.register_fake
+def _group_distribution_stats_fake(hidden, weight, group_offsets, group_ids, num_groups, bias,
+                                   answer_token_ids, temperature, logit_scale, softcap, backend,
+                                   validate):
+    if group_offsets is not None:
+        g = group_offsets.shape[0] - 1
+    elif num_groups is not None:
+        g = num_groups
+    else:  # max(group_ids) + 1: known only from the data
+        g = torch.library.get_ctx().new_dynamic_size()
+    r = hidden.shape[0]
+    cd = out_dtype_for(hidden.dtype)
+    rows = [hidden.new_empty(r, dtype=cd) for _ in range(2)]
+    groups = [hidden.new_empty(g, dtype=cd) for _ in range(3)]
+    return (*rows, *groups)
 
 
 @torch.compiler.disable

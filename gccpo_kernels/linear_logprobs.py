@@ -19,21 +19,28 @@ import math
 
 import torch
 
-from . import _ops
-from ._backend import resolve_backend
+from ._backend import OpBackends, resolve_backend
 from ._logits import LogitParams
 from ._validation import (check_bias_finite, check_finite, check_lm_head, check_logit_params,
                           check_targets, out_dtype_for)
 from ._vocab_parallel import (VocabShard, check_local_lm_head, check_total_vocab,
                               combine_softmax_stats, vocab_shard)
+from .chunked import linear_logprobs as torch_impl
+from .reference_backend import linear_logprobs as reference_impl
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from .triton import linear_logprobs as impl
-    else:
-        from .chunked import linear_logprobs as impl
+def _triton_impl():
+    from .triton import linear_logprobs as impl  # imports triton: only when the backend runs
+
     return impl
+
+
+#: The op's backends, each with ``forward(h, w, b, y, params) -> (logp, entropy, lse)``,
+#: ``forward_stats(h, w, b, y_local, params) -> (z_y, entropy, lse)`` (a vocabulary slice's
+#: statistics) and ``backward(h, w, b, y, lse, entropy, g_logp, g_ent, params, needs,
+#: dh_dtype=None) -> (dh, dw, db)`` on dense kept rows.
+IMPLEMENTATIONS = OpBackends("linear_logprobs", ("forward", "forward_stats", "backward"),
+                      triton=_triton_impl, torch=torch_impl, reference=reference_impl)
 
 
 def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -48,7 +55,7 @@ def forward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     get exactly zero output and, in :func:`backward_rows`, zero gradient.
     """
     validate_rows(hidden, weight, bias, targets, ignore_index, validate)
-    impl = _impl(backend)
+    impl = IMPLEMENTATIONS.load(backend)
     n = hidden.shape[0]
     rows = _kept_rows(targets, ignore_index)
     h, y = _select_rows(hidden, targets, rows, weight.shape[0])
@@ -86,8 +93,9 @@ def backward_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     rows = _kept_rows(targets, ignore_index)
     pick = _row_picker(rows, lse.dtype)
     h, y = _select_rows(hidden, targets, rows, weight.shape[0])
-    dh_v, dw, db = _impl(backend).backward(h, weight, bias, y, pick(lse), pick(entropy),
-                                           pick(grad_logp), pick(grad_entropy), params, needs)
+    dh_v, dw, db = IMPLEMENTATIONS.load(backend).backward(
+        h, weight, bias, y, pick(lse), pick(entropy), pick(grad_logp), pick(grad_entropy), params,
+        needs)
     dh = dh_v
     if dh_v is not None and rows is not None:
         dh = dh_v.new_zeros(hidden.shape).index_copy_(0, rows, dh_v)
@@ -155,6 +163,105 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the custom ops gccpo::linear_logprobs and gccpo::linear_logprobs_backward (torch.compile traces
+# through them; their bodies run eagerly: value checks, row compaction, backend dispatch)
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op(
+    "gccpo::linear_logprobs", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, SymInt ignore_index, "
+           "float temperature, float logit_scale, float? softcap, str backend, bool validate) "
+           "-> (Tensor, Tensor, Tensor)")
+def _linear_logprobs_op(hidden, weight, bias, targets, ignore_index, temperature, logit_scale,
+                        softcap, backend, validate):
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] (dense) -> logp, entropy, lse [N]."""
+    return forward_rows(hidden, weight, bias, targets, ignore_index,
+                        LogitParams(temperature, logit_scale, softcap), backend, validate)
+
+
+@_linear_logprobs_op.register_fake
+def _linear_logprobs_fake(hidden, weight, bias, targets, ignore_index, temperature, logit_scale,
+                          softcap, backend, validate):
+    n = hidden.shape[0]
+    cd = out_dtype_for(hidden.dtype)
+    return hidden.new_empty(n, dtype=cd), hidden.new_empty(n, dtype=cd), hidden.new_empty(n, dtype=cd)
+
+
+@torch.library.custom_op(
+    "gccpo::linear_logprobs_backward", mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+           "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, SymInt ignore_index, "
+           "float temperature, float logit_scale, float? softcap, str backend, bool need_hidden, "
+           "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
+def _linear_logprobs_backward_op(hidden, weight, bias, targets, lse, entropy, grad_logp,
+                                 grad_entropy, ignore_index, temperature, logit_scale, softcap,
+                                 backend, need_hidden, need_weight, need_bias):
+    """(d hidden, d weight, d bias); a gradient that is not needed comes back as an empty [0]
+    tensor (an op returns tensors only)."""
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    grads = backward_rows(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+                          ignore_index, LogitParams(temperature, logit_scale, softcap), backend,
+                          needs)
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    like = (hidden, weight, weight)
+    out = []
+    for need, g, shape, t in zip(needs, grads, shapes, like):
+        if not need:
+            out.append(t.new_empty(0))
+        else:  # no upstream gradient at all: zeros (the autograd formula skips the call then)
+            out.append(g if g is not None else t.new_zeros(shape))
+    return tuple(out)
+
+
+@_linear_logprobs_backward_op.register_fake
+def _linear_logprobs_backward_fake(hidden, weight, bias, targets, lse, entropy, grad_logp,
+                                   grad_entropy, ignore_index, temperature, logit_scale, softcap,
+                                   backend, need_hidden, need_weight, need_bias):
+    need_bias = need_bias and bias is not None
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty(weight.shape[:1] if need_bias else (0,)))
+
+
+def _linear_logprobs_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, ignore_index, temperature, logit_scale, softcap, backend, _ = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    ctx.opts = (ignore_index, temperature, logit_scale, softcap, backend)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(lse)
+    # an output nobody differentiates (entropy, when return_entropy=False) gets None, not zeros,
+    # so the backward skips its work
+    ctx.set_materialize_grads(False)
+
+
+def _linear_logprobs_grad(ctx, grad_logp, grad_entropy, grad_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             ctx.has_bias and ctx.needs_input_grad[2])
+    rest = (None,) * 7
+    if (grad_logp is None and grad_entropy is None) or not any(needs):
+        return (None, None, None, *rest)
+    dh, dw, db = torch.ops.gccpo.linear_logprobs_backward(
+        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *ctx.opts, *needs)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None, *rest)
+
+
+_linear_logprobs_op.register_autograd(_linear_logprobs_grad, setup_context=_linear_logprobs_setup)
+
+
+def _linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     targets: torch.Tensor, ignore_index: int, params: LogitParams, backend: str,
+                     validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) [N] through ``gccpo::linear_logprobs``; differentiable w.r.t. hidden,
+    weight and bias."""
+    logp, entropy, _ = torch.ops.gccpo.linear_logprobs(
+        hidden, weight, bias, targets, ignore_index, params.temperature, params.logit_scale,
+        params.softcap, backend, validate)
+    return logp, entropy
+
+
+# ------------------------------------------------------------------------------------------------
 # vocabulary parallelism (process_group=...): each rank holds a slice of the LM head
 # ------------------------------------------------------------------------------------------------
 
@@ -185,14 +292,7 @@ def forward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     elif kept > 0:
         h, y = _select_rows(hidden, targets, rows, shard.total)
         y_local, _ = shard.local_targets(y)
-        if backend == "reference":
-            from . import reference
-
-            z_y, ent, lse = reference.linear_logprobs_shard_stats(
-                h, weight, y_local, bias=bias, temperature=params.temperature,
-                logit_scale=params.logit_scale, softcap=params.softcap, dtype=cd)
-        else:
-            z_y, ent, lse = _impl(backend).forward_stats(h, weight, bias, y_local, params)
+        z_y, ent, lse = IMPLEMENTATIONS.load(backend).forward_stats(h, weight, bias, y_local, params)
         ent.clamp_(min=0.0, max=math.log(shard.local))
         local = torch.stack([lse, ent, z_y]).to(cd)
         if rows is None:
@@ -237,19 +337,9 @@ def backward_shard(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         pick = _row_picker(rows, cd)
         h, y = _select_rows(hidden, targets, rows, shard.total)
         y_local, _ = shard.local_targets(y)
-        if backend == "reference":
-            from . import reference
-
-            dh_v, dw, db = reference.linear_logprobs_shard_grads(
-                h, weight, y_local, pick(lse), pick(entropy), pick(grad_logp),
-                pick(grad_entropy), bias=bias, temperature=params.temperature,
-                logit_scale=params.logit_scale, softcap=params.softcap, dtype=cd)
-            dh_v, dw, db = (dh_v if need_h else None, dw if need_w else None,
-                            db if need_b else None)
-        else:
-            dh_v, dw, db = _impl(backend).backward(
-                h, weight, bias, y_local, pick(lse), pick(entropy), pick(grad_logp),
-                pick(grad_entropy), params, needs, dh_dtype=cd)
+        dh_v, dw, db = IMPLEMENTATIONS.load(backend).backward(
+            h, weight, bias, y_local, pick(lse), pick(entropy), pick(grad_logp),
+            pick(grad_entropy), params, needs, dh_dtype=cd)
     if need_w and dw is None:
         dw = torch.zeros_like(weight)
     if need_b and db is None:
@@ -385,24 +475,12 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     check_targets(targets, lead, vocab, ignore_index, False, hidden.device)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     params = LogitParams.of(temperature, logit_scale, softcap)
-    if name == "reference":
-        from . import reference
-
-        check_targets(targets, lead, vocab, ignore_index, validate, hidden.device)
-        check_finite("hidden", hidden, validate)
-        check_bias_finite(bias, validate)
-
-        logp, entropy = reference.linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
-            softcap=softcap, ignore_index=ignore_index, dtype=out_dtype_for(hidden.dtype))
-        check_outputs_finite("fused_linear_logprobs", (logp.detach(), entropy.detach()), validate)
-        return logp, (entropy if return_entropy else None)
     # the kernels index rows, targets and bias with unit strides: make every operand dense
     h2 = hidden.reshape(-1, dim).contiguous()
     y1 = targets.reshape(-1).long().contiguous()
     w = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    logp, entropy = _ops.linear_logprobs(h2, w, bias, y1, int(ignore_index), params, name, validate)
+    logp, entropy = _linear_logprobs(h2, w, bias, y1, int(ignore_index), params, name, validate)
     logp = logp.reshape(lead)
     return logp, (entropy.reshape(lead) if return_entropy else None)
 

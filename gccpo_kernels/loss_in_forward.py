@@ -11,7 +11,8 @@ chunk's logits, as soon as they are computed, give the chunk's logp and entropy,
 ``d hidden``, ``d weight`` (``gccpo_kernels.chunked.loss_grad``): the logits are never
 recomputed. The backward only multiplies the stored gradients by ``grad_output``.
 
-One copy of the loss math: ``f_i'`` comes from autograd through :func:`policy_loss` itself, called
+One copy of the loss math: ``f_i'`` comes from autograd through :func:`policy_loss` itself (which
+its caller hands in, as ``loss_fn``: this module never imports the loss's module), called
 on the chunk's tokens as a ``[1, rows]`` batch with ``loss_agg="token-sum"`` (so its gradient is
 the per-token ``f_i'``) and no entropy term; ``w`` and ``w'`` come from autograd through the
 loss's own aggregation on the mask. The loss value and the metrics come from one
@@ -34,20 +35,25 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._aggregation import aggregation_weights
+from ._backend import OpBackends
 from ._logits import LogitParams
 from ._validation import out_dtype_for
-from .chunked.loss_grad import forward_with_grad as _torch_forward_with_grad
+from .chunked import loss_grad as torch_impl
+from .linear_logprobs import check_outputs_finite, validate_rows
 
-BACKENDS = ("torch", "triton")  # the backends with an in-forward gradient pass
+
+def _triton_impl():
+    from .triton import loss_epilogue as impl  # imports triton: only when the backend runs
+
+    return impl
 
 
-def _forward_with_grad(backend: str):
-    """The backend's pass over the logits (imported lazily: triton may not be importable)."""
-    if backend == "triton":
-        from .triton.loss_epilogue import forward_with_grad
-
-        return forward_with_grad
-    return _torch_forward_with_grad
+#: The pass over the logits, by backend: ``forward_with_grad(h, w, b, y, params, token_grads,
+#: needs) -> (logp, entropy, dh, dw, db)``. No reference form: the reference backend composes.
+IMPLEMENTATIONS = OpBackends("the in-forward loss gradient", ("forward_with_grad",),
+                             triton=_triton_impl, torch=torch_impl)
+BACKENDS = IMPLEMENTATIONS.names  # the backends with an in-forward gradient pass
 
 
 def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool],
@@ -57,27 +63,9 @@ def eligible(cfg, backend: str, process_group, needs: tuple[bool, bool, bool],
     tensor normalizer or loss_scale): when any needs a gradient, the composed path gives it."""
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in others):
         return False
-    return (backend in BACKENDS and process_group is None and any(needs)
+    return (backend in IMPLEMENTATIONS and process_group is None and any(needs)
             and cfg.importance_sampling_level == "token" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
-
-
-def aggregation_weights(m: torch.Tensor, cfg, mode: str, normalizer, loss_scale,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] d(aggregate) / d(per-token value) under ``mode``, times ``loss_scale``: the loss's
-    own aggregation differentiated (it is linear in the values, so this is exact)."""
-    from .policy_loss import aggregate
-
-    if isinstance(normalizer, torch.Tensor):  # a one-element tensor of any shape -> a scalar
-        normalizer = normalizer.to(device=m.device, dtype=dtype).reshape(())
-    if isinstance(loss_scale, torch.Tensor):
-        loss_scale = loss_scale.to(device=m.device, dtype=dtype).reshape(())
-    with torch.enable_grad():
-        ones = torch.ones(m.shape, dtype=dtype, device=m.device, requires_grad=True)
-        count_rows = m.to(dtype).sum(1)
-        total = aggregate(ones, m, count_rows, mode, normalizer, cfg) * loss_scale
-        (w,) = torch.autograd.grad(total, ones, allow_unused=True)
-    return torch.zeros_like(ones) if w is None else w.detach()
 
 
 def _per_token(t: torch.Tensor | None, shape: torch.Size, rows: torch.Tensor | None,
@@ -130,22 +118,17 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                           is_weights: torch.Tensor | None, cfg, normalizer, loss_scale,
                           params: LogitParams, ignore_index: int, validate: bool,
-                          needs: tuple[bool, bool, bool], backend: str = "torch"):
+                          needs: tuple[bool, bool, bool], backend: str, loss_fn):
     """``(loss, logp [B, T], entropy [B, T], metrics)`` of the fused policy loss, the loss carrying
     the gradients computed in this forward. ``y``: targets with ``ignore_index`` where the mask
     ``m`` ([B, T] bool, checked) is False; ``backend``: ``"torch"`` or ``"triton"``, whose pass
-    over the logits runs. The other arguments as in :func:`gccpo_kernels.fused_linear_policy_loss`."""
-    from .linear_logprobs import validate_rows
-    from .policy_loss import check_loss_arguments, policy_loss
-
+    over the logits runs; ``loss_fn``: the loss math, :func:`gccpo_kernels.policy_loss.policy_loss`
+    (handed in by its caller: this module is the pass over the logits, the math has one copy).
+    The caller has checked the loss's arguments; the other arguments as in
+    :func:`gccpo_kernels.fused_linear_policy_loss`."""
     b, t, dim = hidden.shape
     shape = m.shape
     cd = out_dtype_for(hidden.dtype)
-    # the loss's argument checks before the pass over the logits (its value checks come with
-    # the loss call at the end); logp and entropy are placeholders of their shape and dtype
-    placeholder = hidden.new_empty(shape, dtype=cd)
-    check_loss_arguments(placeholder, old_logp, advantages, m, ref_logp, placeholder, is_weights,
-                         cfg, normalizer, loss_scale, validate)
     y1 = y.reshape(-1)
     validate_rows(hidden.reshape(-1, dim), weight, bias, y1, ignore_index, validate)
     # the rows the composed path keeps: target != ignore_index (masked tokens carry it; with
@@ -182,25 +165,23 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
             lp_c = lp.detach()[None].requires_grad_()
             ones = torch.ones_like(lp_c, dtype=torch.bool)
             # old_logp None is on-policy: policy_loss reads the ratio as exp(lp - lp.detach())
-            loss_c, _ = policy_loss(lp_c, piece(old), piece(adv), ones, ref_logp=piece(ref),
-                                    is_weights=piece(isw), config=chunk_cfg, validate=False)
+            loss_c, _ = loss_fn(lp_c, piece(old), piece(adv), ones, ref_logp=piece(ref),
+                                is_weights=piece(isw), config=chunk_cfg, validate=False)
             (g,) = torch.autograd.grad(loss_c, lp_c)
         g_logp = g[0] * w_loss[r0:r1]
         g_ent = None if w_ent is None else w_ent[r0:r1] * -cfg.entropy_coef
         return g_logp, g_ent
 
-    logp_v, ent_v, dh_v, dw, db = _forward_with_grad(backend)(h, weight.detach(),
-                                                              None if bias is None else bias.detach(),
-                                                              targets, params, token_grads, needs)
+    logp_v, ent_v, dh_v, dw, db = IMPLEMENTATIONS.load(backend).forward_with_grad(
+        h, weight.detach(), None if bias is None else bias.detach(), targets, params, token_grads,
+        needs)
     logp = _scatter(logp_v, rows, b * t).reshape(shape)
     entropy = _scatter(ent_v, rows, b * t).reshape(shape)
-    from .linear_logprobs import check_outputs_finite
-
     check_outputs_finite("fused_linear_policy_loss", (logp_v, ent_v), validate)
     with torch.no_grad():  # the value and the metrics: the one loss call, with its value checks
-        loss, metrics = policy_loss(logp, old_logp, advantages, m, ref_logp=ref_logp, entropy=entropy,
-                                    is_weights=is_weights, config=cfg, normalizer=normalizer,
-                                    loss_scale=loss_scale, validate=validate)
+        loss, metrics = loss_fn(logp, old_logp, advantages, m, ref_logp=ref_logp, entropy=entropy,
+                                is_weights=is_weights, config=cfg, normalizer=normalizer,
+                                loss_scale=loss_scale, validate=validate)
     dh = None if dh_v is None else _scatter(dh_v, rows, b * t).reshape(hidden.shape)
     loss = _InForwardLoss.apply(loss, hidden, weight, bias, dh, dw, db)
     return loss, logp, entropy, metrics

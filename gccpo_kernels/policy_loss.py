@@ -38,17 +38,17 @@ from typing import NamedTuple
 
 import torch
 
+from . import loss_in_forward
+from ._aggregation import LOSS_AGGS, aggregate
+from ._backend import resolve_backend
 from ._logits import LogitParams
-from ._validation import check_float, check_lm_head, check_same_device, out_dtype_for
+from ._loss_checks import checked_loss_inputs, checked_mask, finite_advantages, masked_targets
+from ._validation import (check_float, check_lm_head, check_logit_params, check_same_device,
+                          out_dtype_for)
+from .linear_logprobs import fused_linear_logprobs
 from .surrogates import SURROGATE_OPTIONS, SURROGATES, SurrogateTerms, get_surrogate
 
-LOSS_AGGS: tuple[str, ...] = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+
 IS_LEVELS: tuple[str, ...] = ("token", "sequence")
 #: TRL 1.16 ``loss_type`` -> (surrogate, aggregation) of :meth:`PolicyLossConfig.from_trl`.
 TRL_LOSSES: dict[str, tuple[str, str]] = {
@@ -297,8 +297,6 @@ def _as_mask(mask: torch.Tensor, shape: torch.Size, validate: bool) -> torch.Ten
     if mask.is_complex():
         raise TypeError(f"mask must be bool or a 0/1 int/float tensor, got {mask.dtype}")
     if validate:  # the value check runs in a custom op: no graph break under torch.compile
-        from ._ops import checked_mask
-
         return checked_mask(mask)
     return mask != 0
 
@@ -373,36 +371,6 @@ def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, m: torch.Tensor,
     if cfg.kl_bias_correction:
         kl = kl * ratio
     return kl
-
-
-def aggregate(values: torch.Tensor, m: torch.Tensor, count_rows: torch.Tensor, mode: str,
-              normalizer, cfg: PolicyLossConfig) -> torch.Tensor:
-    """Scalar aggregate of per-token ``values`` (``[B, T]`` or broadcastable) over the mask.
-
-    ``mode`` is one of :data:`LOSS_AGGS` (SPEC §2's meanings); ``normalizer`` (a number or a 0-dim
-    tensor, None: the local count) replaces the denominator; ``cfg`` gives ``skip_empty_rows``,
-    ``max_len`` and ``sum_norm_rows``. Masked values are dropped with ``where``. Linear in
-    ``values``, so its gradient on the mask is the aggregation weight of each token
-    (:func:`gccpo_kernels.loss_in_forward.aggregation_weights`).
-    """
-    b, t = m.shape
-    vals = torch.where(m, values, values.new_zeros(()))
-    if mode == "token-sum":
-        return vals.sum()
-    if mode == "token-mean":
-        den = count_rows.sum().clamp(min=1) if normalizer is None else normalizer
-        return vals.sum() / den
-    # max(., 1): an empty batch (B = 0 or T = 0) sums to 0 and gives loss 0, never 0 / 0
-    rows = (count_rows > 0).sum().clamp(min=1) if cfg.skip_empty_rows else max(b, 1)
-    if mode == "seq-mean-token-mean":
-        num = (vals.sum(1) / count_rows.clamp(min=1)).sum()
-        den = rows
-    elif mode == "seq-mean-token-sum":
-        num, den = vals.sum(), rows
-    else:  # seq-mean-token-sum-norm
-        horizon = max(t, 1) if cfg.max_len is None else cfg.max_len
-        num, den = vals.sum(), (rows * horizon if cfg.sum_norm_rows else horizon)
-    return num / (den if normalizer is None else normalizer)
 
 
 def _stat(x: torch.Tensor, m: torch.Tensor, mf: torch.Tensor, tokens: torch.Tensor,
@@ -560,8 +528,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     if validate:
         # NaN / inf where the loss reads logp, old_logp, ref_logp, entropy or is_weights, and a
         # tensor normalizer <= 0 or non-finite, raise (in a custom op: no graph break when compiled)
-        from ._ops import checked_loss_inputs
-
         m = checked_loss_inputs(
             m, logp, old_logp, ref_logp, entropy, None if is_weights is None else _as_2d(is_weights, cd),
             normalizer if isinstance(normalizer, torch.Tensor) else None,
@@ -573,8 +539,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: t
     # ratio, the row's gradient sums 0 * adv over all its tokens, and 0 * NaN is NaN. With validate,
     # non-finite values where they are used raise (in a custom op: no graph break when compiled).
     if validate:
-        from ._ops import finite_advantages
-
         adv = finite_advantages(adv, _used(m, adv))
     else:
         adv = torch.where(_used(m, adv), adv, zero)
@@ -703,27 +667,27 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         check_same_device(hidden=hidden, targets=targets, mask=mask)
     m = _as_mask(mask, targets.shape, validate)
     if validate:  # checked in a custom op: no graph break under torch.compile
-        from ._ops import masked_targets
-
         y = masked_targets(targets, m, ignore_index)
     else:
         y = targets.masked_fill(~m, ignore_index)
-    from ._backend import resolve_backend
-    from .loss_in_forward import eligible, fused_loss_in_forward
-
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if process_group is None:
         check_lm_head(hidden, weight, bias)
         name = resolve_backend(backend, hidden.device, hidden.dtype)
-        if eligible(cfg, name, process_group, needs, advantages, old_logp, ref_logp, is_weights,
-                    normalizer, loss_scale):
+        # module attributes, looked up per call (tests swap them to force or spy on a path)
+        if loss_in_forward.eligible(cfg, name, process_group, needs, advantages, old_logp,
+                                    ref_logp, is_weights, normalizer, loss_scale):
             params = LogitParams.of(temperature, logit_scale, softcap)
-            loss, logp, entropy, metrics = fused_loss_in_forward(
+            # the loss's argument checks before the pass over the logits (its value checks come
+            # with the loss call at the end); logp and entropy are placeholders of their shape
+            placeholder = hidden.new_empty(m.shape, dtype=out_dtype_for(hidden.dtype))
+            check_loss_arguments(placeholder, old_logp, advantages, m, ref_logp, placeholder,
+                                 is_weights, cfg, normalizer, loss_scale, validate)
+            loss, logp, entropy, metrics = loss_in_forward.fused_loss_in_forward(
                 hidden, weight, bias, y, m, advantages, old_logp, ref_logp, is_weights, cfg,
-                normalizer, loss_scale, params, ignore_index, validate, needs, backend=name)
+                normalizer, loss_scale, params, ignore_index, validate, needs, backend=name,
+                loss_fn=policy_loss)
             return PolicyLossOutput(loss, logp, entropy, metrics)
-    from .linear_logprobs import fused_linear_logprobs
-
     logp, entropy = fused_linear_logprobs(
         hidden, weight, y, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
         ignore_index=ignore_index, return_entropy=True, backend=backend, validate=validate,
@@ -747,8 +711,6 @@ class FusedLinearPolicyLoss(torch.nn.Module):
                  logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                  backend: str | None = None, validate: bool = True, process_group=None):
         super().__init__()
-        from ._validation import check_logit_params
-
         check_logit_params(temperature, logit_scale, softcap)
         self.config = PolicyLossConfig() if config is None else config
         self.temperature, self.logit_scale, self.softcap = temperature, logit_scale, softcap

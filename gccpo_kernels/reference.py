@@ -89,15 +89,17 @@ def linear_logprobs_shard_grads(hidden: torch.Tensor, weight: torch.Tensor,
     g_z = g_logp (onehot - p) - g_ent p (z - mu) on the slice's columns (the one-hot only where
     the target is in the slice), chained through the logit transform by autograd. Returns (this
     shard's share of d hidden in the compute dtype, d weight slice, d bias slice or None); the
-    full d hidden is the sum of every shard's share."""
+    full d hidden is the sum of every shard's share. The chain through the transform is a
+    ``torch.func.vjp``, which also runs inside a custom op's body (where autograd does not record)."""
     if dtype is None:
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    h = hidden.detach().to(dtype).requires_grad_()
-    w = weight.detach().to(dtype).requires_grad_()
-    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
-    with torch.enable_grad():
-        z = logits(h, w, b, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                   dtype=dtype)
+    inputs = [t.detach().to(dtype) for t in (hidden, weight, bias) if t is not None]
+
+    def transform(h, w, b=None):
+        return logits(h, w, b, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                      dtype=dtype)
+
+    z, pullback = torch.func.vjp(transform, *inputs)
     zd = z.detach()
     p = torch.exp(zd - lse[:, None].to(zd.dtype))
     g = torch.zeros_like(zd)
@@ -111,11 +113,10 @@ def linear_logprobs_shard_grads(hidden: torch.Tensor, weight: torch.Tensor,
     if grad_entropy is not None:
         mu = (lse - entropy).to(zd.dtype)
         g = g - grad_entropy.to(zd.dtype)[:, None] * p * (zd - mu[:, None])
-    inputs = [t for t in (h, w, b) if t is not None]
-    grads = torch.autograd.grad(z, inputs, grad_outputs=g)
+    grads = pullback(g)
     dh = grads[0]
     dw = grads[1].to(weight.dtype)
-    db = None if b is None else grads[2].to(bias.dtype)
+    db = None if bias is None else grads[2].to(bias.dtype)
     return dh, dw, db
 
 

@@ -91,9 +91,6 @@ def test_gccpo_has_no_import_cycle():
     assert cycles(import_graph("gccpo")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 item 3, not done yet: the custom-op registrations in "
-                   "gccpo_kernels/_ops.py import the op modules that import _ops, and loss_in_forward <-> "
-                   "policy_loss; strict, so that removing them makes this test fail until it is un-marked")
 def test_gccpo_kernels_has_no_import_cycle():
     assert cycles(import_graph("gccpo_kernels")) == []
 

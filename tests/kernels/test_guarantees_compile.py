@@ -18,17 +18,87 @@ loss's mask / advantage / target checks) runs inside an op, so the compiled step
 from __future__ import annotations
 
 
+import importlib
+
 import pytest
 import torch
+from torch._library.custom_ops import OPDEFS
 
 import gccpo_kernels as gk
-from gccpo_kernels import _ops
 from gccpo_kernels.policy_loss import PolicyLossConfig
 from tests.conftest import DEVICE, available_backends, lm_head as head
 from tests.kernels.test_advantages import make_batch, on
 
 FAST = [b for b in available_backends() if b != "reference"]
 F64 = torch.float64
+
+#: Every ``gccpo`` op -> the module that registers it, the module of its op (issue 22: each op
+#: module owns its registration; importing that module alone registers the op).
+OP_HOMES: dict[str, str] = {
+    "linear_logprobs": "gccpo_kernels.linear_logprobs",
+    "linear_logprobs_backward": "gccpo_kernels.linear_logprobs",
+    "counterfactual_divergence": "gccpo_kernels.divergence",
+    "perturb_latents": "gccpo_kernels.divergence",
+    "group_distribution_stats": "gccpo_kernels.group_stats",
+    "token_advantages": "gccpo_kernels.advantages",
+    "episode_rewards": "gccpo_kernels.advantages",
+    "checked_mask": "gccpo_kernels._loss_checks",
+    "finite_advantages": "gccpo_kernels._loss_checks",
+    "masked_targets": "gccpo_kernels._loss_checks",
+    "checked_loss_inputs": "gccpo_kernels._loss_checks",
+}
+#: Every op's schema, as released: a change breaks compiled graphs and saved programs that call it.
+SCHEMAS: dict[str, str] = {
+    "linear_logprobs": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, SymInt ignore_index, "
+        "float temperature, float logit_scale, float? softcap, str backend, "
+        "bool validate) -> (Tensor, Tensor, Tensor)"
+    ),
+    "linear_logprobs_backward": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+        "Tensor entropy, Tensor? grad_logp, Tensor? grad_entropy, SymInt ignore_index, "
+        "float temperature, float logit_scale, float? softcap, str backend, "
+        "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"
+    ),
+    "counterfactual_divergence": (
+        "(Tensor hidden, Tensor weight, Tensor deltas, Tensor? bias, "
+        "Tensor? answer_token_ids, float temperature, float logit_scale, float? softcap, "
+        "str kind, str backend, bool validate) -> Tensor"
+    ),
+    "perturb_latents": (
+        "(Tensor hidden, int num_perturbations, float sigma, str mode, float alpha, "
+        "Tensor? group_index, Generator? generator) -> Tensor"
+    ),
+    "group_distribution_stats": (
+        "(Tensor hidden, Tensor weight, Tensor? group_offsets, Tensor? group_ids, "
+        "SymInt? num_groups, Tensor? bias, Tensor? answer_token_ids, float temperature, "
+        "float logit_scale, float? softcap, str backend, bool validate) -> (Tensor, "
+        "Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "token_advantages": (
+        "(Tensor outcome_rewards, Tensor group_index, Tensor episode_ids, "
+        "Tensor episode_rewards, Tensor? old_logp, Tensor mask, float eta, float gamma, "
+        "str scale, bool surprise_weighting, bool normalize_returns, float eps, "
+        "str backend, bool validate, ScalarType dtype, "
+        "bool normalize_rewards=True) -> Tensor"
+    ),
+    "episode_rewards": (
+        "(Tensor robustness, Tensor effectiveness, float w_rob, float w_eff) -> Tensor"
+    ),
+    "checked_mask": (
+        "(Tensor mask) -> Tensor"
+    ),
+    "finite_advantages": (
+        "(Tensor advantages, Tensor used) -> Tensor"
+    ),
+    "masked_targets": (
+        "(Tensor targets, Tensor mask, SymInt ignore_index) -> Tensor"
+    ),
+    "checked_loss_inputs": (
+        "(Tensor mask, Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor? entropy, "
+        "Tensor? is_weights, Tensor? normalizer, Tensor? loss_scale) -> Tensor"
+    ),
+}
 
 
 class GraphRecorder:
@@ -63,9 +133,25 @@ def compiled_targets(fn, *args) -> tuple[object, set[str]]:
 
 
 def test_every_op_is_registered():
-    for name in _ops.OPS:
+    for home in set(OP_HOMES.values()):
+        importlib.import_module(home)
+    for name in OP_HOMES:
         op = getattr(torch.ops.gccpo, name)
         assert isinstance(op.default, torch._ops.OpOverload), name
+    assert sorted(k for k in OPDEFS if k.startswith("gccpo::")) == sorted(f"gccpo::{n}" for n in OP_HOMES)
+
+
+@pytest.mark.parametrize("name", list(OP_HOMES))
+def test_each_op_is_registered_by_its_module(name):
+    """The op's implementation is defined in its home module, which registers it on import."""
+    importlib.import_module(OP_HOMES[name])
+    assert OPDEFS[f"gccpo::{name}"]._init_fn.__module__ == OP_HOMES[name]
+
+
+@pytest.mark.parametrize("name", list(OP_HOMES))
+def test_op_schemas_are_unchanged(name):
+    importlib.import_module(OP_HOMES[name])
+    assert str(getattr(torch.ops.gccpo, name).default._schema) == f"gccpo::{name}{SCHEMAS[name]}"
 
 
 def _opcheck_cases():
