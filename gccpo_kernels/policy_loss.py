@@ -38,14 +38,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import loss_in_forward
 from ._aggregation import LOSS_AGGS, aggregate
 from ._backend import resolve_backend
 from ._logits import LogitParams
 from ._loss_checks import checked_loss_inputs, checked_mask, finite_advantages, masked_targets
 from ._validation import (check_float, check_lm_head, check_logit_params, check_same_device,
                           out_dtype_for)
-from .linear_logprobs import fused_linear_logprobs
 from .surrogates import SURROGATE_OPTIONS, SURROGATES, SurrogateTerms, get_surrogate
 
 
@@ -670,6 +668,12 @@ def fused_linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets
         y = masked_targets(targets, m, ignore_index)
     else:
         y = targets.masked_fill(~m, ignore_index)
+    # imported on first use, not for a cycle (neither imports this module): both import
+    # torch._dynamo (torch.compiler.disable), which imports triton, and `import gccpo_kernels`
+    # (which imports this module) must not
+    from . import loss_in_forward
+    from .linear_logprobs import fused_linear_logprobs
+
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if process_group is None:
         check_lm_head(hidden, weight, bias)
