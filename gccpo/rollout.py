@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import torch
 
-
 from .decode import compact_decode, greedy_sampler, supports_compact, temperature_sampler, warp_logits
 
 DECODERS = ("compact", "generate")

@@ -137,3 +137,34 @@ def test_resume_keeps_every_option_not_given_again():
     assert notes == []
     assert c.algo == "grpo" and c.loss.beta == 0.04 and c.task.eval_size == 50
     assert c.train.steps == 9 and c.train.output_dir != "/somewhere/else"
+
+
+def test_resume_of_a_checkpoint_without_a_new_option_keeps_its_old_behaviour():
+    """reward.term_norm came with a new default (group); a checkpoint saved before it ran with raw
+    terms, so resuming it keeps them unless the option is given again."""
+    from gccpo.config import resume_config
+
+    saved = load_config([]).to_dict()
+    del saved["reward"]["term_norm"]
+    c = load_config([])
+    resume_config(c, saved, "ckpt")
+    assert c.reward.term_norm == "none"
+    c = load_config(["--reward.term_norm", "group"])
+    resume_config(c, saved, "ckpt")
+    assert c.reward.term_norm == "group"
+    c = load_config([])
+    resume_config(c, load_config([]).to_dict(), "ckpt")  # a new checkpoint: its own value
+    assert c.reward.term_norm == "group"
+
+
+def test_resume_of_a_checkpoint_missing_fixed_or_applied_options():
+    """A checkpoint written before an option existed resumes (it was a KeyError for fixed and
+    applied options): the option keeps this run's value."""
+    from gccpo.config import RESUME_APPLIED, RESUME_FIXED, resume_config
+
+    saved = load_config([]).to_dict()
+    for dotted in [next(iter(RESUME_FIXED)), next(iter(RESUME_APPLIED))]:
+        section, key = dotted.split(".")
+        del saved[section][key]
+    c = load_config([])
+    assert resume_config(c, saved, "ckpt") == []

@@ -285,43 +285,41 @@ def test_paper_needs_the_answer_vocabulary_and_outcomes():
         FORMULATION_REGISTRY["paper"](r)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 5.0])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 50.0])
 def test_mi_floor_float64(threshold):
-    """I_k = H(mixture at k) - sum_q n_qk/n_k H(question q's mixture at k), a hinge below the
-    threshold shared by every episode at k, 0 where fewer than two questions reach k."""
+    """Per episode m_{i,k} = sum_a q_{i,k}(a) log(q_bar_qk(a) / q_bar_k(a)) (float64 loops), whose mean
+    over the rows at k is I_k = H(q_bar_k) - sum_q n_qk/n_k H(q_bar_qk); the hinge -max(0, tau - m)
+    per episode, 0 where fewer than two questions reach k."""
     r = _readouts("mi_floor", mi_threshold=threshold)
-    # question 1's rows (3, 4, 5) have 2, 1, 3 episodes and question 0's (0, 1, 2) 2, 3, 1: k = 2 has
-    # rows 1 and 5 (two questions); make k = 2 single-question by dropping row 5's third episode
+    # make k = 2 single-question: drop row 5's third episode (rows 1 and 5 reach k = 2)
     keep = ~((r.index.rows == 5) & (r.index.ks == 2))
     r.index = EpisodeIndex(r.index.rows[keep], r.index.ks[keep], r.index.ends[keep])
     r.latents = r.latents[keep]
     out = FORMULATION_REGISTRY["mi_floor"](r)
     q = _q(r.latents, r.weight, r.answer_ids)
     H = lambda p: float(-(p * p.log()).sum())  # noqa: E731
-    mi = {}
+    rows, ks, qs = r.index.rows.tolist(), r.index.ks.tolist(), r.group_index[r.index.rows].tolist()
     for k in range(3):
-        at = r.index.ks == k
-        qs = sorted(set(r.group_index[r.index.rows[at]].tolist()))
-        if len(qs) < 2:
-            mi[k] = None
-            continue
-        cond = 0.0
-        for g in qs:
-            sel = at & (r.group_index[r.index.rows] == g)
-            cond += float(sel.sum()) / float(at.sum()) * H(q[sel].mean(0))
-        mi[k] = H(q[at].mean(0)) - cond
-    assert mi[2] is None and mi[0] > 0
-    for j, (b, k) in enumerate(zip(r.index.rows.tolist(), r.index.ks.tolist())):
-        want = 0.0 if mi[k] is None else -max(0.0, threshold - mi[k])
-        assert abs(float(out.effectiveness[b, k]) - want) < 1e-5
-        assert abs(float(out.parts["mutual_information"][b, k]) - (mi[k] or 0.0)) < 1e-5
-    if threshold == 0.0:  # never below a zero floor: the reward is robustness alone
-        from gccpo.formulations import standardize_in_groups
-
-        z = standardize_in_groups(out.robustness.double(), out.valid, r.group_index, eps=1e-4)
-        torch.testing.assert_close(out.reward.double(), 0.9 * z, rtol=1e-5, atol=1e-6)
-    else:
-        assert out.effectiveness[out.valid].min() < 0
+        at = [j for j in range(len(rows)) if ks[j] == k]
+        questions = sorted({qs[j] for j in at})
+        mix = sum(q[j] for j in at) / len(at)
+        cond = {g: sum(q[j] for j in at if qs[j] == g) / sum(1 for j in at if qs[j] == g) for g in questions}
+        ms = []
+        for j in at:
+            m = float((q[j] * (cond[qs[j]].log() - mix.log())).sum()) if len(questions) >= 2 else 0.0
+            ms.append(m)
+            want = 0.0 if len(questions) < 2 else -max(0.0, threshold - m)
+            assert abs(float(out.effectiveness[rows[j], k]) - want) < 1e-5
+            assert abs(float(out.parts["mi_contribution"][rows[j], k]) - m) < 1e-5
+        if len(questions) >= 2:  # the per-episode shares average to the mutual information
+            mi = H(mix) - sum(sum(1 for j in at if qs[j] == g) / len(at) * H(cond[g]) for g in questions)
+            assert abs(sum(ms) / len(ms) - mi) < 1e-9 and mi > 0
+    v, groups = out.valid.tolist(), r.group_index.tolist()
+    z = [_standardize_reference(t.double().tolist(), v, groups, 1e-4, 0.0) for t in (out.robustness, out.effectiveness)]
+    torch.testing.assert_close(out.reward.double(), 0.9 * z[0] + 0.8 * z[1], rtol=1e-5, atol=1e-5)
+    if threshold == 50.0:  # every defined episode is below the floor, with its own penalty
+        pen = out.effectiveness[out.valid & (torch.arange(3)[None, :] < 2)]
+        assert bool((pen < 0).all()) and len(set(pen.tolist())) > 1
 
 
 def test_spec_standardizes_each_term():
@@ -412,9 +410,9 @@ def test_a_training_step_with_each_formulation(tmp_path, extra):
     trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.readout", "probe", *extra))
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["causal/episode_reward"])
-    assert metrics["advantage/process_abs_mean"] >= 0.0
+    assert metrics["advantage/process_abs_mean"] > 0.0  # the process part moved the advantages
     name = extra[1]
-    assert {"paper": "causal/norm_ratio", "mi_floor": "causal/mutual_information"}.get(name, "causal/answer_logq") \
+    assert {"paper": "causal/norm_ratio", "mi_floor": "causal/mi_contribution"}.get(name, "causal/answer_logq") \
         in metrics
 
 
@@ -427,3 +425,56 @@ def test_sequence_readout_refuses_sharding():
         cfg.validate()
     with pytest.raises(ConfigError, match="reward.robust"):
         RewardConfig(formulation="info_gain", robust=True, answer_readout="sequence")
+    with pytest.raises(ConfigError, match="reward.robust"):
+        RewardConfig(formulation="info_gain", robust=True, perturbation="sibling")
+
+
+def test_info_gain_has_no_length_bias_in_the_token_advantages():
+    """Two completions of one question with the same outcome that raise log q(a*) by the same 1.0,
+    one in one step and one in two: SPEC §6 with the gains as given (info_gain's options) gives both
+    the same first-token advantage; standardizing the gains first (the default) would not."""
+    import gccpo_kernels as gk
+    from gccpo.shaping import advantage_options
+
+    r = _readouts("info_gain")
+    out = FORMULATION_REGISTRY["info_gain"](r)
+    assert out.advantage_options == {"normalize_rewards": False}
+    ids = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]])
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    kw = dict(eta=1.0, backend="reference")
+    same = torch.tensor([1.0, 1.0])
+    opts = {**advantage_options(RewardConfig(formulation="info_gain"), out), "surprise_weighting": False}
+    adv = gk.token_advantages(same, torch.tensor([0, 0]), ids, rewards, None, torch.ones(2, 4), **kw, **opts)
+    assert abs(float(adv[0, 0]) - float(adv[1, 0])) < 1e-9
+    biased = gk.token_advantages(same, torch.tensor([0, 0]), ids, rewards, None, torch.ones(2, 4), **kw,
+                                 surprise_weighting=False)
+    assert float(biased[0, 0] - biased[1, 0]) > 1.0
+
+
+def test_the_trainer_passes_the_formulation_options(tmp_path, monkeypatch):
+    """A paper step calls token_advantages with the rewards as given, gamma 0 and no return
+    normalization (the formulation's options over the config's), every call of the step."""
+    import gccpo.trainer as trainer_module
+    from tests.trainer.test_trainer import make_trainer, tiny_config
+
+    seen = []
+    real = trainer_module.gk.token_advantages
+
+    def spy(*a, **k):
+        seen.append({key: k.get(key) for key in ("normalize_rewards", "gamma", "normalize_returns")})
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_module.gk, "token_advantages", spy)
+    trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false", "--reward.formulation", "paper",
+                                       "--reward.gamma", "0.9"))
+    trainer.train_step()
+    assert seen and all(s == {"normalize_rewards": False, "gamma": 0.0, "normalize_returns": False} for s in seen)
+
+
+def test_answer_energy_share_refuses_a_span_of_the_whole_space():
+    from gccpo.formulations import answer_energy_share
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(30, 4, generator=g)
+    with pytest.raises(ValueError, match="span the whole"):
+        answer_energy_share(torch.randn(3, 4, generator=g), w, torch.arange(8))  # 7 centered rows in 4 dims

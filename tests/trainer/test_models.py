@@ -32,8 +32,9 @@ class _Wrapper(_Cfg):
     (_Cfg(final_logit_softcapping=30.0), (1.0, 30.0)),                    # Gemma caps
     (_Cfg(logit_scale=2.0, logits_scaling=8.0), (2.0, None)),             # logit_scale first, as TRL
     (_Wrapper(_Cfg(final_logit_softcapping=30.0, logit_scale=0.5)), (0.5, 30.0)),  # the text config
+    (_Cfg(logit_scale=0.0, logits_scaling=0, final_logit_softcapping=0.0), (1.0, None)),  # 0: not set
 ], ids=["plain", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-        "hyperclovax", "softcap", "order", "text_config"])
+        "hyperclovax", "softcap", "order", "text_config", "zeros"])
 def test_logit_params(cfg, want):
     assert logit_params(cfg) == want
 
