@@ -43,13 +43,12 @@ __all__ = sorted([*_EXPORTS, "explain_backends", "__version__"])
 # the submodule (by anyone) would bind the package attribute to the module. Import it now and
 # rebind the name to the function, once; the module is light (torch only, no triton).
 from .policy_loss import policy_loss  # noqa: E402
+from ._backend import explain as _explain  # noqa: E402
 
 
 def explain_backends() -> str:
     """Versions, devices, usable backends and the automatic choice (``python -m gccpo_kernels``)."""
-    from ._backend import explain
-
-    return explain()
+    return _explain()
 
 
 def __getattr__(name: str):

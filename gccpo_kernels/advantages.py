@@ -5,6 +5,10 @@ Public: :func:`episode_rewards` (r = w_rob R_rob + w_eff R_eff) and :func:`token
 for the whole batch; ``torch``: vectorized segmented reductions; ``reference``: plain loops) is
 picked by :mod:`gccpo_kernels._backend`. Advantages are constants of the loss: nothing here
 carries a gradient.
+
+This module registers the custom ops ``gccpo::episode_rewards`` (differentiable) and
+``gccpo::token_advantages`` and looks the backend up in :data:`IMPLEMENTATIONS`
+(docs/kernels_layout.md).
 """
 
 from __future__ import annotations

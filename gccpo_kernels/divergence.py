@@ -7,6 +7,10 @@ logits and all M perturbed logit shifts of a row come from one read of each W ti
 divergence is combined from Delta = z(h + delta) - z(h) = s * W delta / tau, formed directly (never
 as the difference of two logit rows), in forms without catastrophic cancellation. See
 docs/counterfactual.md for the math.
+
+This module registers the custom ops ``gccpo::perturb_latents`` and
+``gccpo::counterfactual_divergence`` and looks the backend up in :data:`IMPLEMENTATIONS`
+(docs/kernels_layout.md).
 """
 
 from __future__ import annotations

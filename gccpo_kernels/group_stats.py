@@ -4,6 +4,9 @@ Public: :func:`group_distribution_stats` and the :class:`GroupStats` named tuple
 partitioned into groups by CSR offsets or by a group-id vector in any order (sorted internally,
 stable). The fast backends keep the group mixtures q_bar_g as one [G, V] buffer (SPEC §4 allows
 O(groups*V)) and never hold an R x V tensor.
+
+This module registers the custom op ``gccpo::group_distribution_stats`` and looks the backend up
+in :data:`IMPLEMENTATIONS` (docs/kernels_layout.md).
 """
 
 from __future__ import annotations

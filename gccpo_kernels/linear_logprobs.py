@@ -11,6 +11,10 @@ of the LM head: the same backend kernels compute the slice's statistics, which
 :func:`forward_shard` combines across ranks with one all-gather of 3N values; the backend's
 backward, given the global lse and entropy, gives the slice's gradients, and one all-reduce of
 N x D sums the ranks' shares of d hidden (:func:`backward_shard`).
+
+This module registers the op's ``torch.library`` custom ops, ``gccpo::linear_logprobs`` and its
+backward ``gccpo::linear_logprobs_backward`` (so torch.compile traces through them), and looks the
+backend up in :data:`IMPLEMENTATIONS`, the same way for all three (docs/kernels_layout.md).
 """
 
 from __future__ import annotations

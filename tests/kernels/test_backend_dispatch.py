@@ -13,6 +13,7 @@ and the three backends, ``reference`` included, share one interface and are call
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import types
 from pathlib import Path
@@ -42,7 +43,9 @@ TABLES = {
     "advantages": advantages.IMPLEMENTATIONS,
     "loss_in_forward": loss_in_forward.IMPLEMENTATIONS,
 }
-OP_MODULES = (advantages, divergence, group_stats, linear_logprobs, loss_in_forward)
+# (the package attribute gccpo_kernels.policy_loss is the function: the module from sys.modules)
+OP_MODULES = (advantages, divergence, group_stats, linear_logprobs, loss_in_forward,
+              importlib.import_module("gccpo_kernels.policy_loss"))
 
 
 # ---------------------------------------------------------------------------------------------
