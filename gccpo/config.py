@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from gccpo_kernels import PolicyLossConfig
 
-from .episodes import DELIMITERS
+from .episodes import EpisodeConfig
 
 #: reward formulations by name (gccpo.formulations registers one function per name)
 FORMULATIONS: tuple[str, ...] = ("spec", "paper", "info_gain", "mi_floor")
@@ -297,39 +297,6 @@ class RolloutConfig:
 
 
 @dataclass
-class EpisodesConfig:
-    """Splitting completions into episodes (see :mod:`gccpo.episodes`).
-
-    Attributes:
-        delimiter: ``"blank_line"``, ``"newline"``, ``"sentence"``, ``"regex"``, ``"tokens"``.
-        pattern: the regex for ``delimiter="regex"``.
-        tokens_per_episode: episode length for ``delimiter="tokens"``.
-        max_episodes: K_max (the tail merges into the last episode).
-    """
-
-    delimiter: str = "sentence"
-    pattern: str | None = None
-    tokens_per_episode: int = 16
-    max_episodes: int = 8
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Types and ranges of every ``episodes.*`` option (raises :class:`ConfigError`)."""
-        c = _Check(self, "episodes")
-        c.choice("delimiter", DELIMITERS)
-        c.text("pattern", optional=self.delimiter != "regex")
-        if self.pattern is not None:
-            try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                c.fail("pattern", f"a valid regular expression ({exc})")
-        c.integer("tokens_per_episode", 1)
-        c.integer("max_episodes", 1)
-
-
-@dataclass
 class RewardConfig:
     """Outcome and causal counterfactual rewards (SPEC §3, §5) and token advantages (SPEC §6).
 
@@ -455,35 +422,53 @@ class RewardConfig:
         c.integer("seed", 0)
 
 
-def _check_loss(self: Any) -> None:
-    """The ``loss.*`` options, checked by building the kernel's :class:`PolicyLossConfig`."""
-    try:
-        PolicyLossConfig(**dataclasses.asdict(self))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"loss.{exc}") from None
+def _checked_by(cls: type, section: str):
+    """A ``check`` method that builds a ``cls`` from the section's values, so that ``cls``'s own
+    checks are the only ones, their messages prefixed with ``<section>.``."""
+    def check(self: Any) -> None:
+        try:
+            cls(**dataclasses.asdict(self))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{section}.{exc}") from None
+    check.__doc__ = f"The ``{section}.*`` options, checked by building a :class:`{cls.__module__}.{cls.__name__}`."
+    return check
 
 
-def _mutable_mirror(cls: type, name: str, doc: str) -> type:
-    """A plain (settable) dataclass with the fields and defaults of the frozen ``cls``, so that the
-    config tree can be overridden key by key while the option list lives in one place; its
-    ``check`` builds a ``cls`` (whose own checks then apply)."""
+def _mutable_mirror(cls: type, name: str, doc: str, section: str, defaults: dict[str, Any] | None = None) -> type:
+    """A plain (settable) dataclass with the fields and defaults of ``cls``, so that the config tree
+    can be overridden key by key while the option list lives in one place; its ``check`` builds a
+    ``cls`` (whose own checks then apply). ``defaults``: the trainer's own defaults for some fields
+    (each stated where the mirror is made)."""
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        default = (field(default_factory=f.default_factory)
-                   if f.default_factory is not dataclasses.MISSING else field(default=f.default))
+        if defaults and f.name in defaults:
+            default = field(default=defaults[f.name])
+        else:
+            default = (field(default_factory=f.default_factory)
+                       if f.default_factory is not dataclasses.MISSING else field(default=f.default))
         specs.append((f.name, hints[f.name], default))
     mirror = dataclasses.make_dataclass(name, specs, namespace={
-        "__doc__": doc, "check": _check_loss, "__post_init__": lambda self: self.check()})
+        "__doc__": doc, "check": _checked_by(cls, section), "__post_init__": lambda self: self.check()})
     mirror.__module__ = __name__
     return mirror
+
+
+EpisodesConfig = _mutable_mirror(
+    EpisodeConfig, "EpisodesConfig",
+    """Splitting completions into episodes: every field of :class:`gccpo.episodes.EpisodeConfig`
+    (see :mod:`gccpo.episodes`); the trainer builds (and so validates) an EpisodeConfig from it.
+    The trainer's defaults differ from the library's for three fields: ``sentence`` episodes (the
+    default prompt asks for one step per line, and a step is usually one sentence), at most 8 of
+    them, and ``tokens_per_episode`` 16 (the default completions are 64 tokens).""",
+    "episodes", defaults={"delimiter": "sentence", "tokens_per_episode": 16, "max_episodes": 8})
 
 
 LossConfig = _mutable_mirror(
     PolicyLossConfig, "LossConfig",
     """The clipped policy loss (SPEC §2): every field of :class:`gccpo_kernels.PolicyLossConfig`,
     with its defaults; the trainer builds (and so validates) a PolicyLossConfig from it.
-    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.""")
+    ``beta > 0`` loads a frozen copy of the initial policy as the reference model.""", "loss")
 
 
 @dataclass

@@ -68,11 +68,17 @@ class EpisodeConfig:
         if self.delimiter not in DELIMITERS:
             raise ValueError(f"delimiter must be one of {DELIMITERS}, got {self.delimiter!r}")
         if self.delimiter == "regex":
-            if not self.pattern:
-                raise ValueError("delimiter='regex' needs pattern=<a regular expression>")
-            re.compile(self.pattern)
+            if not isinstance(self.pattern, str) or not self.pattern:
+                raise ValueError(f"pattern must be a regular expression with delimiter='regex', got {self.pattern!r}")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern must be a valid regular expression ({exc}), got {self.pattern!r}") from None
         elif self.pattern is not None:
-            raise ValueError(f"pattern is only used with delimiter='regex', not {self.delimiter!r}")
+            raise ValueError(f"pattern must be None unless delimiter is 'regex' (it is {self.delimiter!r}), "
+                             f"got {self.pattern!r}")
+        if not isinstance(self.merge_blank, bool):
+            raise ValueError(f"merge_blank must be true or false, got {self.merge_blank!r}")
         if not isinstance(self.max_episodes, int) or self.max_episodes < 1:
             raise ValueError(f"max_episodes must be an int >= 1, got {self.max_episodes!r}")
         if not isinstance(self.tokens_per_episode, int) or self.tokens_per_episode < 1:

@@ -179,9 +179,7 @@ class Trainer:
             if self.answer_ids is not None:
                 self.answer_ids = self.answer_ids.to(self.device)
             self.probe_ids = probe_token_ids(self.tokenizer, cfg.reward)
-        self.episode_config = EpisodeConfig(delimiter=cfg.episodes.delimiter, pattern=cfg.episodes.pattern,
-                                            tokens_per_episode=cfg.episodes.tokens_per_episode,
-                                            max_episodes=cfg.episodes.max_episodes)
+        self.episode_config = EpisodeConfig(**dataclasses.asdict(cfg.episodes))
         self.loss_config = gk.PolicyLossConfig(**dataclasses.asdict(cfg.loss))
         # several processes with model.sharding: FSDP / ZeRO-3 (gccpo/sharding.py); the LM head is
         # gathered only for the fused calls (head_call, gathered_head); the reference stays replicated

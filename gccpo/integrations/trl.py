@@ -473,6 +473,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         from gccpo.rewards import PACKED_ATTENTION, answer_token_ids, probe_token_ids
 
         rc = self.gccpo_reward
+        rc.check()  # its allowed values, checked once in the dataclass (it may have been changed since)
         if rc.readout == "probe":
             impl = getattr(base.config, "_attn_implementation", "sdpa")
             if impl not in PACKED_ATTENTION:
@@ -480,14 +481,10 @@ class GCCPOGRPOTrainer(GRPOTrainer):
                                  f"which {impl!r} attention does not take: use attn_implementation in "
                                  f"{PACKED_ATTENTION} or RewardConfig(readout='boundary')")
             self._gccpo_probe_ids = probe_token_ids(self._tokenizer, rc)
-        elif rc.readout != "boundary":
-            raise ValueError(f"RewardConfig.readout must be 'probe' or 'boundary', got {rc.readout!r}")
         if rc.formulation not in ("spec", "mi_floor"):
             raise ValueError(f"RewardConfig.formulation={rc.formulation!r}: the TRL integration computes 'spec' and "
                              "'mi_floor' (info_gain needs each row's reference answer and paper its outcome "
                              "reward, which TRL's batch does not carry; use gccpo-train)")
-        if rc.process_gate not in ("outcome", "signal", "none"):
-            raise ValueError(f"RewardConfig.process_gate must be 'outcome', 'signal' or 'none', got {rc.process_gate!r}")
         self._gccpo_answer_ids = answer_token_ids(self._tokenizer, "digits") if rc.answer_tokens == "digits" else None
         self._gccpo_generator = None
 

@@ -62,10 +62,12 @@ def test_default_candidates_have_out_of_distribution_ood_sets():
         assert len(task.eval_set) == len(task.ood_set) == 100, candidate.entry
         overlap = survey.ood_overlap(task, 500)
         assert overlap["ood_in_id"] == overlap["ood_in_train"] == 0, (candidate.entry, overlap)
-    # the default OOD overrides of chain_sum with 4-5 terms (1-2 digits) would repeat ID problems
+    # the default OOD overrides of chain_sum with 4-5 terms (1-2 digits) drew ID problems (48 of 100)
+    # until the task builder excluded them (gccpo/tasks.py): none now, and none in training either
     widened = build_task(survey.task_config(config, survey.parse_candidate('chain_sum:{"min_terms":4,"max_terms":5}'),
                                             100))
-    assert survey.ood_overlap(widened, 500)["ood_in_id"] > 0.3
+    overlap = survey.ood_overlap(widened, 500)
+    assert overlap["ood_in_id"] == overlap["ood_in_train"] == 0
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -271,10 +273,9 @@ def test_a_reasoning_gym_candidate_with_its_ood_split(tmp_path, monkeypatch):
     entry = 'chain_sum:{"min_terms":4,"max_terms":5}'
     task = build_task(survey.task_config(_config(tmp_path), survey.parse_candidate(entry), 3))
     answers = {p.question: p.answer for p in task.eval_set + task.ood_set}
-    # reasoning-gym items are a function of seed + index: the OOD set (seed + 2, 1-2 digits) repeats ID
-    # items (seed + 1, 1 digit) shifted by one wherever it draws 1-digit numbers; the survey says so
-    shared = [p.question for p in task.ood_set if p.question in {q.question for q in task.eval_set}]
-    assert shared == [p.question for p in task.eval_set[1:3]]
+    # reasoning-gym items are a function of seed + index: the OOD stream (seed + 2, 1-2 digits) repeats ID
+    # items (seed + 1, 1 digit) shifted by one wherever it draws 1-digit numbers; the task builder skips them
+    assert not {p.question for p in task.ood_set} & {q.question for q in task.eval_set}
 
     def fake(model, tokenizer, prompts, *, num_generations=1, max_new_tokens=64, **kwargs):
         rows = [(f"Answer: {answers[q]}", True) for prompt in prompts for q in answers if q in prompt
@@ -297,6 +298,6 @@ def test_a_reasoning_gym_candidate_with_its_ood_split(tmp_path, monkeypatch):
     assert '| chain_sum | {"min_terms":4,"max_terms":5,"min_digits":1,"max_digits":1} | step | id | 3 |' in table
     assert '| ood {"min_terms":4,"max_terms":5,"min_digits":1,"max_digits":2} | step | ood |' in table
     assert "| 100.0 [" in table and "| no |" in table  # 100 % is outside the 10-40 % band
-    assert report["ood_overlap"][entry] == {"ood_in_id": pytest.approx(2 / 3), "ood_in_train": 0.0,
+    assert report["ood_overlap"][entry] == {"ood_in_id": 0.0, "ood_in_train": 0.0,
                                             "train_checked": survey.TRAIN_CHECKED}
-    assert f"- `{entry}`: 66.7 % are ID eval questions, 0.0 % are among the first" in table
+    assert f"- `{entry}`:" not in table  # no overlap to list
