@@ -51,7 +51,7 @@ from .report import RunLog, _print, _progress, format_summary, plot_run
 from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
                       packed_probe_forward, probe_latents, probe_token_ids)
 from .rollout import Rollout, VLLMSampler, eos_ids, generate
-from .shaping import advantage_options, gate_episodes, shape_advantages
+from .shaping import ShapedAdvantages, advantage_options, gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .stats import normal_interval, wilson_interval
@@ -171,14 +171,7 @@ class Trainer:
             if ref_path:
                 _non_finite(self.ref_model, ref_path)
         self.logit_scale, self.softcap = logit_params(self.model.config)
-        self.answer_ids = None
-        if cfg.causal:
-            mode = cfg.reward.answer_tokens
-            mode = ("digits" if self.task.numeric else "full") if mode == "auto" else mode
-            self.answer_ids = answer_token_ids(self.tokenizer, mode)
-            if self.answer_ids is not None:
-                self.answer_ids = self.answer_ids.to(self.device)
-            self.probe_ids = probe_token_ids(self.tokenizer, cfg.reward)
+        self._set_up_readout()
         self.episode_config = EpisodeConfig(**dataclasses.asdict(cfg.episodes))
         self.loss_config = gk.PolicyLossConfig(**dataclasses.asdict(cfg.loss))
         # several processes with model.sharding: FSDP / ZeRO-3 (gccpo/sharding.py); the LM head is
@@ -188,15 +181,7 @@ class Trainer:
             check_lock_step(cfg, self.model, [len(self.task.eval_set), len(self.task.ood_set)], self.dp.world_size)
         except ValueError as exc:  # options that would hang a sharded run: a user error
             raise ConfigError(str(exc)) from None
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
-        warm = max(cfg.optim.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        plan = plan_of(self.model)
-        self.zero3 = Zero3(self.model, self.optimizer, cfg.optim.max_grad_norm) \
-            if plan is not None and plan.mode == "zero3" else None
+        self._set_up_optimizer()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.reward.seed + self.dp.rank)
         self.sampler = None
         if cfg.rollout.backend == "vllm":
@@ -215,6 +200,41 @@ class Trainer:
             self._load_state(state)
 
     # ---- start-up --------------------------------------------------------------------------------
+
+    def _set_up_readout(self) -> None:
+        """The causal reward's answer vocabulary and probe tokens; a formulation that reads the
+        answer vocabulary without one (a non-numeric task with ``answer_tokens auto``) is refused
+        here, before the first step."""
+        cfg = self.config
+        self.answer_ids = None
+        if not cfg.causal:
+            return
+        mode = cfg.reward.answer_tokens
+        mode = ("digits" if self.task.numeric else "full") if mode == "auto" else mode
+        self.answer_ids = answer_token_ids(self.tokenizer, mode)
+        if self.answer_ids is not None:
+            self.answer_ids = self.answer_ids.to(self.device)
+        needs_vocabulary = cfg.reward.formulation == "paper" or (
+            cfg.reward.formulation == "info_gain" and cfg.reward.answer_readout == "first_token")
+        if needs_vocabulary and self.answer_ids is None:
+            raise ConfigError(f"reward.formulation {cfg.reward.formulation} reads the answer vocabulary, and task "
+                              f"{self.task.name!r} with reward.answer_tokens {cfg.reward.answer_tokens!r} has none: "
+                              "use --reward.answer_tokens digits" + (
+                                  " or --reward.answer_readout sequence" if cfg.reward.formulation == "info_gain" else ""))
+        self.probe_ids = probe_token_ids(self.tokenizer, cfg.reward)
+
+    def _set_up_optimizer(self) -> None:
+        """AdamW over the trainable parameters, the warm-up schedule, and ZeRO-3's step when sharded so."""
+        cfg = self.config
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        warm = max(cfg.optim.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        plan = plan_of(self.model)
+        self.zero3 = Zero3(self.model, self.optimizer, cfg.optim.max_grad_norm) \
+            if plan is not None and plan.mode == "zero3" else None
 
     def _recover(self, run: Path) -> None:
         """Clean up after interrupted saves in ``run`` (the main process; the others wait)."""
@@ -270,7 +290,7 @@ class Trainer:
     def train_on(self, problems: list[Any], rollout: Rollout, *, started: float | None = None) -> dict[str, float]:
         """Steps 2-6 on a given batch (``rollout.group_index`` indexes ``problems``)."""
         cfg = self.config
-        G, tok = cfg.rollout.num_generations, self.tokenizer
+        tok = self.tokenizer
         t0 = started if started is not None else time.perf_counter()
         t_sample = time.perf_counter()
 
@@ -292,12 +312,43 @@ class Trainer:
         t_reward = time.perf_counter()
 
         # 4. token advantages (eta = 0: GRPO)
+        shaped = self.token_advantages(rollout, episodes, rewards, old_logp, causal)
+
+        # 5. fused policy loss, backward, clip, AdamW
+        opt_metrics = {}
+        for _ in range(cfg.optim.epochs_per_batch):
+            opt_metrics = self.optimize(rollout, shaped.total, old_logp, ref_logp)
+        t_end = time.perf_counter()
+
+        # 6. metrics
+        self.step += 1
+        n_tokens = int(rollout.completion_mask.sum())
+        metrics: dict[str, float] = {
+            "step": self.step, **self.batch_metrics(rollout, episodes, rewards, shaped, old_logp),
+            **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
+            **opt_metrics,
+            "perf/sample_s": t_sample - t0,
+            "perf/reward_s": t_reward - t_sample,
+            "perf/causal_s": t_causal,  # SPEC §3-§5 kernels only (the probe forward is in reward_s)
+            "perf/train_s": t_end - t_reward,
+            "perf/step_s": t_end - t0,
+            "perf/tokens_per_s": n_tokens / max(t_end - t0, 1e-9),
+        }
+        if causal is not None:
+            metrics.update(causal.metrics())
+        return metrics
+
+    def token_advantages(self, rollout: Rollout, episodes: Any, rewards: torch.Tensor, old_logp: torch.Tensor,
+                         causal: Any) -> ShapedAdvantages:
+        """SPEC §6's token advantages ``[B, T]`` through the one shaping path (:mod:`gccpo.shaping`):
+        the formulation's episode rewards after the gate, with its advantage options; GRPO's
+        outcome advantage alone when ``causal`` is None."""
+        cfg = self.config
         K = episodes.num_episodes
         ep_rewards = causal.reward if causal is not None else torch.zeros(
             rollout.completion_ids.shape[0], max(K, 1), device=self.device)
         if causal is not None:
             ep_rewards = gate_episodes(ep_rewards, rewards, rollout.group_index.to(self.device), cfg.reward)
-
         options = advantage_options(cfg.reward, causal)
 
         def advantages_with(eta: float) -> torch.Tensor:
@@ -305,16 +356,14 @@ class Trainer:
                 rewards, rollout.group_index, episodes.episode_ids, ep_rewards, old_logp, rollout.completion_mask,
                 eta=eta, backend=cfg.train.backend, **options)
 
-        shaped = shape_advantages(advantages_with, cfg.reward.eta if causal is not None else 0.0, cfg.reward)
+        return shape_advantages(advantages_with, cfg.reward.eta if causal is not None else 0.0, cfg.reward)
+
+    def batch_metrics(self, rollout: Rollout, episodes: Any, rewards: torch.Tensor, shaped: ShapedAdvantages,
+                      old_logp: torch.Tensor) -> dict[str, float]:
+        """What the batch was: rewards and accuracy, episodes, lengths and truncation, the size of the
+        advantages and of their process part, and the old-vs-sampling log-prob gap."""
+        G = self.config.rollout.num_generations
         advantages, outcome_adv = shaped.total, shaped.outcome
-
-        # 5. fused policy loss, backward, clip, AdamW
-        opt_metrics = {}
-        for _ in range(cfg.optim.epochs_per_batch):
-            opt_metrics = self.optimize(rollout, advantages, old_logp, ref_logp)
-        t_end = time.perf_counter()
-
-        # 6. metrics
         m = rollout.completion_mask
         n_tokens = int(m.sum())
         process = (advantages - outcome_adv).abs() * m  # [B, T] size of the process part per token
@@ -326,9 +375,7 @@ class Trainer:
         counts = episodes.episode_counts.float()
         gap = ((old_logp - rollout.sampling_logp).abs() * m).sum() / max(n_tokens, 1) \
             if rollout.sampling_logp is not None else torch.tensor(0.0)
-        self.step += 1
-        metrics: dict[str, float] = {
-            "step": self.step,
+        return {
             "reward/outcome": float(rewards.mean()),
             "reward/accuracy": float(correct.mean()),
             "reward/pass_at_g": float(by_group.max(1).values.mean()),
@@ -345,18 +392,7 @@ class Trainer:
             # tokens whose advantage the process part turned against the outcome's sign
             "advantage/sign_flips": float(flips.sum()) / max(int(signed.sum()), 1),
             "check/old_vs_sampling_logp": float(gap),
-            **{f"faults/{k}": v / max(len(texts), 1) for k, v in faults.items()},
-            **opt_metrics,
-            "perf/sample_s": t_sample - t0,
-            "perf/reward_s": t_reward - t_sample,
-            "perf/causal_s": t_causal,  # SPEC §3-§5 kernels only (the probe forward is in reward_s)
-            "perf/train_s": t_end - t_reward,
-            "perf/step_s": t_end - t0,
-            "perf/tokens_per_s": n_tokens / max(t_end - t0, 1e-9),
         }
-        if causal is not None:
-            metrics.update(causal.metrics())
-        return metrics
 
     # ---- pieces of the step -------------------------------------------------------------------
 
@@ -530,7 +566,10 @@ class Trainer:
 
     def optimize(self, rollout: Rollout, advantages: torch.Tensor, old_logp: torch.Tensor,
                  ref_logp: torch.Tensor | None) -> dict[str, float]:
-        """One AdamW step over ``grad_accum`` micro-batches with the whole batch's denominators."""
+        """One AdamW step over ``grad_accum`` micro-batches with the whole batch's denominators.
+
+        (62 lines, kept whole: the micro-batch loop, the skip on a non-finite gradient and the clip
+        must read in order, and each piece alone would only be called here.)"""
         cfg = self.config
         self.model.train()
         normalizer = _normalizer(cfg.loss.loss_agg, rollout.completion_mask)

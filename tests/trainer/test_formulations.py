@@ -478,3 +478,20 @@ def test_answer_energy_share_refuses_a_span_of_the_whole_space():
     w = torch.randn(30, 4, generator=g)
     with pytest.raises(ValueError, match="span the whole"):
         answer_energy_share(torch.randn(3, 4, generator=g), w, torch.arange(8))  # 7 centered rows in 4 dims
+
+
+def test_a_formulation_without_its_answer_vocabulary_is_refused_at_start(tmp_path):
+    """paper on a task whose answers are not numbers (answer_tokens auto -> the full vocabulary):
+    a one-line ConfigError when the trainer is built, not at the first step."""
+    import json
+
+    from gccpo.config import ConfigError
+    from tests.trainer.test_trainer import make_trainer, tiny_config
+
+    cfg = tiny_config(tmp_path, "--reward.formulation", "paper")
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"question": f"q{i}", "answer": "yes" if i % 2 else "no"}) + "\n"
+                             for i in range(20)))
+    cfg.task.train_file = cfg.task.eval_file = cfg.task.ood_file = str(words)
+    with pytest.raises(ConfigError, match="reads the answer vocabulary"):
+        make_trainer(cfg)
