@@ -26,10 +26,13 @@ from ._validation import (check_answer_ids, check_bias_finite, check_finite, che
                           check_lm_head, out_dtype_for)
 from ._vocab_parallel import check_local_lm_head, check_total_vocab, local_answer_ids, vocab_shard
 from .chunked import divergence as torch_impl
+from .divergences import DIVERGENCES, divergence_entry
 from .linear_logprobs import check_outputs_finite
 from .reference_backend import divergence as reference_impl
 
-KINDS = ("kl", "js", "tv")
+#: the divergence names (``kind=``): a live view of the registry
+#: :data:`gccpo_kernels.divergences.DIVERGENCES`, so a divergence registered later is in it
+KINDS = DIVERGENCES.keys()
 MODES = ("gaussian", "sibling")
 
 
@@ -200,8 +203,10 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
         deltas: ``[R, M, D]`` perturbation vectors (e.g. from :func:`perturb_latents`), hidden's
             dtype. The perturbed latent h + delta is used in exact arithmetic (W h + W delta), never
             rounded to the input dtype.
-        kind: ``"kl"`` KL(q || q~), ``"js"`` Jensen-Shannon (natural log, in [0, ln 2]),
-            ``"tv"`` total variation (in [0, 1]).
+        kind: a name in the divergence registry (:data:`KINDS`; ``gccpo_kernels/divergences.py``):
+            ``"kl"`` KL(q || q~), ``"js"`` Jensen-Shannon (natural log, in [0, ln 2]), ``"tv"``
+            total variation (in [0, 1]). A registered divergence without a Triton kernel branch
+            runs on the torch and reference backends; the triton backend refuses it (ValueError).
         answer_token_ids: optional ``[K]`` distinct token ids; the distributions are renormalized
             over them (W and b are gathered to [K, D], [K]: cheap).
         backend: ``"triton"``, ``"torch"``, ``"reference"`` or None (``$GCCPO_BACKEND``, then auto).
@@ -293,8 +298,7 @@ def _counterfactual_divergence_fake(hidden, weight, deltas, bias, answer_token_i
 
 def _check_divergence_args(hidden: torch.Tensor, deltas: torch.Tensor, kind: str) -> None:
     """The free checks of kind, hidden and deltas (the LM head is checked by the caller)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    divergence_entry(kind)                          # ValueError naming the registered kinds
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, D], got shape {tuple(hidden.shape)}")
     check_float("deltas", deltas)

@@ -15,6 +15,7 @@ import torch
 
 from ._logits import restrict_head
 from ._vocab_parallel import local_answer_ids
+from .divergences import divergence_entry
 
 # ---------------------------------------------------------------------------------------------
 # §1  Logits, log-probs and entropy
@@ -325,7 +326,10 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     textbook forms are accurate to ~1e-15 for logits of size ~10). The perturbed latent h + delta is
     formed in ``dtype`` (exact for 16-bit inputs), never rounded to the input dtype.
     ``answer_token_ids`` restricts the vocabulary to those ids and renormalizes over them.
+    ``kind`` names an entry of :data:`gccpo_kernels.divergences.DIVERGENCES`: its ``reference``
+    formula (KL: sum q (log q - log q~); JS: the mixture form; TV: sum |q - q~| / 2).
     """
+    formula = divergence_entry(kind).reference
     if answer_token_ids is not None:
         weight = weight.index_select(0, answer_token_ids.long())
         bias = None if bias is None else bias.index_select(0, answer_token_ids.long())
@@ -334,15 +338,7 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)  # [R, M, V]
     lq = torch.log_softmax(z, dim=-1).unsqueeze(1)
     lq_pert = torch.log_softmax(z_pert, dim=-1)
-    q, q_pert = lq.exp(), lq_pert.exp()
-    if kind == "kl":
-        return (q * (lq - lq_pert)).sum(-1)
-    if kind == "js":
-        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
-        return 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
-    if kind == "tv":
-        return 0.5 * (q - q_pert).abs().sum(-1)
-    raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
+    return formula(lq, lq_pert)
 
 
 def counterfactual_divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor,
@@ -357,8 +353,10 @@ def counterfactual_divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor
     The textbook forms of :func:`counterfactual_divergence` on this rank's [R, M, V_local] slice:
     log q and log q~ are normalized by the global log-sum-exps (``shard.logsumexp``), each rank
     sums the divergence's terms over its own tokens, and the shares are summed over ranks
-    (``shard.all_reduce``). Returns [R, M] in ``dtype``, the same on every rank.
+    (``shard.all_reduce``; every registered divergence is a sum over tokens). Returns [R, M] in
+    ``dtype``, the same on every rank.
     """
+    formula = divergence_entry(kind).reference
     # this rank's rows of the answer ids (global ids; possibly none)
     weight, bias = restrict_head(weight, bias, local_answer_ids(shard, answer_token_ids))
     kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, dtype=dtype)
@@ -366,17 +364,7 @@ def counterfactual_divergence_sharded(hidden: torch.Tensor, weight: torch.Tensor
     z_pert = logits(hidden.to(dtype).unsqueeze(1) + deltas.to(dtype), weight, bias, **kw)
     lq = (z - shard.logsumexp(torch.logsumexp(z, dim=-1)).unsqueeze(-1)).unsqueeze(1)
     lq_pert = z_pert - shard.logsumexp(torch.logsumexp(z_pert, dim=-1)).unsqueeze(-1)
-    q, q_pert = lq.exp(), lq_pert.exp()
-    if kind == "kl":
-        local = (q * (lq - lq_pert)).sum(-1)
-    elif kind == "js":
-        lmix = torch.logaddexp(lq, lq_pert) - math.log(2.0)
-        local = 0.5 * (q * (lq - lmix)).sum(-1) + 0.5 * (q_pert * (lq_pert - lmix)).sum(-1)
-    elif kind == "tv":
-        local = 0.5 * (q - q_pert).abs().sum(-1)
-    else:
-        raise ValueError(f"kind must be 'kl', 'js' or 'tv', got {kind!r}")
-    return shard.all_reduce(local)
+    return shard.all_reduce(formula(lq, lq_pert))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ FLOPs in all) and works on exact per-row quantities (no online rescaling):
     KL    = log1p(F)                       (= log E_q[exp(Delta)] - E_q[Delta], without cancellation;
                                             for F > 1, KL = logsumexp(log q + Delta) - c instead)
     L     = c + KL                         (= lse(z~) - lse(z), so log q~ - log q = Delta - L)
+    D     = clamp(scale * E_q[f(Delta - L)], 0, upper)   for every other divergence, e.g.
     TV    = 0.5 E_q |expm1(Delta - L)|
     JS    = E_q[psi(Delta - L)],  psi(x) = (x e^x - (1 + e^x) log((1 + e^x)/2)) / 2
+
+The integrand q f(x), the scale and the clamp of a divergence are its registry entry's ``terms``
+and ``finish`` (``gccpo_kernels/divergences.py``); this module computes c, F, KL and L for all.
 
 Arithmetic runs in float32 for 16/32-bit inputs (the weight is upcast once, O(V*D)) and in float64
 for float64 inputs. Workspace: the GEMM output [C(M+1), V] with C at least 512/(M+1) rows, so that
@@ -24,8 +28,9 @@ the GEMM stays efficient (65 MB at V = 32000 in float32), or more when the works
 Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): each rank
 computes the same quantities over its slice (lse_r, lse~_r, c_r, F_r under the slice's own
 softmax), and :func:`combine_slices` merges them exactly: with w_r = exp(lse_r - lse),
-c = sum_r w_r c_r and F = sum_r w_r (e^(c_r - c) F_r + phi(c_r - c)), every term >= 0. JS and TV
-need L = c + KL first, so they take a second pass over the slice for their integrands.
+c = sum_r w_r c_r and F = sum_r w_r (e^(c_r - c) F_r + phi(c_r - c)), every term >= 0. Every
+divergence but the KL needs L = c + KL first, so it takes a second pass over the slice for its
+integrand.
 """
 
 from __future__ import annotations
@@ -33,19 +38,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .._logits import LogitParams
 from .._vocab_parallel import rank_sum
 from .._workspace import workspace_bytes
+from ..divergences import Divergence, divergence_entry
 from ._common import chunk_rows, compute_operands
 
-LN2 = math.log(2.0)
-# psi(x) = (x e^x - (1 + e^x) log((1 + e^x)/2)) / 2 = x^2/8 * sum_k JS_SERIES[k] x^k: below
-# JS_SERIES_BELOW the closed form loses ~eps/x^2 relative accuracy, the series (to x^12) does not.
-JS_SERIES_BELOW = 0.25
-JS_SERIES = (1.0, 1.0 / 2, 1.0 / 8, 1.0 / 48, 1.0 / 288, 1.0 / 1440, 1.0 / 11520, -1.0 / 483840,
-             -1.0 / 4838400, 11.0 / 14515200, 11.0 / 174182400)
 # A chunk's GEMM [C(M+1), D] x [D, V] has at least this many rows: the GEMM reads all of W once
 # per chunk, and CPU BLAS loses ~1.5x efficiency below a few hundred rows. With the workspace
 # budget (GCCPO_WORKSPACE_MB) larger, the budget decides.
@@ -73,24 +72,7 @@ def capped_delta(a: torch.Tensor, dd: torch.Tensor, cap: float) -> torch.Tensor:
     return sh.mul_(4.0 * cap).div_(den)
 
 
-def js_integrand(x: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """q * psi(x) for log q = lq (broadcast) and x = log q~ - log q, stable for every x.
-
-    |x| < JS_SERIES_BELOW: the Taylor series psi(x) = x^2/8 * sum_k JS_SERIES[k] x^k (truncation
-    ~1e-14 relative). Otherwise the mixture form 0.5[q (ln2 - softplus(x)) + q~ (ln2 - softplus(-x))],
-    q~ = e^(lq + x), whose two terms cancel by at most a factor ~10 there.
-    """
-    small = x.abs() < JS_SERIES_BELOW
-    xs = torch.where(small, x, 0.0)
-    poly = torch.full_like(xs, JS_SERIES[-1])
-    for coef in reversed(JS_SERIES[:-1]):
-        poly.mul_(xs).add_(coef)
-    series = poly.mul_(xs.square()).mul_(0.125).mul_(torch.exp(lq))
-    direct = 0.5 * (torch.exp(lq) * (LN2 - F.softplus(x)) + torch.exp(lq + x) * (LN2 - F.softplus(-x)))
-    return torch.where(small, series, direct)
-
-
-def _chunk_divergence(z: torch.Tensor, delta: torch.Tensor, kind: str) -> torch.Tensor:
+def _chunk_divergence(z: torch.Tensor, delta: torch.Tensor, entry: Divergence) -> torch.Tensor:
     """z [C, V] logits and delta [C, M, V] logit shifts (both overwritten) -> divergence [C, M].
 
     Temporaries: about two [C, M, V] and two [C, V] tensors (C is cache-sized on the CPU).
@@ -113,16 +95,10 @@ def _chunk_divergence(z: torch.Tensor, delta: torch.Tensor, kind: str) -> torch.
         # accurate in relative terms there and cannot overflow
         big = torch.logsumexp(torch.add(lq, x, out=tmp), dim=2, keepdim=True)
         kl = torch.where(small, kl, big.clamp_min_(0.0))
-    if kind == "kl":
+    if not entry.needs_shift:                       # the KL itself
         return kl.squeeze(2)
     x.sub_(kl)                                      # Delta - L, L = lse(z~) - lse(z) = c + KL
-    if kind == "tv":
-        # |q~ - q| = q |expm1(x)|; for |x| >= 1/2 as |e^(log q + x) - q| (no overflow where q = 0)
-        pb = p.unsqueeze(1)
-        t = torch.where(x.abs() < 0.5, torch.expm1(x, out=tmp).abs_().mul_(pb),
-                        torch.exp(lq + x).sub_(pb).abs_())
-        return t.sum(dim=2).mul_(0.5).clamp_(max=1.0)
-    return js_integrand(x, lq).sum(dim=2).clamp_(min=0.0, max=LN2)
+    return entry.finish(entry.terms(x, lq, p.unsqueeze(1), tmp).sum(dim=2))
 
 
 def _shift_tiles(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -168,15 +144,17 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
     """hidden [R, D], weight [V, D], bias [V] | None, deltas [R, M, D] -> divergence [R, M].
 
-    Float32 output (float64 for float64 inputs). One pass over W per chunk of rows.
+    Float32 output (float64 for float64 inputs). One pass over W per chunk of rows. ``kind`` names
+    an entry of :data:`gccpo_kernels.divergences.DIVERGENCES` (its torch ``terms`` and ``finish``).
     """
+    entry = divergence_entry(kind)
     r, m_pert, d = deltas.shape
     cd, w, b = compute_operands(hidden, weight, bias)
     out = torch.empty(r, m_pert, dtype=cd, device=hidden.device)
     if r == 0 or m_pert == 0:
         return out
     for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
-        out[r0:r1] = _chunk_divergence(z, dl, kind)
+        out[r0:r1] = _chunk_divergence(z, dl, entry)
     return out
 
 
@@ -249,17 +227,13 @@ def combine_slices(shard, lse_l: torch.Tensor, lse_t_l: torch.Tensor, c_l: torch
 
 
 def _slice_integrand(z: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor, shift: torch.Tensor,
-                     kind: str) -> torch.Tensor:
-    """This slice's share of TV / JS ([C, M], before the 1/2 of TV): sum over the slice's tokens
-    of q |expm1(x)| or q psi(x), x = Delta - L (``shift`` L [C, M]), q = e^(z - lse) with the
-    global ``lse`` [C]. z and delta are overwritten."""
+                     entry: Divergence) -> torch.Tensor:
+    """This slice's share of the integrand sum ([C, M], before ``entry.finish``): sum over the
+    slice's tokens of ``entry.terms`` (q f(x)), x = Delta - L (``shift`` L [C, M]),
+    q = e^(z - lse) with the global ``lse`` [C]. z and delta are overwritten."""
     lq = z.sub_(lse.unsqueeze(1)).unsqueeze(1)    # global log q, [C, 1, V]
     x = delta.sub_(shift.unsqueeze(2))
-    if kind == "tv":
-        pb = torch.exp(lq)
-        t = torch.where(x.abs() < 0.5, torch.expm1(x).abs_().mul_(pb), torch.exp(lq + x).sub_(pb).abs_())
-        return t.sum(dim=2)
-    return js_integrand(x, lq).sum(dim=2)
+    return entry.terms(x, lq, torch.exp(lq), None).sum(dim=2)
 
 
 def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -268,10 +242,12 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     and ``shard`` its ``_vocab_parallel.VocabShard`` -> [R, M], the same on every rank.
 
     Pass 1 (one GEMM per chunk, as :func:`forward`): each slice's lse, lse~, c, F; combined by
-    :func:`combine_slices` into KL. JS and TV need L = c + KL first, so a second pass computes
-    each slice's integrand sum with the global lse and L, summed over ranks. Collectives: 3 for
-    KL, 4 for JS / TV, each on O(R*M) values.
+    :func:`combine_slices` into KL. Every other divergence (JS, TV) needs L = c + KL first, so a
+    second pass computes each slice's sum of the entry's ``terms`` with the global lse and L,
+    summed over ranks, then ``entry.finish``. Collectives: 3 for KL, 4 for the others, each on
+    O(R*M) values.
     """
+    entry = divergence_entry(kind)
     r, m_pert, _ = deltas.shape
     cd, w, b = compute_operands(hidden, weight, bias)
     if r == 0 or m_pert == 0:
@@ -286,14 +262,11 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
             lse_l[r0:r1], lse_t_l[r0:r1], c_l[r0:r1], f_l[r0:r1] = _slice_stats(z, dl)
     lse, c, kl = combine_slices(shard, lse_l, lse_t_l, c_l, f_l)
-    if kind == "kl":
+    if not entry.needs_shift:                       # the KL itself
         return kl
     shift = c + kl                                  # L = lse(z~) - lse(z)
     part = torch.zeros_like(c_l)
     if local:
         for r0, r1, z, dl in _shift_tiles(hidden, w, b, deltas, params, cd):
-            part[r0:r1] = _slice_integrand(z, dl, lse[r0:r1], shift[r0:r1], kind)
-    total = rank_sum(shard, part)
-    if kind == "tv":
-        return total.mul_(0.5).clamp_(0.0, 1.0)
-    return total.clamp_(0.0, LN2)
+            part[r0:r1] = _slice_integrand(z, dl, lse[r0:r1], shift[r0:r1], entry)
+    return entry.finish(rank_sum(shard, part))

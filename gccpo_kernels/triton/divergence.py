@@ -48,12 +48,17 @@ import triton.language as tl
 
 from .._logits import LogitParams
 from .._vocab_parallel import rank_sum
+from ..divergences import Divergence, divergence_entry, triton_codes
 from ._utils import (TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, tanh,
                      upcast_dots)
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - x) = 0, 0 * it finite
-KIND_CODES = {"kl": 0, "tv": 1, "js": 2}
-LN2 = math.log(2.0)
+#: name -> the integrand kernel's KIND code, from the divergence registry (the entries' triton_code)
+KIND_CODES = triton_codes()
+# the codes the integrand kernel branches on (a kernel cannot look an entry up: one branch each)
+_KL = tl.constexpr(KIND_CODES["kl"])
+_TV = tl.constexpr(KIND_CODES["tv"])
+_JS = tl.constexpr(KIND_CODES["js"])
 
 
 def _cfg(r: int, v: int, d: int, warps: int, stages: int, r_js: int | None = None,
@@ -323,6 +328,9 @@ def _cf_integrand_kernel(H, DL, W, B, LSE, SHIFT, PF, n_rows, vocab, dim, n_pert
                          BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
                          BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (row, split): sum_v q_v f(x_v), q = e^(z - LSE), x = Delta - SHIFT, with f the
+    integrand of the divergence whose registry code is KIND (a constexpr: one branch per entry
+    with a ``triton_code``; the KL's is phi at SHIFT = c, the others' at SHIFT = L)."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + split_offset
     r0 = pid_r * BLOCK_R
@@ -344,11 +352,12 @@ def _cf_integrand_kernel(H, DL, W, B, LSE, SHIFT, PF, n_rows, vocab, dim, n_pert
         q = tl.exp(lq)[:, None, :]
         lq = lq[:, None, :]
         x = delta - shift[:, :, None]
-        if KIND == 0:
+        if KIND == _KL:
             f = _kl_term(x, lq, q)
-        elif KIND == 1:
+        elif KIND == _TV:
             f = _tv_term(x, lq, q)
         else:
+            tl.static_assert(KIND == _JS, "KIND is not a divergence code this kernel has a branch for")
             f = _js_term(x, lq, q)
         acc += tl.sum(tl.where(col_ok[None, None, :], f, 0.0), axis=2)
     out2 = (pid_s.to(tl.int64) * n_rows + rows64)[:, None] * n_pert + jj[None, :]
@@ -391,7 +400,7 @@ def _fold(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      deltas: torch.Tensor, params: LogitParams, kind: str,
+                      deltas: torch.Tensor, params: LogitParams, entry: Divergence,
                       shard=None) -> torch.Tensor:
     """At most MAX_MP perturbations (deltas [R, M, D], rows of D contiguous) -> [R, M] float32.
 
@@ -411,7 +420,7 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     pc = torch.empty(splits, r, m_pert, dtype=torch.float32, device=dev)
     pk = torch.empty_like(pc)
     pt = torch.empty_like(pc)
-    need_l = kind != "kl"
+    need_l = entry.needs_shift                                    # the integrand is at Delta - L
     psh = torch.empty_like(pc) if need_l else pc
     pe = torch.empty_like(pc) if need_l else pc
     head = (hidden, deltas, weight, bias if bias is not None else hidden)
@@ -471,17 +480,15 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         shift = torch.where(agree, l_small, l_big)
     pf = torch.empty_like(pc)
     if vocab > 0:
-        _launch(_cf_integrand_kernel, cfg, cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"], r, vocab,
+        _launch(_cf_integrand_kernel, cfg, cfg[entry.triton_block_r], r, vocab,
                 (*head, lse.contiguous(), shift.contiguous(), pf, *sizes),
-                dict(consts, KIND=KIND_CODES[kind]))
+                dict(consts, KIND=entry.triton_code))
     f = fold_sum(pf) if shard is None else rank_sum(shard, _fold(pf, (r, m_pert)))
-    if kind == "kl":
-        # F <= 1: KL = log1p(F) without cancellation; beyond (KL > ln 2, or an overflowed F), the
-        # difference of log-normalizers is accurate in relative terms
+    if not need_l:
+        # the KL. F <= 1: KL = log1p(F) without cancellation; beyond (KL > ln 2, or an overflowed
+        # F), the difference of log-normalizers is accurate in relative terms
         return torch.where(f <= 1.0, torch.log1p(f), (l_big - c).clamp_min(0.0))
-    if kind == "tv":
-        return f.mul_(0.5).clamp_(0.0, 1.0)
-    return f.clamp_(0.0, LN2)
+    return entry.finish(f)                                        # scale, clamp to [0, upper]
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -499,15 +506,28 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     and ``shard`` its ``_vocab_parallel.VocabShard`` (None: the whole head) -> [R, M] float32,
     the same on every rank. Collectives per block of MAX_MP perturbations: one MAX all-reduce of
     [R, 1+M] and two rank sums ([R, 1+2M], [R, M]) for KL; one more ([R, 2M]) for JS and TV.
+    ``kind`` must name a registry entry with a ``triton_code`` (ValueError otherwise).
     """
+    entry = _entry_with_kernel(kind)
     r, m_pert, _ = deltas.shape
     out = torch.empty(r, m_pert, dtype=torch.float32, device=hidden.device)
     if r == 0 or m_pert == 0:
         return out
     for m0 in range(0, m_pert, MAX_MP):
         m1 = min(m_pert, m0 + MAX_MP)
-        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, kind, shard)
+        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, entry, shard)
     return out
+
+
+def _entry_with_kernel(kind: str) -> Divergence:
+    """The registry entry ``kind``, refused with a ValueError when the integrand kernel has no
+    branch for it (``triton_code`` None)."""
+    entry = divergence_entry(kind)
+    if entry.triton_code is None:
+        raise ValueError(f"divergence {kind!r} has no Triton kernel (its registry entry's triton_code "
+                         "is None): run it with backend='torch' or 'reference', or give it a code and a "
+                         "branch in _cf_integrand_kernel (docs/CONTRIBUTING.md, 'A divergence')")
+    return entry
 
 
 def compile_cases(arch: str) -> list[CompileCase]:
@@ -540,12 +560,12 @@ def compile_cases(arch: str) -> list[CompileCase]:
                 cases.append(CompileCase(f"stats{'-L' if need_l else ''}-{tag}", _cf_stats_kernel,
                                          stats_sig, sconsts, cfg["num_warps"], cfg["num_stages"],
                                          large_shape_config=large, divisible_ints=div))
-            for kind in (("kl", "tv", "js") if full else ("kl",)):
-                block_r = cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"]
-                kconsts = {"KIND": KIND_CODES[kind], **consts, "BLOCK_R": block_r}
+            # every registry entry with a kernel branch; without the flags, the KL's only
+            for entry in (e for e in map(divergence_entry, KIND_CODES) if full or not e.needs_shift):
+                kconsts = {"KIND": entry.triton_code, **consts, "BLOCK_R": cfg[entry.triton_block_r]}
                 sig = {**head, "LSE": "*fp32", "SHIFT": "*fp32", "PF": "*fp32", **sizes,
                        **{k: "constexpr" for k in kconsts}}
-                cases.append(CompileCase(f"integrand-{kind}-{tag}", _cf_integrand_kernel, sig,
+                cases.append(CompileCase(f"integrand-{entry.name}-{tag}", _cf_integrand_kernel, sig,
                                          kconsts, cfg["num_warps"], cfg["num_stages"],
                                          large_shape_config=large, divisible_ints=div))
     return cases
