@@ -377,6 +377,8 @@ class RewardConfig:
     sigma: float = 0.05
     perturbation: Literal["gaussian", "sibling"] = "gaussian"
     alpha: float = 0.5
+    # the names of gccpo_kernels' divergence registry (divergences.py), written out: gccpo uses only
+    # the public kernel API; tests/kernels/test_divergence_registry.py keeps the two lists equal
     divergence: Literal["kl", "js", "tv"] = "kl"
     effectiveness: Literal["answer", "latent"] = "answer"
     process_gate: Literal["none", "signal", "outcome"] = "outcome"
