@@ -164,13 +164,13 @@ class ModelConfig:
 
     name: str = EMBEDDED_MODEL
     gguf_file: str | None = None
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     attn_implementation: str = "auto"
-    autocast: str = "auto"
+    autocast: Literal["auto", "bf16", "off"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    sharding: str = "none"
+    sharding: Literal["none", "fsdp", "zero3"] = "none"
 
     def __post_init__(self) -> None:
         self.check()
@@ -178,16 +178,14 @@ class ModelConfig:
     def check(self) -> None:
         """Types and ranges of every ``model.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "model")
+        c.literals()
         c.text("name")
         c.text("gguf_file", optional=True)
-        c.choice("dtype", ("auto", "float32", "bfloat16", "float16"))
         c.text("device")
         if not _valid_device(self.device):
             c.fail("device", "'auto' or a torch device ('cpu', 'cuda', 'cuda:1', ...)")
         c.text("attn_implementation")
-        c.choice("autocast", ("auto", "bf16", "off"))
         c.flag("trust_remote_code", "gradient_checkpointing")
-        c.choice("sharding", ("none", "fsdp", "zero3"))
 
 
 @dataclass
@@ -225,7 +223,7 @@ class TaskConfig:
     prompt: str = ("{question}\n\nSolve it step by step. Write each step on its own line, with a blank "
                    "line between steps. Finish with a last line of the form \"Answer: <answer>\".")
     system_prompt: str | None = None
-    answer_fallback: str = "last_number"
+    answer_fallback: Literal["last_number", "none"] = "last_number"
 
     def __post_init__(self) -> None:
         self.check()
@@ -233,6 +231,7 @@ class TaskConfig:
     def check(self) -> None:
         """Types and ranges of every ``task.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "task")
+        c.literals()
         c.text("name")
         c.mapping("params", optional=True)
         c.mapping("ood_params", optional=True)
@@ -243,7 +242,6 @@ class TaskConfig:
             c.text(key, optional=True)
         c.text("prompt")
         c.text("system_prompt", optional=True, empty=True)
-        c.choice("answer_fallback", ("last_number", "none"))
         if self.name == "jsonl" and not self.train_file:
             c.fail("train_file", "a JSONL file when task.name is 'jsonl'")
 
@@ -269,7 +267,7 @@ class RolloutConfig:
         vllm_gpu_memory_utilization: passed to ``vllm.LLM``.
     """
 
-    backend: str = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     questions_per_step: int = 4
     num_generations: int = 8
     temperature: float = 0.8
@@ -277,7 +275,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 200
-    decoder: str = "compact"
+    decoder: Literal["compact", "generate"] = "compact"
     vllm_gpu_memory_utilization: float = 0.3
 
     def __post_init__(self) -> None:
@@ -286,13 +284,12 @@ class RolloutConfig:
     def check(self) -> None:
         """Types and ranges of every ``rollout.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "rollout")
-        c.choice("backend", ("transformers", "vllm"))
+        c.literals()
         for key in ("questions_per_step", "num_generations", "max_new_tokens", "eval_max_new_tokens",
                     "eval_batch_size"):
             c.integer(key, 1)
         c.number("temperature", 0, open_low=True, note=" (greedy is for eval only)")
         c.number("top_p", 0, 1, open_low=True)
-        c.choice("decoder", ("compact", "generate"))
         c.number("vllm_gpu_memory_utilization", 0, 1, open_low=True)
 
 
@@ -505,6 +502,7 @@ class OptimConfig:
     def check(self) -> None:
         """Types and ranges of every ``optim.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "optim")
+        c.literals()
         c.number("lr", 0, open_low=True)
         c.number("weight_decay", 0)
         betas = self.betas
@@ -557,8 +555,8 @@ class TrainConfig:
     save_every: int = 0
     save_final: bool = True
     resume: str | None = None
-    backend: str | None = None
-    report_to: str = "none"
+    backend: Literal["auto", "triton", "torch", "reference"] | None = None
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
     wandb_project: str = "gccpo"
     plots: bool = True
     progress: bool = True
@@ -571,12 +569,11 @@ class TrainConfig:
     def check(self) -> None:
         """Types and ranges of every ``train.*`` option (raises :class:`ConfigError`)."""
         c = _Check(self, "train")
+        c.literals()
         for key in ("steps", "seed", "eval_every", "save_every", "threads"):
             c.integer(key, 0)
         c.text("output_dir", optional=True)
         c.text("resume", optional=True)
-        c.choice("backend", ("auto", "triton", "torch", "reference"), optional=True)
-        c.choice("report_to", ("none", "tensorboard", "wandb"))
         c.text("wandb_project")
         c.flag("eval_before", "save_final", "plots", "progress", "share_prompt")
 
