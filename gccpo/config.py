@@ -344,13 +344,12 @@ class RewardConfig:
             steps but, with eta * |omega R^| < 1, not flip the sign the outcome gave the
             completion). Why: without it a group where all G completions failed has no outcome
             advantage but a unit-scale process advantage, and the policy is trained on the causal
-            reward alone; measured on the embedded default (docs/trainer.md) that is reward
-            hacking of effectiveness (accuracy 0.19 -> 0.005).
+            reward alone, which docs/trainer.md measured as reward hacking on the default run.
         process_bound: *choice* beyond SPEC §6 (0: off, the SPEC), the largest |eta * omega_t * R^|
             of a token before the gate: with ``process_gate="outcome"`` and a bound < 1 the process
             part can never flip the sign the outcome gave a token (without it, a surprising
-            token's weight omega_t can push eta * omega_t * R^ past 1: measured 1-9% of tokens on
-            the default run, logged as ``advantage/sign_flips``).
+            token's weight omega_t can push eta * omega_t * R^ past 1, logged as
+            ``advantage/sign_flips``; docs/trainer.md has the measured share).
         gamma, scale, surprise_weighting, normalize_returns, eps: :func:`token_advantages` options.
         seed: seed of the perturbation generator (advanced every step, saved in checkpoints).
     """

@@ -69,10 +69,6 @@ def plan_of(model: Any) -> ShardingPlan | None:
     return getattr(model, "_gccpo_sharding", None)
 
 
-def is_sharded(model: Any) -> bool:
-    return plan_of(model) is not None
-
-
 # --------------------------------------------------------------------------------------------
 # finding the head
 # --------------------------------------------------------------------------------------------

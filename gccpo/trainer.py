@@ -439,12 +439,13 @@ class Trainer:
             return backbone_of(model)(input_ids=rollout.input_ids, attention_mask=am,
                                       position_ids=position_ids(am), use_cache=False).last_hidden_state
 
-    def _micro(self, rollout: Rollout) -> list[tuple[torch.Tensor, int]]:
-        """This step's micro-batches (:func:`_micro_batches`)."""
+    def _micro_batches_of(self, rollout: Rollout) -> list[tuple[torch.Tensor, int]]:
+        """This step's micro-batches: :func:`_micro_batches` with the configured ``grad_accum``."""
         return _micro_batches(rollout, self.config.optim.grad_accum, share_prompt=self.config.train.share_prompt)
 
-    def _completion_logprobs(self, model: Any, hidden: torch.Tensor, rollout: Rollout, **kw) -> Any:
-        """Hidden states that predict the completion tokens, aligned with them: ``[b, T, D]``."""
+    def _completion_hidden(self, model: Any, hidden: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """Hidden states that predict the completion tokens, aligned with them: ``[b, T, D]``, in
+        the LM head's dtype."""
         P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
         weight, _ = self._head(model)
         h = hidden[:, P - 1:P + T - 1]
@@ -453,7 +454,7 @@ class Trainer:
     def _logprobs(self, model: Any, hidden: torch.Tensor, part: Rollout) -> torch.Tensor:
         targets = part.completion_ids.masked_fill(~part.completion_mask, -100)
         with gathered_head(model) as (weight, bias):  # sharded: the full head for this call only
-            logp, _ = gk.fused_linear_logprobs(self._completion_logprobs(model, hidden, part), weight, targets,
+            logp, _ = gk.fused_linear_logprobs(self._completion_hidden(model, hidden, part), weight, targets,
                                                bias=bias, temperature=self.config.rollout.temperature,
                                                logit_scale=self.logit_scale, softcap=self.softcap,
                                                backend=self.config.train.backend)
@@ -466,7 +467,7 @@ class Trainer:
         head weight (the LM head itself is never called)."""
         model.eval()
         out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
-        for rows, width in self._micro(rollout):
+        for rows, width in self._micro_batches_of(rollout):
             part = rollout.select(rows, width)
             out[rows, :width] = self._logprobs(model, self._hidden(model, part), part)
         return out
@@ -488,7 +489,7 @@ class Trainer:
         old_logp = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
         K = episodes.episode_ends.shape[1]
         per_row = None  # [B, K, D] latents at every episode's readout position
-        for rows, width in self._micro(rollout):
+        for rows, width in self._micro_batches_of(rollout):
             part, ends = rollout.select(rows, width), episodes.episode_ends[rows]
             at = None
             if packed:
@@ -575,11 +576,11 @@ class Trainer:
         normalizer = _normalizer(cfg.loss.loss_agg, rollout.completion_mask)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, metrics = 0.0, {}
-        micro = self._micro(rollout)
+        micro = self._micro_batches_of(rollout)
         for i, (rows, width) in enumerate(micro):
             part = rollout.select(rows, width)
             hidden = self._hidden(self.model, part)
-            h = self._completion_logprobs(self.model, hidden, part)
+            h = self._completion_hidden(self.model, hidden, part)
 
             def policy_loss(weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor) -> Any:
                 return gk.fused_linear_policy_loss(

@@ -24,7 +24,6 @@ backends, make every rank raise. Every later check is on values that are the sam
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -173,11 +172,6 @@ def vocab_shard(weight: torch.Tensor, process_group: Any,
                          "GCCPO_BACKEND the same everywhere)")
     return VocabShard(group=group, rank=rank, world=world, offset=int(sum(sizes[:rank])),
                       local=local, total=int(sum(sizes)), comm_device=comm, backend=backend)
-
-
-def log_total(shard: VocabShard | None, local_vocab: int) -> float:
-    """log V of the full vocabulary (the entropy's upper bound)."""
-    return math.log(max(shard.total if shard is not None else local_vocab, 1))
 
 
 def all_gather(shard: VocabShard, t: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,10 @@ def _token_advantages_kernel(order_ptr, group_ptr, outcome_ptr, reward_ptr, ids_
                              mask_ptr, out_ptr, surp_ptr, size_ptr, ret_ptr, cnt_ptr,
                              B, T, K, eta, gamma, eps, scale_mode, surprise, normalize, norm_rewards,
                              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """SPEC §6 for the whole batch in one launch: the program at the first row of each group (in
+    the stable order ``order_ptr``) runs the module docstring's phases 1-4 for that group; every
+    other program returns at once. Scratch [B, K] buffers (surprise sums, sizes, returns) and
+    counts [B] are touched only by the group's program."""
     p = tl.program_id(0)
     g = tl.load(group_ptr + tl.load(order_ptr + p))
     g_prev = tl.load(group_ptr + tl.load(order_ptr + tl.maximum(p - 1, 0)))

@@ -145,6 +145,7 @@ def _tv_term(x, lq, q):
 
 @triton.jit
 def _softplus(x):
+    """log(1 + e^x), without overflow for large |x|."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 

@@ -59,6 +59,10 @@ def _mixture_kernel(H, W, B, LSE, OFF, MIX, n_rows, vocab, dim, stride_h, stride
                     scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 2: q_bar's column tile of one group. Program (g, v) sums q = e^(z - LSE) over group
+    g's rows (OFF[g]..OFF[g+1], in blocks of BLOCK_R from the group's own first row) for the
+    vocabulary tile v, recomputing the [BLOCK_R, BLOCK_V] logits from H and W, and writes the mean
+    to MIX[g, tile] (MIX: [G, V] float32). Only this program writes that tile: no atomics."""
     g = tl.program_id(0)
     pid_v = tl.program_id(1)
     lo = tl.load(OFF + g)
@@ -111,6 +115,10 @@ def _row_kl_kernel(H, W, B, LSE, GID, LMIX, PK, n_rows, vocab, dim, stride_h, st
                    HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 3: per (row block, vocabulary split), sum_v q_v (log q_v - log q_bar_g,v) over the
+    split's n_tiles tiles of BLOCK_V columns, with q from the recomputed logits and LSE, g = GID[row]
+    and log q_bar read from LMIX ([G, V]); writes the partial sums to PK[split, row] (the splits
+    are folded on the host side in a fixed order)."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + split_offset
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -91,6 +91,10 @@ def _logprob_forward_kernel(H, W, B, Y, PM, PS, PT, PZ, n_rows, vocab, dim, stri
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                             V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
                             PRECISION: tl.constexpr):
+    """SPEC §1 forward, one (BLOCK_N rows, V_SPLIT columns) program: logit tiles z = (H W^T [+ B])
+    * scale [capped], folded into per-row running statistics written per split: max PM, sum
+    e^(z - m) PS, sum e^(z - m) (z - m) PT and the target logit PZ (0 when Y is outside the split).
+    The host folds the splits in a fixed order into lse, logp and entropy."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,6 +137,11 @@ def _grad_logits_kernel(H, W, B, Y, LSE, ENT, GL, GE, G, n_rows, vocab, dim, str
                         HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """SPEC §1 backward, one (BLOCK_N rows, BLOCK_V columns) tile of the workspace chunk starting
+    at column col_offset: recomputes z, p = e^(z - LSE), and writes
+    G = scale * (GL (onehot(Y) - p) - GE p (z - (LSE - ENT))) * (1 - (z / cap)^2 when capped), the
+    gradient of sum(GL logp + GE H) with respect to the pre-scale logits. The host's two GEMMs
+    turn G into d hidden and d weight."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -192,7 +192,7 @@ def test_grpo_mode_equals_hand_computed_step(tmp_path, grad_accum, share_prompt)
     # with shared prompts whole groups stay together; without, rows are sorted by length (the
     # short ones no longer padded to the longest): both splits must give the same step
     contiguous = [rows.tolist() == list(range(int(rows[0]), int(rows[0]) + len(rows)))
-                  for rows, _ in trainer._micro(rollout)]
+                  for rows, _ in trainer._micro_batches_of(rollout)]
     assert all(contiguous) == share_prompt
     assert 0 < rewards.sum() < 8
     hand_model = copy.deepcopy(trainer.model)
