@@ -325,7 +325,7 @@ class RewardConfig:
         mi_threshold: ``mi_floor``'s floor on the mutual information (nats) at an episode index.
         align_probe: end the probe exactly where the answer's first token starts, as the
             tokenizer writes ``probe_text + " " + answer`` (SmolLM2: after the bare space token;
-            :func:`gccpo.rewards.aligned_probe_ids`). False: the probe text's own tokens (the
+            :func:`gccpo.probes.aligned_probe_ids`). False: the probe text's own tokens (the
             readout then reads the next-token distribution at the colon, mostly a space).
         probe_batch_size: probe sequences per no-grad forward.
         readout_temperature: tau_r of the answer distribution.

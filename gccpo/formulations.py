@@ -45,7 +45,8 @@ import torch
 from .config import RewardConfig
 import gccpo_kernels as gk
 
-from .rewards import CausalReward, EpisodeIndex, answer_logits, answer_mass, causal_reward, robustness
+from .probes import EpisodeIndex
+from .rewards import CausalReward, answer_logits, answer_mass, causal_reward, robustness
 
 FORMULATION_REGISTRY: dict[str, Callable[["Readouts"], CausalReward]] = {}
 # what a formulation reads beyond the latents: "answers" (prior readouts and the reference
@@ -305,7 +306,7 @@ def info_gain(r: Readouts) -> CausalReward:
         raise ValueError("reward.formulation info_gain needs the readout after the prompt and the correct "
                          "answer's tokens (prior_latents / prior_loglik, answer_first)")
     if sequence and r.answer_loglik is None:
-        raise ValueError("reward.answer_readout sequence needs answer_loglik (gccpo.rewards.answer_logliks)")
+        raise ValueError("reward.answer_readout sequence needs answer_loglik (gccpo.probes.answer_logliks)")
     if r.answer_ids is None and not sequence:
         raise ValueError("reward.formulation info_gain reads q over the answer vocabulary: use "
                          "--reward.answer_tokens digits (or auto on a numeric task)")

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .probes import PACKED_ATTENTION, backbone_of
+
 #: ``model.sharding`` values.
 SHARDING_MODES = ("none", "fsdp", "zero3")
 #: the name of the forward method registered on the unit that owns the head weight.
@@ -83,8 +85,6 @@ def _name_of(root: torch.nn.Module, target: torch.nn.Module) -> str | None:
 
 def _head_layout(model: torch.nn.Module) -> tuple[bool, str, str, str | None]:
     """``(tied, unit, weight, bias)``: where the head weight lives (see :class:`ShardingPlan`)."""
-    from .rewards import backbone_of
-
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to shard")
@@ -110,8 +110,6 @@ def _head_layout(model: torch.nn.Module) -> tuple[bool, str, str, str | None]:
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks: modules whose class transformers marks as not to be split
     (``_no_split_modules``), else the children of the backbone's ``layers`` list."""
-    from .rewards import backbone_of
-
     names = set(getattr(model, "_no_split_modules", None) or [])
     backbone = backbone_of(model)
     layers, taken = [], []
@@ -161,8 +159,6 @@ def shard_model(model: torch.nn.Module, mode: str, device: torch.device | None =
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("model.sharding=fsdp needs several processes: launch with "
                            "`accelerate launch --multi_gpu --num_processes N -m gccpo.train ...` or torchrun")
-    from .rewards import backbone_of
-
     device = device or next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     tied, unit, weight, bias = _head_layout(model)
@@ -299,8 +295,6 @@ def check_lock_step(config: Any, model: Any, eval_sizes: list[int], world: int) 
     different numbers of ``generate`` batches."""
     if plan_of(model) is None:
         return
-    from .rewards import PACKED_ATTENTION
-
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if config.causal and config.reward.readout == "probe" and attn not in PACKED_ATTENTION:
         raise ValueError(f"model.sharding={config.model.sharding} with reward.readout=probe needs the packed probe "

@@ -85,10 +85,9 @@ import torch
 
 from .config import Config, ConfigError, TaskConfig, load_config
 from .episodes import EpisodeConfig, split_episodes
-from .rewards import outcome_rewards
 from .rollout import Rollout, generate
 from .stats import paired_problems, t_interval, wilson_interval
-from .tasks import ID_DEFAULTS, OOD_DEFAULTS, Problem, Task, build_task
+from .tasks import ID_DEFAULTS, OOD_DEFAULTS, Problem, Task, build_task, outcome_rewards
 
 #: The candidates of issue 21 when ``--tasks`` is not given. chain_sum with 4-5 terms gets OOD overrides of
 #: its own (6-7 terms): the default ones (1-2 digits) repeat about half of its ID eval problems (:func:`ood_overlap`).
@@ -230,7 +229,7 @@ def completion_rows(model: Any, tokenizer: Any, task: Task, problems: Sequence[P
                     episodes: EpisodeConfig) -> dict[str, Any]:
     """Per completion (rows of a problem contiguous): ``correct`` (full verifier score), ``score``,
     ``episodes``, ``length`` (tokens), ``truncated``, and the ``texts``; ``faults``: the
-    verifier's fault counts (:func:`gccpo.rewards.outcome_rewards`)."""
+    verifier's fault counts (:func:`gccpo.tasks.outcome_rewards`)."""
     ids, mask = rollout.completion_ids, rollout.completion_mask
     texts = tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True)
     per_row = [problems[int(g)] for g in rollout.group_index.tolist()]

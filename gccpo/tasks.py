@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .config import ConfigError, TaskConfig, read_user_file
 
 #: In-distribution dataset parameters of the reasoning-gym tasks the trainer knows well.
@@ -299,3 +301,39 @@ def build_task(config: TaskConfig) -> Task:
     if config.name == "jsonl":
         return _build_jsonl(config)
     return _build_gym(config)
+
+
+def outcome_rewards(task: Any, problems: Sequence[Any], texts: Sequence[str],
+                    counts: dict[str, int] | None = None) -> torch.Tensor:
+    """``[B]`` float32 verifier scores of the completions (``problems[i]`` is row i's problem).
+
+    Never lets one completion stop the run: a verifier that raises scores 0; a non-finite or
+    out-of-[0, 1] value scores 0 or is clamped (:func:`gccpo.tasks.sanitize_reward`). When
+    ``counts`` is given it gets, over these completions: ``empty`` (no text), ``unparsable`` (no
+    answer could be extracted), ``verifier_errors``, ``nonfinite``, ``out_of_range``. A task with
+    ``extract`` and ``verify`` (:class:`gccpo.tasks.Task`) has each answer extracted once;
+    otherwise its ``score(text, problem)`` is the verifier.
+    """
+    tally = dict.fromkeys(("empty", "unparsable", "verifier_errors", "nonfinite", "out_of_range"), 0)
+    staged = hasattr(task, "extract") and hasattr(task, "verify")
+    scores = []
+    for text, problem in zip(texts, problems):
+        tally["empty"] += not text.strip()
+        try:
+            if staged:
+                answer = task.extract(text)
+                tally["unparsable"] += answer is None
+                raw = float(task.verify(answer, problem))
+            else:
+                raw = float(task.score(text, problem))
+        except Exception:
+            tally["verifier_errors"] += 1
+            raw = 0.0
+        value, fault = sanitize_reward(raw)
+        if fault is not None:
+            tally[fault] += 1
+        scores.append(value)
+    if counts is not None:
+        for k, v in tally.items():
+            counts[k] = counts.get(k, 0) + v
+    return torch.tensor(scores, dtype=torch.float32)

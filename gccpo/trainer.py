@@ -48,14 +48,15 @@ from .formulations import FORMULATION_NEEDS, FORMULATION_REGISTRY, Readouts, ans
 from .models import load_model, logit_params
 from .prefix import shared_prompt_hidden
 from .report import RunLog, _print, _progress, format_summary, plot_run
-from .rewards import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, answer_token_ids, outcome_rewards,
-                      packed_probe_forward, probe_latents, probe_token_ids)
+from .probes import (PACKED_ATTENTION, EpisodeIndex, answer_logliks, backbone_of, packed_probe_forward, probe_latents,
+                     probe_token_ids)
+from .rewards import answer_token_ids
 from .rollout import Rollout, VLLMSampler, eos_ids, generate
 from .shaping import ShapedAdvantages, advantage_options, gate_episodes, shape_advantages
 from .sharding import (Zero3, all_agree, check_lock_step, clip_grad_norm, full_state_dict, gathered_head, head_call,
                        load_optimizer_state_dict, optimizer_state_dict, plan_of, shard_model)
 from .stats import normal_interval, wilson_interval
-from .tasks import Task, build_task
+from .tasks import Task, build_task, outcome_rewards
 from .tensors import position_ids, unique_prompts
 
 # --------------------------------------------------------------------------------------------
@@ -426,8 +427,6 @@ class Trainer:
 
     def _hidden(self, model: Any, rollout: Rollout) -> torch.Tensor:
         """``[b, P + T, D]`` final hidden states of the backbone (no LM head)."""
-        from .rewards import backbone_of
-
         am = rollout.attention_mask
         with self._autocast():
             # each distinct prompt encoded once (gccpo/prefix.py); sharded: all processes or none

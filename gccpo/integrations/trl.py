@@ -470,7 +470,8 @@ class GCCPOGRPOTrainer(GRPOTrainer):
     # -------------------------------------------------------------------------------------------
 
     def _gccpo_check_causal(self, base: Any) -> None:
-        from gccpo.rewards import PACKED_ATTENTION, answer_token_ids, probe_token_ids
+        from gccpo.probes import PACKED_ATTENTION, probe_token_ids
+        from gccpo.rewards import answer_token_ids
 
         rc = self.gccpo_reward
         rc.check()  # its allowed values, checked once in the dataclass (it may have been changed since)
@@ -499,7 +500,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
         """``[B, T]`` TRL's outcome advantage + eta * the causal process advantage (SPEC §6)."""
         from gccpo.episodes import split_episodes
         from gccpo.formulations import FORMULATION_REGISTRY, Readouts
-        from gccpo.rewards import EpisodeIndex, packed_probe_mask
+        from gccpo.probes import EpisodeIndex, packed_probe_mask
 
         rc = self.gccpo_reward
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]

@@ -108,7 +108,7 @@ def test_bad_completions_verifiers_and_rewards_are_counted(tmp_path):
 
 
 def test_outcome_rewards_counts_empty_and_unparsable_completions(tmp_path):
-    from gccpo.rewards import outcome_rewards
+    from gccpo.tasks import outcome_rewards
     from gccpo.tasks import Problem
 
     trainer = make_trainer(tiny_config(tmp_path, "--train.eval_before", "false"))

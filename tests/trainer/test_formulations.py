@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from gccpo.config import FORMULATIONS, RewardConfig  # noqa: E402
 from gccpo.formulations import (FORMULATION_REGISTRY, Readouts, answer_first_ids,  # noqa: E402
                                 answer_log_probs, info_gain_rewards)
-from gccpo.rewards import EpisodeIndex  # noqa: E402
+from gccpo.probes import EpisodeIndex  # noqa: E402
 
 F64 = torch.float64
 
@@ -104,7 +104,7 @@ def test_answer_first_token_on_smollm2():
 
     from transformers import AutoTokenizer
 
-    from gccpo.rewards import aligned_probe_ids
+    from gccpo.probes import aligned_probe_ids
 
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     probe = aligned_probe_ids(tok, "\nAnswer:")
@@ -374,7 +374,7 @@ def test_info_gain_sequence_reads_the_given_logliks():
 def test_answer_logliks_match_a_plain_forward():
     """The whole answer's teacher-forced log-likelihood after each episode's probe equals log-softmax
     of the model's own logits on prefix + probe + answer (tiny random Llama, answers of 1-3 tokens)."""
-    from gccpo.rewards import answer_logliks
+    from gccpo.probes import answer_logliks
     from tests.trainer.test_trainer import tiny_model, tiny_tokenizer
 
     model = tiny_model(tiny_tokenizer())

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from gccpo.prefix import shared_prompt_hidden  # noqa: E402
 from gccpo.tensors import unique_prompts  # noqa: E402
-from gccpo.rewards import backbone_of  # noqa: E402
+from gccpo.probes import backbone_of  # noqa: E402
 from gccpo.tensors import position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -9,9 +9,10 @@ pytest.importorskip("transformers")
 
 from gccpo.config import RewardConfig  # noqa: E402
 from gccpo.episodes import EpisodeConfig, split_episodes  # noqa: E402
-from gccpo.rewards import (EpisodeIndex, answer_token_ids, boundary_latents, causal_reward, gate_by_outcome,  # noqa: E402
-                           bound_process, packed_probe_forward, probe_latents, scale_process_by_outcome)
 from gccpo.prefix import encode_prompts  # noqa: E402
+from gccpo.probes import EpisodeIndex, boundary_latents, packed_probe_forward, probe_latents  # noqa: E402
+from gccpo.rewards import (answer_token_ids, bound_process, causal_reward, gate_by_outcome,  # noqa: E402
+                           scale_process_by_outcome)
 from gccpo.rollout import generate  # noqa: E402
 from gccpo.tensors import position_ids  # noqa: E402
 from tests.trainer.test_trainer import tiny_model, tiny_tokenizer  # noqa: E402
@@ -197,7 +198,7 @@ class _CharTokenizer:
 
 
 def test_aligned_probe_stops_before_the_answer_token():
-    from gccpo.rewards import aligned_probe_ids
+    from gccpo.probes import aligned_probe_ids
 
     tok = _CharTokenizer()
     assert aligned_probe_ids(tok, "\nAnswer:") == [0, 1, 2]      # " 7" carries the space
@@ -227,7 +228,8 @@ def test_aligned_probe_reads_the_answer_on_smollm2(smollm2_model):
     the answer vocabulary; the probe text's own tokens ("...Answer:") put almost all of it on the
     space SmolLM2 writes before a number."""
     from gccpo.config import RewardConfig, TaskConfig
-    from gccpo.rewards import answer_mass, answer_token_ids, backbone_of, probe_token_ids
+    from gccpo.probes import backbone_of, probe_token_ids
+    from gccpo.rewards import answer_mass, answer_token_ids
     from gccpo.models import logit_params
 
     model, tok = smollm2_model
@@ -277,7 +279,7 @@ def _formulation_output(name: str, group_index, rewards, K: int, gen):
     """The registered formulation ``name`` on random readouts of a [B, K] batch (every row K episodes)."""
     from gccpo.config import RewardConfig
     from gccpo.formulations import FORMULATION_REGISTRY, Readouts
-    from gccpo.rewards import EpisodeIndex
+    from gccpo.probes import EpisodeIndex
 
     B, d = group_index.shape[0], 8
     rows = torch.arange(B).repeat_interleave(K)
