@@ -21,12 +21,12 @@ import gccpo_kernels as gk
 from gccpo.config import ModelConfig, RewardConfig, TaskConfig
 from gccpo.episodes import EpisodeConfig, split_episodes
 from gccpo.formulations import standardize_in_groups
-from gccpo.rewards import answer_token_ids
-from gccpo.probes import EpisodeIndex, packed_probe_forward, probe_token_ids
-from gccpo.shaping import shape_advantages
-from gccpo.rollout import generate
-from gccpo.tasks import build_task
 from gccpo.models import load_model, logit_params
+from gccpo.probes import EpisodeIndex, packed_probe_forward, probe_token_ids
+from gccpo.rewards import answer_token_ids
+from gccpo.rollout import generate
+from gccpo.shaping import shape_advantages
+from gccpo.tasks import build_task
 
 
 def main() -> None:
