@@ -3,12 +3,15 @@
 Each formulation maps one batch's episode readouts (:class:`Readouts`) to a
 :class:`gccpo.rewards.CausalReward` (``[B, K]`` episode rewards and their parts), on the public
 kernels. Register a new one with :func:`formulation`; :data:`gccpo.config.FORMULATIONS` lists the
-names the config accepts (a test keeps the two equal). With ``reward.term_norm = "group"`` (the
-default) every term is standardized over its question's episodes before the weights
-(:func:`standardize_in_groups`), so that ``w_rob`` and ``w_eff`` mean what they say.
+names the config accepts (a test keeps the two equal). With ``reward.term_norm = "group"`` every
+term is standardized over its question's episodes before the weights
+(:func:`standardize_in_groups`), so that ``w_rob`` and ``w_eff`` mean what they say; the default,
+``"auto"``, does so for ``paper`` and ``mi_floor`` and not for ``spec`` (measured: its
+standardized effectiveness is gamed).
 
 - ``spec``: SPEC §5 (robustness under perturbations + effectiveness against the batch mixture at
-  the same episode index; :func:`gccpo.rewards.causal_reward`), the terms standardized as above.
+  the same episode index; :func:`gccpo.rewards.causal_reward`), raw by default, standardized
+  with ``term_norm group``.
 - ``paper``: our reading of the paper's §3.1-3.3 (its equations and appendices are not available
   to us; what is ours is marked *ours*): r = w_rob z(stability) + w_eff z(norm ratio)
   + z(r_out / K_i), then a truncated-mean group normalization (``reward.trim``), then the surprise
@@ -156,11 +159,11 @@ def standardize_in_groups(values: torch.Tensor, valid: torch.Tensor, group_index
 
 def weigh_terms(terms: list[tuple[float, torch.Tensor]], r: Readouts) -> torch.Tensor:
     """``[B, K]`` sum_j w_j t_j over the valid episodes, each term standardized over its question's
-    episodes first when ``reward.term_norm == "group"``."""
+    episodes first when ``reward.term_norm`` says so (:attr:`RewardConfig.terms_standardized`)."""
     valid = r.valid()
     total = torch.zeros(r.shape, dtype=torch.float32, device=r.latents.device)
     for w, t in terms:
-        if r.config.term_norm == "group":
+        if r.config.terms_standardized:
             t = standardize_in_groups(t, valid, r.group_index, eps=r.config.eps)
         total = total + w * t
     return total.masked_fill(~valid, 0.0)
@@ -171,7 +174,7 @@ def spec(r: Readouts) -> CausalReward:
     out = causal_reward(r.latents, r.index, r.group_index, r.shape, r.weight, r.bias, r.config,
                         logit_scale=r.logit_scale, softcap=r.softcap, answer_ids=r.answer_ids,
                         generator=r.generator, backend=r.backend)
-    if r.config.term_norm == "group":
+    if r.config.terms_standardized:
         out.reward = weigh_terms([(r.config.w_rob, out.robustness), (r.config.w_eff, out.effectiveness)], r)
     return out
 

@@ -74,7 +74,8 @@ def test_every_arm_differs_from_gccpo_only_in_its_reward_option(tmp_path):
     assert configs["grpo"]["reward"]["eta"] == 0 and configs["gccpo"]["reward"]["eta"] > 0
     expected = {"rob_only": ("w_eff", 0.0), "eff_only": ("w_rob", 0.0), "js": ("divergence", "js"),
                 "sibling": ("perturbation", "sibling"), "paper": ("formulation", "paper"),
-                "info_gain": ("formulation", "info_gain"), "mi_floor": ("formulation", "mi_floor")}
+                "info_gain": ("formulation", "info_gain"), "mi_floor": ("formulation", "mi_floor"),
+                "spec_group": ("term_norm", "group")}
     assert configs["spec"] == {**configs["gccpo"], "train": configs["spec"]["train"]}  # spec is the default
     for arm, (key, value) in expected.items():
         cfg, base = configs[arm], configs["gccpo"]

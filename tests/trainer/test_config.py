@@ -140,7 +140,7 @@ def test_resume_keeps_every_option_not_given_again():
 
 
 def test_resume_of_a_checkpoint_without_a_new_option_keeps_its_old_behaviour():
-    """reward.term_norm came with a new default (group); a checkpoint saved before it ran with raw
+    """reward.term_norm came with a new default (auto); a checkpoint saved before it ran with raw
     terms, so resuming it keeps them unless the option is given again."""
     from gccpo.config import resume_config
 
@@ -153,7 +153,7 @@ def test_resume_of_a_checkpoint_without_a_new_option_keeps_its_old_behaviour():
     resume_config(c, saved, "ckpt")
     assert c.reward.term_norm == "group"
     c = load_config([])
-    resume_config(c, load_config([]).to_dict(), "ckpt")  # a new checkpoint: its own value
+    resume_config(c, load_config(["--reward.term_norm", "group"]).to_dict(), "ckpt")  # a new one: its own value
     assert c.reward.term_norm == "group"
 
 

@@ -326,8 +326,10 @@ def test_spec_standardizes_each_term():
     """term_norm group: w_rob z(R_rob) + w_eff z(R_eff); none: SPEC §5 as written."""
     from gccpo.formulations import standardize_in_groups
 
-    grouped = FORMULATION_REGISTRY["spec"](_readouts("spec"))
+    grouped = FORMULATION_REGISTRY["spec"](_readouts("spec", term_norm="group"))
     raw = FORMULATION_REGISTRY["spec"](_readouts("spec", term_norm="none"))
+    default = FORMULATION_REGISTRY["spec"](_readouts("spec"))  # auto: spec's terms stay raw
+    torch.testing.assert_close(default.reward, raw.reward)
     torch.testing.assert_close(raw.robustness, grouped.robustness)
     v, groups = grouped.valid, torch.tensor([0, 0, 0, 1, 1, 1])
     want = 0.9 * standardize_in_groups(grouped.robustness, v, groups) + \
@@ -495,3 +497,10 @@ def test_a_formulation_without_its_answer_vocabulary_is_refused_at_start(tmp_pat
     cfg.task.train_file = cfg.task.eval_file = cfg.task.ood_file = str(words)
     with pytest.raises(ConfigError, match="reads the answer vocabulary"):
         make_trainer(cfg)
+
+
+def test_term_norm_auto_standardizes_paper_and_mi_floor_not_spec():
+    assert [RewardConfig(formulation=f).terms_standardized for f in ("spec", "paper", "info_gain", "mi_floor")] == \
+        [False, True, False, True]
+    assert RewardConfig(formulation="spec", term_norm="group").terms_standardized
+    assert not RewardConfig(formulation="paper", term_norm="none").terms_standardized
