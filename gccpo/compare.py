@@ -162,7 +162,8 @@ def summarize(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any],
                  "causal_kernels_share": sum(h.get("perf/causal_s", 0.0) for h in steps) / step_s if step_s else 0.0,
                  "run_minutes": mean_se([results[arm][s]["seconds"] / 60 for s in seeds])[0]}
         report["cost"][arm] = entry
-    report["diagnostics"] = diagnostics(arms, seeds, before, results, clip_at=load_config(list(shared)).optim.max_grad_norm)
+    clip_at = load_config(list(shared)).optim.max_grad_norm
+    report["diagnostics"] = diagnostics(arms, seeds, before, results, clip_at=clip_at)
     if BASELINE in arms:
         base_reward = report["cost"][BASELINE]["reward_s"]
         for arm in arms:
@@ -194,7 +195,9 @@ def diagnostics(arms: Sequence[str], seeds: Sequence[int], before: dict[str, Any
         steps = [h for run in runs for h in run]
         first = [h for run in runs for h in run[:5]]
         last = [h for run in runs for h in run[-5:]]
-        mean = (lambda rows, k: (sum(r[k] for r in rows if k in r) / n) if (n := sum(k in r for r in rows)) else math.nan)
+        def mean(rows: list[dict[str, Any]], k: str) -> float:
+            n = sum(k in r for r in rows)
+            return sum(r[k] for r in rows if k in r) / n if n else math.nan
         norms = [h["optim/grad_norm"] for h in steps if "optim/grad_norm" in h]
         at = {}
         for step in (1, 15, 30):
@@ -259,9 +262,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {c['step_s']:.1f} | {_share(c['causal_kernels_share'])}% | "
                      f"{_share(c.get('causal_total_share', math.nan))}% | {c['run_minutes']:.1f} |")
     if report.get("diagnostics"):
-        lines += ["", "| arm | grad-norm median (× baseline) | clipped steps | truncated (last 10) | episodes / completion "
-                  "(≥ 2) | answer mass (1 / 15 / 30) | effectiveness (first 5 → last 5) | train acc (first 5 → last 5) "
-                  "| collapse signs |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| arm | grad-norm median (× baseline) | clipped steps | truncated (last 10) "
+                  "| episodes / completion (≥ 2) | answer mass (1 / 15 / 30) "
+                  "| effectiveness (first 5 → last 5) | train acc (first 5 → last 5) | collapse signs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         num = (lambda x, f="{:.2f}": "–" if x is None or math.isnan(x) else f.format(x))  # noqa: E731
         for arm, d in report["diagnostics"].items():
             mass = " / ".join(num(d["answer_mass"][k]) for k in ("1", "15", "30"))

@@ -107,6 +107,9 @@ def compact_decode(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     Returns:
         ``(ids [B, T], logp [B, T] float32)``: generated tokens right-padded with ``pad`` (T the
         longest row's length) and the sampler's log-probs (0 after a row ended).
+
+    (69 lines, kept whole: one decoding loop whose cache, finished-row bookkeeping and sampling
+    share state step to step.)
     """
 
     B, device = prompt_ids.shape[0], prompt_ids.device

@@ -136,6 +136,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, num_generati
         :class:`Rollout` on the model's device.
     Cost: ``compact``: prefill of the distinct prompts + one single-token step per generated token
     of each row; ``generate``: B * (longest row) decoding steps. One [rows, V] log-softmax per step.
+
+    (92 lines, kept whole: batching, the decoder choice and the padding of the result read as one
+    recipe; each part alone would only be called here.)
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")

@@ -184,6 +184,9 @@ def add_gccpo_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_t
     Raises:
         ValueError: an unsupported output, or a Mixture-of-Experts model whose config asks for
             router logits (the auxiliary loss is TRL's; keep ``add_fused_lm_head`` there).
+
+    (67 lines, kept whole: the patched forward must close over the head's parameters and the
+    transform resolved here.)
     """
     unknown = [o for o in outputs if o not in SUPPORTED_OUTPUTS]
     if unknown:
@@ -497,7 +500,11 @@ class GCCPOGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _gccpo_token_advantages(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``[B, T]`` TRL's outcome advantage + eta * the causal process advantage (SPEC §6)."""
+        """``[B, T]`` TRL's outcome advantage + eta * the causal process advantage (SPEC §6).
+
+        (75 lines, kept whole: it follows TRL's batch layout step by step — episodes, the packed
+        probe forward through the model's own forward hook, the formulation, the shaping — and the
+        pieces share that layout's locals.)"""
         from gccpo.episodes import split_episodes
         from gccpo.formulations import FORMULATION_REGISTRY, Readouts
         from gccpo.probes import EpisodeIndex, packed_probe_mask

