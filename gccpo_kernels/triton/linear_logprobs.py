@@ -86,6 +86,24 @@ def _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, strid
 
 
 @triton.jit
+def _fold_row_stats(z, cols, col_ok, y, m, s, t, zy):
+    """Fold a [rows, cols] logit tile into each row's online softmax statistics: running max m,
+    s = sum e^(z - m), t = sum e^(z - m) (z - m), and the target logit zy (columns outside
+    ``col_ok`` match no target and add nothing). Returns the updated ``(m, s, t, zy)``; the one
+    copy of this fold, shared by the SPEC §1 forward and the in-forward loss's row statistics."""
+    zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
+    z = tl.where(col_ok[None, :], z, _NEG_BIG)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    zc = z - m_new[:, None]
+    e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
+    # t tracks sum e (z - m) for the current m: shifting m by d adds s * d before rescaling
+    t = alpha * (t + s * (m - m_new)) + tl.sum(e * zc, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, t, zy
+
+
+@triton.jit
 def _logprob_forward_kernel(H, W, B, Y, PM, PS, PT, PZ, n_rows, vocab, dim, stride_h, stride_w,
                             scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -113,17 +131,7 @@ def _logprob_forward_kernel(H, W, B, Y, PM, PS, PT, PZ, n_rows, vocab, dim, stri
         z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
                         softcap, HAS_BIAS, HAS_CAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
                         PRECISION)
-        # col_ok: columns past V hold the clamped last column's logit and must match no target
-        zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-        z = tl.where(col_ok[None, :], z, _NEG_BIG)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
-        # t tracks sum e (z - m) for the current m: shifting m by d adds s * d before rescaling
-        t = alpha * (t + s * (m - m_new)) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t, zy = _fold_row_stats(z, cols, col_ok, y, m, s, t, zy)
     out = pid_s.to(tl.int64) * n_rows + rows64
     tl.store(PM + out, m, mask=row_ok)
     tl.store(PS + out, s, mask=row_ok)

@@ -54,6 +54,7 @@ from .._gemm import addmm_f32_, mm_f32
 from .._logits import LogitParams
 from .._workspace import workspace_bytes
 from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, tanh
+from .linear_logprobs import _NEG_BIG, _fold_row_stats
 
 # (row slice start, end, logp [rows], entropy [rows]) -> (d loss / d logp, d loss / d entropy | None)
 TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor],
@@ -73,7 +74,6 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "sm90": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 8)},
     "sm80": {"stats": _cfg(2, 2048, 8), "grad": _cfg(16, 256, 8)},
 }
-_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - m) is 0, 0 * it finite
 
 ROW_CHUNK = 8192  # at most this many rows per chunk (d weight's read-modify-write: once per chunk)
 ROW_POW2_FROM = 64  # from this many rows on, chunks are rounded down to a power of two
@@ -116,16 +116,7 @@ def _row_stats_kernel(U, B, Y, LSE, ENT, LOGP, n_rows, vocab, stride_u, scale, s
         ok = row_ok[:, None] & col_ok[None, :]
         u = tl.load(U + rows64[:, None] * stride_u + cols64[None, :], mask=ok, other=0.0)
         z = _transform(u, B, cols64, col_ok, scale, softcap, HAS_BIAS, HAS_CAP)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        z = tl.where(col_ok[None, :], z, _NEG_BIG)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
-        # t tracks sum e (z - m) for the current m: shifting m by d adds s * d before rescaling
-        t = alpha * (t + s * (m - m_new)) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t, zy = _fold_row_stats(z, cols, col_ok, y, m, s, t, zy)
     log_s = tl.log(s)
     lse = m + log_s
     ent = tl.minimum(tl.maximum(log_s - t / s, 0.0), log_vocab)
