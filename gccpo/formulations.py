@@ -116,6 +116,33 @@ class Readouts:
                     temperature=self.config.readout_temperature, logit_scale=self.logit_scale,
                     softcap=self.softcap, answer_token_ids=ids, backend=self.backend)
 
+    def empty(self) -> CausalReward:
+        """The rewards of a batch without episodes: zeros everywhere."""
+        zero = torch.zeros(self.shape, dtype=torch.float32, device=self.latents.device)
+        return CausalReward(zero, zero.clone(), zero.clone(), self.valid())
+
+    def head_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, latents)`` detached, the latents in the LM head's dtype."""
+        w = self.weight.detach()
+        return w, self.latents.detach().to(w.dtype)
+
+    def robustness(self) -> torch.Tensor:
+        """``[B, K]`` SPEC §5's robustness of every episode (:func:`gccpo.rewards.robustness`)."""
+        w, h = self.head_inputs()
+        groups = self.group_index.to(h.device)[self.index.rows]
+        return self.table(robustness(h, w, groups, self.config, self.generator, **self.common()))
+
+    def answer_mass(self) -> torch.Tensor | None:
+        """``[B, K]`` the answer vocabulary's share of the next-token mass at each readout (None
+        without an answer vocabulary)."""
+        if self.answer_ids is None:
+            return None
+        w, h = self.head_inputs()
+        c = self.common()
+        return self.table(answer_mass(h, w, c["bias"], c["answer_token_ids"], backend=self.backend,
+                                      temperature=c["temperature"], logit_scale=self.logit_scale,
+                                      softcap=self.softcap))
+
     def table(self, values: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` float32 from ``[R]`` per-episode values (0 where no episode)."""
         out = torch.zeros(self.shape, dtype=torch.float32, device=self.latents.device)
@@ -210,21 +237,16 @@ def paper(r: Readouts) -> CausalReward:
                          "--reward.answer_tokens digits (or auto on a numeric task)")
     if r.outcome is None:
         raise ValueError("reward.formulation paper splits the outcome reward over the episodes: pass outcome")
-    valid = r.valid()
-    zero = torch.zeros(r.shape, dtype=torch.float32, device=r.latents.device)
     if r.latents.shape[0] == 0:
-        return CausalReward(zero, zero.clone(), zero.clone(), valid)
-    w = r.weight.detach()
-    h = r.latents.detach().to(w.dtype)
-    common = r.common()
-    stability = r.table(robustness(h, w, r.group_index.to(h.device)[r.index.rows], r.config, r.generator, **common))
-    ratio = r.table(answer_energy_share(h, w, common["answer_token_ids"]))
+        return r.empty()
+    valid = r.valid()
+    w, h = r.head_inputs()
+    stability = r.robustness()
+    ratio = r.table(answer_energy_share(h, w, r.common()["answer_token_ids"]))
     shares = outcome_shares(r.outcome, r)
     total = weigh_terms([(r.config.w_rob, stability), (r.config.w_eff, ratio), (1.0, shares)], r)
     reward = standardize_in_groups(total, valid, r.group_index, eps=r.config.eps, trim=r.config.trim)
-    mass = r.table(answer_mass(h, w, common["bias"], common["answer_token_ids"], backend=r.backend,
-                               temperature=common["temperature"], logit_scale=r.logit_scale, softcap=r.softcap))
-    return CausalReward(stability, ratio, reward, valid, mass, parts={"norm_ratio": ratio, "outcome_share": shares},
+    return CausalReward(stability, ratio, reward, valid, r.answer_mass(), parts={"norm_ratio": ratio, "outcome_share": shares},
                         advantage_options={"normalize_rewards": False, "gamma": 0.0, "normalize_returns": False})
 
 
@@ -258,25 +280,17 @@ def mutual_information(h: torch.Tensor, weight: torch.Tensor, index: EpisodeInde
 
 @formulation("mi_floor")
 def mi_floor(r: Readouts) -> CausalReward:
-    valid = r.valid()
-    zero = torch.zeros(r.shape, dtype=torch.float32, device=r.latents.device)
     if r.latents.shape[0] == 0:
-        return CausalReward(zero, zero.clone(), zero.clone(), valid)
-    w = r.weight.detach()
-    h = r.latents.detach().to(w.dtype)
-    common = r.common()
-    rob = r.table(robustness(h, w, r.group_index.to(h.device)[r.index.rows], r.config, r.generator, **common))
-    m, mi, defined = mutual_information(h, w, r.index, r.group_index, r.shape[1], common)
+        return r.empty()
+    w, h = r.head_inputs()
+    rob = r.robustness()
+    m, mi, defined = mutual_information(h, w, r.index, r.group_index, r.shape[1], r.common())
     # a hinge below the floor, per episode: 0 for every episode whose answer distribution carries
     # at least mi_threshold nats about its question, never a reward for more
     penalty = torch.where(defined[r.index.ks.to(h.device)], -(r.config.mi_threshold - m).clamp_min(0.0), 0.0)
     eff = r.table(penalty)
     reward = weigh_terms([(r.config.w_rob, rob), (r.config.w_eff, eff)], r)
-    mass = None
-    if common["answer_token_ids"] is not None:
-        mass = r.table(answer_mass(h, w, common["bias"], common["answer_token_ids"], backend=r.backend,
-                                   temperature=common["temperature"], logit_scale=r.logit_scale, softcap=r.softcap))
-    return CausalReward(rob, eff, reward, valid, mass, parts={"mi_contribution": r.table(m)})
+    return CausalReward(rob, eff, reward, r.valid(), r.answer_mass(), parts={"mi_contribution": r.table(m)})
 
 
 def answer_log_probs(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -313,13 +327,11 @@ def info_gain(r: Readouts) -> CausalReward:
     if r.answer_ids is None and not sequence:
         raise ValueError("reward.formulation info_gain reads q over the answer vocabulary: use "
                          "--reward.answer_tokens digits (or auto on a numeric task)")
+    if r.latents.shape[0] == 0:
+        return r.empty()
     valid = r.valid()
     zero = torch.zeros(r.shape, dtype=torch.float32, device=r.latents.device)
-    if r.latents.shape[0] == 0:
-        return CausalReward(zero, zero.clone(), zero.clone(), valid)
     device = r.latents.device
-    w = r.weight
-    kw = dict(temperature=r.config.readout_temperature, logit_scale=r.logit_scale, softcap=r.softcap)
     if sequence:  # the whole answer's log-likelihood, read by the trainer's extra probe forward
         found = r.answer_first.to(device) >= 0
         logq, prior = r.answer_loglik.to(device).float(), r.prior_loglik.to(device).float()
@@ -333,9 +345,7 @@ def info_gain(r: Readouts) -> CausalReward:
         prior = robust_log_probs(r.prior_latents, r.group_index.to(device), pos, r)
     rewards = info_gain_rewards(logq, prior, r.index, r.shape)
     rewards = rewards * found[:, None].float()               # rows without a usable a*: no reward
-    mass = None
-    if r.answer_ids is not None:
-        mass = r.table(answer_mass(r.latents.to(w.dtype), w, r.bias, r.answer_ids.to(device), backend=r.backend, **kw))
+    mass = r.answer_mass()
     # robustness and effectiveness are not parts of this formulation (0); its part is log q_k(a*).
     # The gains reach the returns as given: standardizing them over the group's episodes first (SPEC
     # §6's r~) would subtract the group's mean gain once per episode, charging a K-step completion
