@@ -1,12 +1,13 @@
-"""Block-shape sweep of the SPEC §1 Triton kernels on the card at hand, in one run.
+"""Block-shape sweep of the SPEC §1 Triton epilogues on the card at hand, in one run.
 
-Kernel configurations are pinned per architecture (gccpo_kernels/triton/linear_logprobs.py
-CONFIGS): nothing autotunes at run time, so that a row's result never depends on the batch around
-it. This script is how the pinned sm_90 entries are chosen: it times the forward (online LSE +
-target logit + entropy) and the whole backward (logit-gradient kernel + the dh / dW GEMMs) for each
-candidate block shape, next to the bare GEMM with the same FLOPs, checks that every candidate gives
-the same numbers as the pinned one (within bf16 accumulation-order noise), and writes
-``sweep.json`` under --out.
+The GEMMs run on cuBLAS (issue 18); what is pinned per architecture is the block shape of the two
+streaming epilogues over the float32 logit chunk (gccpo_kernels/triton/logit_epilogues.py
+CONFIGS: "stats", the row statistics of the forward; "grad", the logit gradient of the backward).
+Nothing autotunes at run time, so that a row's result never depends on the batch around it. This
+script is how the pinned sm_90 entries are chosen: it times the whole forward and the whole
+backward for each candidate, next to the bare GEMMs with the same FLOPs, checks that every
+candidate gives the same numbers as the pinned one (an elementwise kernel's block shape changes
+no arithmetic: the difference must be 0), and writes ``sweep.json`` under --out.
 
     python benchmarks/gpu/sweep.py --out "$OUT"              # on the GPU machine
     python benchmarks/gpu/sweep.py --dry --out /tmp/sweep     # here, interpreter, tiny shapes
@@ -31,12 +32,10 @@ if not torch.cuda.is_available():
 from benchmarks.gpu.cases import lm_inputs  # noqa: E402
 from benchmarks.gpu.run import time_ms  # noqa: E402
 
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
-FWD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-       (256, 128, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 4)]
-BWD = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-       (64, 256, 64, 4, 3), (128, 64, 64, 4, 4)]
-DRY = [(64, 64, 64, 4, 1)]
+# (BLOCK_N, BLOCK_V, num_warps)
+FWD = [(2, 2048, 8), (1, 4096, 8), (4, 1024, 8), (2, 1024, 4), (1, 2048, 4), (4, 2048, 16)]
+BWD = [(16, 256, 8), (8, 512, 8), (32, 128, 8), (16, 512, 8), (16, 256, 4), (64, 128, 8)]
+DRY = [(16, 128, 4)]
 
 
 def main() -> None:
@@ -51,15 +50,15 @@ def main() -> None:
     args = parser.parse_args()
     from gccpo_kernels._logits import LogitParams
     from gccpo_kernels.triton import linear_logprobs as ll
+    from gccpo_kernels.triton import logit_epilogues as epi
     from gccpo_kernels.triton._utils import arch_key
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.dry:
         args.n, args.d, args.v, args.reps = 128, 64, 700, 1
-    width = "16" if dtype != torch.float32 else "32"
-    table = ll.CONFIGS[arch_key(device)]
-    pinned_fwd, pinned_bwd = dict(table["fwd" + width]), dict(table["bwd" + width])
+    table = epi.CONFIGS[arch_key(device)]
+    pinned_fwd, pinned_bwd = dict(table["stats"]), dict(table["grad"])
     h, w, y = lm_inputs(args.n, args.d, args.v, dtype, device, seed=0)
     h, w = h.detach(), w.detach()
     params = LogitParams.of(1.0, 1.0, None)
@@ -80,19 +79,19 @@ def main() -> None:
     def fwd():
         return ll.forward(h, w, None, y, params)
 
-    table["fwd" + width] = pinned_fwd
     base_logp, base_ent, lse = fwd()
     base_grads = ll.backward(h, w, None, y, lse, base_ent, g_logp, g_ent, params, (True, True, False))
     for kind, cands in (("fwd", DRY if args.dry else FWD), ("bwd", DRY if args.dry else BWD)):
-        for n_, v_, d_, warps, stages in cands:
+        key = "stats" if kind == "fwd" else "grad"
+        for n_, v_, warps in cands:
             cfg = dict(pinned_fwd if kind == "fwd" else pinned_bwd, BLOCK_N=n_, BLOCK_V=v_,
-                       BLOCK_D=d_, num_warps=warps, num_stages=stages)
+                       num_warps=warps)
             row = {"kernel": kind, **cfg}
             if time.time() - t0 > args.deadline:
                 row["error"] = "skipped: past the --deadline"
                 report["rows"].append(row)
                 continue
-            table[kind + width] = cfg
+            table[key] = cfg
             try:
                 if kind == "fwd":
                     logp, ent, _ = fwd()
@@ -113,14 +112,14 @@ def main() -> None:
             except Exception as exc:  # a shape that does not fit (shared memory, registers)
                 row["error"] = repr(exc)[:200]
             finally:
-                table[kind + width] = pinned_fwd if kind == "fwd" else pinned_bwd
+                table[key] = pinned_fwd if kind == "fwd" else pinned_bwd
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             with open(os.path.join(args.out, "sweep.json"), "w") as f:
                 json.dump(report, f, indent=1)
     print(f"GEMM fwd {report['gemm_fwd_ms']:.2f} ms, bwd-equivalent {report['gemm_bwd_ms']:.2f} ms")
     for r in report["rows"]:
-        shape = f"{r['BLOCK_N']}x{r['BLOCK_V']}x{r['BLOCK_D']} w{r['num_warps']} s{r['num_stages']}"
+        shape = f"{r['BLOCK_N']}x{r['BLOCK_V']} w{r['num_warps']}"
         print(f"{r['kernel']} {shape:<22} " + (f"{r['ms']:9.2f} ms  {r['vs_gemm']:.2f}x GEMM"
                                              if "ms" in r else r.get("error", "")))
 

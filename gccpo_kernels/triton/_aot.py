@@ -75,9 +75,13 @@ def _spills(ptx: str, cc: int) -> tuple[int, int]:
 
 
 def kernel_modules() -> list[str]:
+    """The modules of ``gccpo_kernels.triton`` that define kernels: those with ``compile_cases``
+    (host-only modules, which launch kernels defined elsewhere, have none)."""
     import gccpo_kernels.triton as pkg
 
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return [n for n in names
+            if hasattr(importlib.import_module(f"gccpo_kernels.triton.{n}"), "compile_cases")]
 
 
 def compile_all(only: str | None = None) -> list[dict]:
