@@ -1,16 +1,20 @@
 """Triton backend for SPEC §3: counterfactual divergence D(q(.|h) || q(.|h + delta_m)).
 
-A program owns BLOCK_R rows, all their M perturbations (padded to MP, a power of two) and one
-vocabulary split of V_SPLIT columns. For each [*, BLOCK_V] vocabulary tile, the K-loop over D loads
-one W tile per step and feeds it to two tensor-core dots: ``h W^T`` (the base logits of the
-BLOCK_R rows) and ``delta W^T`` (the BLOCK_R*MP perturbation rows, stacked), so each W tile is
-read once for the base row and all M perturbed rows. The perturbed logits are never formed:
+Issue 18's design: one GEMM per chunk, Triton over the chunk. A chunk of C rows (C from the
+workspace budget, V, M, D and the dtype, never from R) stages its C latents and their C M
+perturbations into one [C (M + 1), D] buffer and multiplies it by W^T once (cuBLAS, float32
+result: ``logit_epilogues.raw_logits``), so W is read once per chunk for the base rows and all
+perturbed rows, and the perturbation products ``delta W^T`` stay separate from ``h W^T`` (the
+shift is never a difference of two rounded logit rows). Two Triton kernels then read that float32
+chunk; a program owns BLOCK_R rows, their M perturbations (padded to MP, a power of two, at most
+MAX_MP per launch) and one vocabulary split of V_SPLIT columns. The perturbed logits are never
+formed:
 
     Delta = z(h + delta) - z(h) = s * (W delta) / tau            (no cap: exact)
     Delta = c * (tanh(a + dd) - tanh(a)), a = u/c, dd = s (W delta)/(tau c), through
           = 4c sinh(dd) e^(-|a+dd|-|a|) / ((1 + e^-2|a+dd|)(1 + e^-2|a|))   (soft cap: no cancellation)
 
-Two passes over W:
+Two passes over the chunk (not over W):
   1. ``_cf_stats_kernel``: per (row, split) online softmax statistics of z (max m, S = sum e^(z-m)),
      C = sum e^(z-m) Delta_m, the max k_m of the perturbed logits z~_m = z + Delta_m with
      T = sum e^(z~_m - k_m), and (JS, TV) E = sum e^(z-m) expm1(Delta_m - sh_m) around the running
@@ -26,11 +30,12 @@ Two passes over W:
   closed form would cancel; q f written through e^(log q + x) where e^x alone could overflow), so
   the float32 KL error stays ~1e-6 relative (SPEC §3 asks 2e-3 KL + 2e-8).
 
-Cost: 2 * 2(M+1)RVD FLOPs (plus (MP - M) padded rows when M is not a power of two, and one more
-base GEMM per extra launch when M > MAX_MP), split statistics of O(R * M * V / V_SPLIT) floats;
-nothing of size R x V. Splits are combined on the
-device in a fixed order: deterministic, and a row's result does not depend on the other rows
-(configurations are pinned per architecture and perturbation count, never by R).
+Cost: 2(M+1) R_pad V D GEMM FLOPs (R_pad = R rounded up to whole chunks: one pass over W), and
+per element of the [C (M+1), V] float32 chunk 12 bytes of memory traffic (written by the GEMM,
+read by each kernel); split statistics of O(C M V / V_SPLIT) floats; nothing of size R x V. Splits
+are combined on the device in a fixed order: deterministic, and a row's result does not depend on
+the other rows (fixed GEMM shapes through zero-padded staging; configurations pinned per
+architecture and perturbation count, never by R).
 
 Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the other ranks'
 vocabulary splits are merged like more splits (a MAX all-reduce for the maxima, rank-ordered sums
@@ -49,8 +54,9 @@ import triton.language as tl
 from .._logits import LogitParams
 from .._vocab_parallel import rank_sum
 from ..divergences import Divergence, divergence_entry, triton_codes
-from ._utils import (TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, tanh,
-                     upcast_dots)
+from .._workspace import workspace_bytes
+from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, fold_sum, tanh
+from .logit_epilogues import ROW_CHUNK, pow2_rows, raw_logits, stage_rows
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG_BIG - x) = 0, 0 * it finite
 #: name -> the integrand kernel's KIND code, from the divergence registry (the entries' triton_code)
@@ -61,32 +67,31 @@ _TV = tl.constexpr(KIND_CODES["tv"])
 _JS = tl.constexpr(KIND_CODES["js"])
 
 
-def _cfg(r: int, v: int, d: int, warps: int, stages: int, r_js: int | None = None,
+def _cfg(r: int, v: int, warps: int, stages: int, r_js: int | None = None,
          split: int = 8192) -> dict[str, int]:
-    return dict(BLOCK_R=r, BLOCK_R_JS=r if r_js is None else r_js, BLOCK_V=v, BLOCK_D=d,
+    return dict(BLOCK_R=r, BLOCK_R_JS=r if r_js is None else r_js, BLOCK_V=v,
                 V_SPLIT=split, num_warps=warps, num_stages=stages)
 
 
-# Pinned per architecture, input width ("16"/"32") and padded perturbation count MP (the stacked
-# delta dot has BLOCK_R * MP rows), never by R; at most MAX_MP perturbations per launch. The
-# epilogue holds several [BLOCK_R, MP, BLOCK_V] float32 temporaries, so BLOCK_R * MP * BLOCK_V is
-# capped near 8192 (4096 for the JS integrand, whose integrand needs the most registers): the
-# largest tiles that compile without spills on sm_90 and sm_80 (python -m gccpo_kernels.triton._aot).
+# Pinned per architecture and padded perturbation count MP, never by R; at most MAX_MP
+# perturbations per launch. The kernels stream the float32 chunk (no dot), so one table serves
+# every input width ("16" and "32" keys kept for the callers): the epilogue holds several
+# [BLOCK_R, MP, BLOCK_V] float32 temporaries, so BLOCK_R * MP * BLOCK_V is 2048 (1024 for the JS
+# integrand, whose integrand needs the most registers) with no software pipelining: the largest
+# tiles that compile without spills on sm_90 and sm_80 (python -m gccpo_kernels.triton._aot).
 MAX_MP = 4
+
+
+def _gpu_table() -> dict[tuple[str, int], dict[str, int]]:
+    per_mp = {1: _cfg(8, 128, 4, 1, r_js=8), 2: _cfg(8, 128, 4, 1, r_js=4),
+              4: _cfg(4, 128, 4, 1, r_js=2)}
+    return {(w, mp): cfg for w in ("16", "32") for mp, cfg in per_mp.items()}
+
+
 CONFIGS: dict[str, dict[tuple[str, int], dict[str, int]]] = {
-    "interpreter": {(w, mp): _cfg(16, 64, 64, 4, 1, split=128) for w in ("16", "32") for mp in (1, 2, 4)},
-    "sm90": {
-        ("16", 1): _cfg(64, 64, 64, 8, 3), ("16", 2): _cfg(64, 64, 64, 8, 3, r_js=32),
-        ("16", 4): _cfg(32, 64, 64, 8, 3, r_js=16),
-        ("32", 1): _cfg(64, 64, 32, 8, 3), ("32", 2): _cfg(32, 64, 32, 8, 3, r_js=32),
-        ("32", 4): _cfg(16, 64, 32, 8, 3, r_js=16),
-    },
-    "sm80": {
-        ("16", 1): _cfg(64, 64, 32, 8, 3), ("16", 2): _cfg(64, 64, 32, 8, 3, r_js=32),
-        ("16", 4): _cfg(32, 64, 32, 8, 3, r_js=16),
-        ("32", 1): _cfg(32, 64, 32, 8, 2), ("32", 2): _cfg(16, 64, 32, 8, 2),
-        ("32", 4): _cfg(16, 32, 32, 8, 2),
-    },
+    "interpreter": {(w, mp): _cfg(16, 64, 4, 1, split=128) for w in ("16", "32") for mp in (1, 2, 4)},
+    "sm90": _gpu_table(),
+    "sm80": _gpu_table(),
 }
 
 
@@ -196,15 +201,16 @@ def _capped_delta(a, dd, cap):
 
 
 @triton.jit
-def _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h, stride_dr, stride_dm,
-             stride_w, scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-             BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
-             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """(z [BLOCK_R, BLOCK_V], Delta [BLOCK_R, MP, BLOCK_V]) in float32 for rows r0.. and ``cols``.
+def _cf_tile(UZ, UD, B, r0, n_rows, cols, vocab, n_pert, stride_z, stride_dr, stride_dm, scale,
+             softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
+             MP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(z [BLOCK_R, BLOCK_V], Delta [BLOCK_R, MP, BLOCK_V]) in float32 for rows r0.. and ``cols``,
+    read from the chunk's raw products: UZ = h W^T (row stride ``stride_z``) and UD = delta W^T
+    (row r, perturbation j at r * stride_dr + j * stride_dm), both float32 from one cuBLAS GEMM.
 
-    Out-of-range rows, perturbations and columns are clamped to the last valid one (no masks in the
-    K-loop; callers mask what they keep). Each W tile feeds both dots.
+    Out-of-range rows, perturbations and columns are clamped to the last valid one (no masks;
+    callers mask what they keep). The bias enters z only; Delta = z(h + delta) - z(h) is formed
+    from W delta, never as a difference of two logit rows.
     """
     rr = tl.arange(0, BLOCK_R)
     r64 = tl.minimum(r0 + rr, n_rows - 1).to(tl.int64)
@@ -212,32 +218,8 @@ def _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h, stride
     xr64 = tl.minimum(r0 + xx // MP, n_rows - 1).to(tl.int64)
     xj64 = tl.minimum(xx % MP, n_pert - 1).to(tl.int64)
     c64 = tl.minimum(cols, vocab - 1).to(tl.int64)
-    dd = tl.arange(0, BLOCK_D)
-    h_ptr = H + r64[:, None] * stride_h + dd[None, :]
-    d_ptr = DL + xr64[:, None] * stride_dr + xj64[:, None] * stride_dm + dd[None, :]
-    w_ptr = W + c64[:, None] * stride_w + dd[None, :]
-    acc_z = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
-    acc_d = tl.zeros([BLOCK_R * MP, BLOCK_V], dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        if EVEN_D:
-            h = tl.load(h_ptr)
-            dl = tl.load(d_ptr)
-            w = tl.load(w_ptr)
-        else:
-            kmask = dd[None, :] < dim - d0
-            h = tl.load(h_ptr, mask=kmask, other=0.0)
-            dl = tl.load(d_ptr, mask=kmask, other=0.0)
-            w = tl.load(w_ptr, mask=kmask, other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            dl = dl.to(tl.float32)
-            w = w.to(tl.float32)
-        wt = tl.trans(w)
-        acc_z = tl.dot(h, wt, acc_z, input_precision=PRECISION)
-        acc_d = tl.dot(dl, wt, acc_d, input_precision=PRECISION)
-        h_ptr += BLOCK_D
-        d_ptr += BLOCK_D
-        w_ptr += BLOCK_D
+    acc_z = tl.load(UZ + r64[:, None] * stride_z + c64[None, :])
+    acc_d = tl.load(UD + (xr64 * stride_dr + xj64 * stride_dm)[:, None] + c64[None, :])
     if HAS_BIAS:
         acc_z = acc_z + tl.load(B + c64).to(tl.float32)[None, :]
     u = acc_z * scale
@@ -253,12 +235,11 @@ def _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h, stride
 
 
 @triton.jit
-def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, dim, n_pert,
-                     stride_h, stride_dr, stride_dm, stride_w, scale, softcap, split_offset, n_tiles,
+def _cf_stats_kernel(UZ, UD, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, n_pert, stride_z,
+                     stride_dr, stride_dm, scale, softcap, split_offset, n_tiles,
                      NEED_L: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                      BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     V_SPLIT: tl.constexpr):
     """Per (row, split): m, S = sum e^(z-m), C = sum e^(z-m) Delta, the max k of the perturbed
     logits z~ = z + Delta with T = sum e^(z~ - k) (lse(z~) = k + log T: the overflow- and
     underflow-proof form of L = lse(z~) - lse(z), used for large divergences; one exponential of
@@ -283,9 +264,8 @@ def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, di
     for i in range(0, n_tiles):
         cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab
-        z, delta = _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h,
-                            stride_dr, stride_dm, stride_w, scale, softcap, HAS_BIAS, HAS_CAP,
-                            BLOCK_R, MP, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
+        z, delta = _cf_tile(UZ, UD, B, r0, n_rows, cols, vocab, n_pert, stride_z, stride_dr,
+                            stride_dm, scale, softcap, HAS_BIAS, HAS_CAP, BLOCK_R, MP, BLOCK_V)
         z = tl.where(col_ok[None, :], z, _NEG_BIG)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -323,12 +303,10 @@ def _cf_stats_kernel(H, DL, W, B, PM, PS, PC, PK, PT, PSH, PE, n_rows, vocab, di
 
 
 @triton.jit
-def _cf_integrand_kernel(H, DL, W, B, LSE, SHIFT, PF, n_rows, vocab, dim, n_pert, stride_h,
-                         stride_dr, stride_dm, stride_w, scale, softcap, split_offset, n_tiles,
-                         KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                         BLOCK_R: tl.constexpr, MP: tl.constexpr, BLOCK_V: tl.constexpr,
-                         BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
-                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _cf_integrand_kernel(UZ, UD, B, LSE, SHIFT, PF, n_rows, vocab, n_pert, stride_z, stride_dr,
+                         stride_dm, scale, softcap, split_offset, n_tiles, KIND: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                         MP: tl.constexpr, BLOCK_V: tl.constexpr, V_SPLIT: tl.constexpr):
     """Per (row, split): sum_v q_v f(x_v), q = e^(z - LSE), x = Delta - SHIFT, with f the
     integrand of the divergence whose registry code is KIND (a constexpr: one branch per entry
     with a ``triton_code``; the KL's is phi at SHIFT = c, the others' at SHIFT = L)."""
@@ -346,9 +324,8 @@ def _cf_integrand_kernel(H, DL, W, B, LSE, SHIFT, PF, n_rows, vocab, dim, n_pert
     for i in range(0, n_tiles):
         cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab
-        z, delta = _cf_tile(H, DL, W, B, r0, n_rows, cols, vocab, dim, n_pert, stride_h,
-                            stride_dr, stride_dm, stride_w, scale, softcap, HAS_BIAS, HAS_CAP,
-                            BLOCK_R, MP, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
+        z, delta = _cf_tile(UZ, UD, B, r0, n_rows, cols, vocab, n_pert, stride_z, stride_dr,
+                            stride_dm, scale, softcap, HAS_BIAS, HAS_CAP, BLOCK_R, MP, BLOCK_V)
         lq = tl.where(col_ok[None, :], z - lse[:, None], _NEG_BIG)
         q = tl.exp(lq)[:, None, :]
         lq = lq[:, None, :]
@@ -391,7 +368,7 @@ def _launch(kernel, cfg: dict[str, int], block_r: int, n_rows: int, vocab: int, 
             continue
         kernel[(triton.cdiv(n_rows, block_r), count)](
             *args, split_offset, n_tiles, **consts, BLOCK_R=block_r, BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_D=cfg["BLOCK_D"], V_SPLIT=cfg["V_SPLIT"], num_warps=cfg["num_warps"],
+            V_SPLIT=cfg["V_SPLIT"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
 
 
@@ -400,22 +377,23 @@ def _fold(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return fold_sum(x) if x.shape[0] > 0 else torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
-def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      deltas: torch.Tensor, params: LogitParams, entry: Divergence,
+def _divergence_block(uz: torch.Tensor, ud: torch.Tensor, bias: torch.Tensor | None, r: int,
+                      params: LogitParams, entry: Divergence, cfg: dict[str, int],
                       shard=None) -> torch.Tensor:
-    """At most MAX_MP perturbations (deltas [R, M, D], rows of D contiguous) -> [R, M] float32.
+    """The first ``r`` rows of one chunk, at most MAX_MP perturbations -> [r, M] float32.
 
-    With ``shard`` (vocabulary parallelism: ``weight`` is this rank's slice, possibly empty), the
-    other ranks' vocabulary splits are just more splits: the maxima go through one MAX all-reduce,
-    the per-rank folds of the split sums through rank sums (all-gathers folded in rank order), and
-    the integrand kernel gets the global lse and shift as arguments; the kernels are unchanged.
+    ``uz`` [C, V] and ``ud`` [C, M, V] (a view: rows of V contiguous) are the chunk's raw products
+    h W^T and delta W^T from its one GEMM; the two kernels read them (statistics, then the
+    integrand), so W is not read again. With ``shard`` (vocabulary parallelism: the chunk is this
+    rank's slice of the columns, possibly empty), the other ranks' vocabulary splits are just
+    more splits: the maxima go through one MAX all-reduce, the per-rank folds of the split sums
+    through rank sums (all-gathers folded in rank order), and the integrand kernel gets the global
+    lse and shift as arguments; the kernels are unchanged.
     """
-    r, m_pert, dim = deltas.shape
-    vocab = weight.shape[0]
+    m_pert, vocab = ud.shape[1], ud.shape[2]
     mp = _padded(m_pert)
-    cfg = config(hidden.device, hidden.dtype, mp)
     splits = triton.cdiv(vocab, cfg["V_SPLIT"])
-    dev = hidden.device
+    dev = uz.device
     pm = torch.empty(splits, r, dtype=torch.float32, device=dev)
     ps = torch.empty_like(pm)
     pc = torch.empty(splits, r, m_pert, dtype=torch.float32, device=dev)
@@ -424,12 +402,10 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     need_l = entry.needs_shift                                    # the integrand is at Delta - L
     psh = torch.empty_like(pc) if need_l else pc
     pe = torch.empty_like(pc) if need_l else pc
-    head = (hidden, deltas, weight, bias if bias is not None else hidden)
-    sizes = (r, vocab, dim, m_pert, hidden.stride(0), deltas.stride(0), deltas.stride(1),
-             weight.stride(0), params.scale, params.softcap or 1.0)
-    consts = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None, MP=mp,
-                  EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
-                  PRECISION=dot_precision(hidden.dtype))
+    head = (uz, ud, bias if bias is not None else uz)
+    sizes = (r, vocab, m_pert, uz.stride(0), ud.stride(0), ud.stride(1), params.scale,
+             params.softcap or 1.0)
+    consts = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None, MP=mp)
     if vocab > 0:
         _launch(_cf_stats_kernel, cfg, cfg["BLOCK_R"], r, vocab,
                 (*head, pm, ps, pc, pk, pt, psh, pe, *sizes), dict(consts, NEED_L=need_l))
@@ -492,11 +468,24 @@ def _divergence_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return entry.finish(f)                                        # scale, clamp to [0, upper]
 
 
+def chunk_rows(vocab: int, m_pert: int, dim: int, dtype: torch.dtype, device: torch.device,
+               budget: int | None = None) -> int:
+    """C, the base rows of every chunk: the chunk's GEMM has C (M + 1) rows (the C latents and
+    their C M perturbations, stacked) and writes a float32 [C (M + 1), V] workspace; C is as many
+    rows as fit the budget with the [C (M + 1), D] staging buffer, at most ROW_CHUNK, a power of
+    two from 64 rows on. A function of V, M, D, the dtype and the budget, never of R (batch
+    invariance)."""
+    budget = workspace_bytes(device) if budget is None else budget
+    per_row = (m_pert + 1) * (vocab * 4 + dim * (torch.finfo(dtype).bits // 8))
+    return pow2_rows(min(ROW_CHUNK, budget // max(1, per_row)))
+
+
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             deltas: torch.Tensor, params: LogitParams, kind: str) -> torch.Tensor:
     """hidden [R, D], weight [V, D], bias [V] | None, deltas [R, M, D] (contiguous) -> [R, M] fp32.
 
-    Perturbations are processed MAX_MP at a time (each launch recomputes the base logits).
+    One GEMM per chunk of C rows for the base and all M perturbations; the kernels take the
+    perturbations MAX_MP at a time from the same chunk.
     """
     return forward_sharded(hidden, weight, bias, deltas, params, kind, None)
 
@@ -505,18 +494,39 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     deltas: torch.Tensor, params: LogitParams, kind: str, shard) -> torch.Tensor:
     """:func:`forward` with ``weight`` [V_local, D] this rank's vocabulary slice (possibly empty)
     and ``shard`` its ``_vocab_parallel.VocabShard`` (None: the whole head) -> [R, M] float32,
-    the same on every rank. Collectives per block of MAX_MP perturbations: one MAX all-reduce of
-    [R, 1+M] and two rank sums ([R, 1+2M], [R, M]) for KL; one more ([R, 2M]) for JS and TV.
-    ``kind`` must name a registry entry with a ``triton_code`` (ValueError otherwise).
+    the same on every rank. Collectives per chunk and block of MAX_MP perturbations: one MAX
+    all-reduce of [C, 1+M] and two rank sums ([C, 1+2M], [C, M]) for KL; one more ([C, 2M]) for
+    JS and TV. Every rank runs the same chunks: with a shard, C is sized for ceil(V / world)
+    columns. ``kind`` must name a registry entry with a ``triton_code`` (ValueError otherwise).
+
+    Per chunk: the C latents and their C M perturbations are staged into one [C (M + 1), D]
+    buffer (rows past the chunk's end zeroed), ``U = X W^T`` by one GEMM with a float32 result
+    (cuBLAS on CUDA: 2 (M + 1) C V D FLOPs, one read of W), then the statistics and integrand
+    kernels read U (12 bytes per element of U with the GEMM's write).
     """
     entry = _entry_with_kernel(kind)
-    r, m_pert, _ = deltas.shape
+    r, m_pert, dim = deltas.shape
+    vocab = weight.shape[0]
     out = torch.empty(r, m_pert, dtype=torch.float32, device=hidden.device)
     if r == 0 or m_pert == 0:
         return out
-    for m0 in range(0, m_pert, MAX_MP):
-        m1 = min(m_pert, m0 + MAX_MP)
-        out[:, m0:m1] = _divergence_block(hidden, weight, bias, deltas[:, m0:m1], params, entry, shard)
+    sized_for = vocab if shard is None else -(-shard.total // shard.world)
+    rows = chunk_rows(sized_for, m_pert, dim, hidden.dtype, hidden.device)
+    x = torch.empty(rows * (m_pert + 1), dim, dtype=hidden.dtype, device=hidden.device)
+    u = torch.empty(rows * (m_pert + 1), vocab, dtype=torch.float32, device=hidden.device)
+    uz, ud = u[:rows], u[rows:].view(rows, m_pert, vocab)
+    flat_deltas = deltas.reshape(r, m_pert * dim)
+    for r0 in range(0, r, rows):
+        r1 = min(r, r0 + rows)
+        stage_rows(hidden, r0, r1, x[:rows])
+        stage_rows(flat_deltas, r0, r1, x[rows:].view(rows, m_pert * dim))
+        if vocab > 0:
+            raw_logits(x, weight, u)
+        for m0 in range(0, m_pert, MAX_MP):
+            m1 = min(m_pert, m0 + MAX_MP)
+            cfg = config(hidden.device, hidden.dtype, _padded(m1 - m0))
+            out[r0:r1, m0:m1] = _divergence_block(uz, ud[:, m0:m1], bias, r1 - r0, params, entry,
+                                                  cfg, shard)
     return out
 
 
@@ -532,27 +542,24 @@ def _entry_with_kernel(kind: str) -> Divergence:
 
 
 def compile_cases(arch: str) -> list[CompileCase]:
-    """Both kernels at every pinned (width, MP) configuration of ``arch``: bf16 and fp32 with every
-    flag on (bias, soft cap, D tail) for each kernel variant (statistics with and without the L
-    accumulators, integrand for each kind), and bf16 with no flags (the large-shape default) for the
-    KL path. fp16 lowers like bf16."""
+    """Both kernels at every pinned (width, MP) configuration of ``arch`` (they read the float32
+    chunk whatever the head's dtype; the bias keeps the head's): every flag on (bias, soft cap)
+    for each kernel variant (statistics with and without the L accumulators, integrand for each
+    kind), and with no flags for the KL path."""
     cases = []
     for (width, mp), cfg in CONFIGS[arch].items():
         variants = [(torch.bfloat16, True), (torch.bfloat16, False)] if width == "16" \
             else [(torch.float32, True)]
         for dtype, full in variants:
             t = TL_DTYPE_NAMES[dtype]
-            head = {"H": f"*{t}", "DL": f"*{t}", "W": f"*{t}", "B": f"*{t}"}
-            sizes = {"n_rows": "i32", "vocab": "i32", "dim": "i32", "n_pert": "i32",
-                     "stride_h": "i64", "stride_dr": "i64", "stride_dm": "i64", "stride_w": "i64",
-                     "scale": "fp32", "softcap": "fp32", "split_offset": "i32", "n_tiles": "i32"}
+            head = {"UZ": "*fp32", "UD": "*fp32", "B": f"*{t}"}
+            sizes = {"n_rows": "i32", "vocab": "i32", "n_pert": "i32", "stride_z": "i64",
+                     "stride_dr": "i64", "stride_dm": "i64", "scale": "fp32", "softcap": "fp32",
+                     "split_offset": "i32", "n_tiles": "i32"}
             consts = {"HAS_BIAS": full, "HAS_CAP": full, "BLOCK_R": cfg["BLOCK_R"], "MP": mp,
-                      "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"],
-                      "V_SPLIT": cfg["V_SPLIT"], "EVEN_D": not full, "UPCAST": False,
-                      "PRECISION": dot_precision(dtype)}
+                      "BLOCK_V": cfg["BLOCK_V"], "V_SPLIT": cfg["V_SPLIT"]}
             tag = f"{t}-mp{mp}{'-all-flags' if full else ''}"
-            large = dtype == torch.bfloat16
-            div = ("dim", "stride_h", "stride_dr", "stride_dm", "stride_w")
+            div = ("vocab", "stride_z", "stride_dr", "stride_dm")
             for need_l in ((False, True) if full else (False,)):
                 sconsts = {"NEED_L": need_l, **consts}
                 stats_sig = {**head, "PM": "*fp32", "PS": "*fp32", "PC": "*fp32", "PK": "*fp32",
@@ -560,7 +567,7 @@ def compile_cases(arch: str) -> list[CompileCase]:
                              **{k: "constexpr" for k in sconsts}}
                 cases.append(CompileCase(f"stats{'-L' if need_l else ''}-{tag}", _cf_stats_kernel,
                                          stats_sig, sconsts, cfg["num_warps"], cfg["num_stages"],
-                                         large_shape_config=large, divisible_ints=div))
+                                         uses_dot=False, divisible_ints=div))
             # every registry entry with a kernel branch; without the flags, the KL's only
             for entry in (e for e in map(divergence_entry, KIND_CODES) if full or not e.needs_shift):
                 kconsts = {"KIND": entry.triton_code, **consts, "BLOCK_R": cfg[entry.triton_block_r]}
@@ -568,5 +575,5 @@ def compile_cases(arch: str) -> list[CompileCase]:
                        **{k: "constexpr" for k in kconsts}}
                 cases.append(CompileCase(f"integrand-{entry.name}-{tag}", _cf_integrand_kernel, sig,
                                          kconsts, cfg["num_warps"], cfg["num_stages"],
-                                         large_shape_config=large, divisible_ints=div))
+                                         uses_dot=False, divisible_ints=div))
     return cases

@@ -1,26 +1,38 @@
 """Triton backend for SPEC §4: group-wise answer-distribution statistics, rows sorted by group.
 
-Three passes over W (6RVD FLOPs), none holding an R x V tensor:
-  1. row statistics lse_i and H(q_i): the SPEC §1 forward kernel (``triton.linear_logprobs``),
-     whose per-row running max / sum / entropy accumulator is exactly what is needed.
-  2. ``_mixture_kernel``: a program owns one group and one [BLOCK_V] vocabulary tile. It walks
-     the group's rows in blocks of BLOCK_R that start at the group's first row, recomputes their
-     logit tile, forms q = e^(z - lse) and sums it over the block's rows. No other program writes
-     that part of q_bar: no atomics, deterministic, any group sizes (a group of 100k rows is just
-     a longer loop). Blocks start at the group's own first row, so a group's sums see the same
-     rows in the same places whatever groups come before it: the statistics of a group are
-     bitwise the same alone or inside any batch (batch invariance). The price: a group of s rows
-     costs ceil(s / BLOCK_R) logit tiles, so groups much smaller than BLOCK_R (64 rows on a GPU)
-     waste part of pass 2 (a group of 8 rows: 8 / 64 of each tile is used).
+Issue 18's design: one GEMM per chunk, Triton over the chunk. Whole groups are packed, in order,
+into chunks of at most C rows (C from the workspace budget, V, D and the dtype: never from R or
+G); each chunk's rows are staged into a fixed [C, D] buffer (rows past the end zeroed) and
+multiplied by W^T once (cuBLAS, float32 result: ``logit_epilogues.raw_logits``). Three Triton
+passes then read that float32 chunk, so W is read **once** per chunk (2 R_pad V D FLOPs in all,
+against 6RVD for the former three passes over W):
+
+  1. row statistics lse_i and H(q_i): ``logit_epilogues._row_stats_kernel`` (online max /
+     sum-exp / entropy, one read of the chunk).
+  2. ``_mixture_kernel``: a program owns one group of the chunk and one [BLOCK_V] vocabulary tile;
+     it walks the group's rows in blocks of BLOCK_R that start at the group's first row, forms
+     q = e^(z - lse) and sums it over the rows (the host divides by the group's size). No other
+     program writes that part of the sums: no atomics, deterministic. Blocks start at the group's
+     own first row, so a group's sums see the same rows in the same order whatever groups come
+     before it: a group's statistics are bitwise the same alone or inside any batch.
   3. ``_row_kl_kernel``: per (row block, vocabulary split) sum_v q_v (log q_v - log q_bar_g,v),
-     term by term, reading log q_bar from the [G, V] buffer (SPEC §4 allows O(groups * V)).
+     reading log q_bar from the chunk's [G_c, V] buffer (SPEC §4 allows O(groups * V)).
 H(q_bar) and the group means are segmented sums in ``_segment_sum_kernel`` (one program per
 segment, blocks aligned to the segment's start: a fixed order, unlike torch's shape-dependent
 reductions); the vocabulary splits of pass 3 are merged by a left fold (``_utils.fold_sum``).
 
-Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the same kernels
-on the slice; pass 1's statistics are merged over ranks, and passes 2 and 3 take the global lse as
-their argument, so each rank's mixture columns and KL terms are those of the unsharded op.
+A group of more than C rows cannot share a chunk's single GEMM with its own mixture: it is
+streamed alone in chunks of C rows from its first row, with the three passes each recomputing
+the chunk (3 GEMM passes over W for that group only; the mixture's sums add chunk by chunk in a
+fixed order). Which path a group takes depends only on its own size (batch invariance).
+
+Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the same chunks
+and kernels on the slice (C sized for ceil(V / world) columns, so every rank runs the same
+chunks); each chunk's per-slice lse and entropy are combined over ranks
+(``combine_softmax_stats``: one all-gather of [2, C] per chunk) before passes 2 and 3, which then
+see the global lse, so the mixture columns and KL terms of this slice are exactly those of the
+unsharded op; the per-row KL and per-group H(q_bar) shares are summed over ranks at the end (one
+rank sum of [R + G]).
 """
 
 from __future__ import annotations
@@ -33,36 +45,45 @@ import triton.language as tl
 
 from .._logits import LogitParams
 from .._vocab_parallel import combine_softmax_stats, rank_sum
-from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, dot_precision, fold_sum, upcast_dots
-from .linear_logprobs import _logit_tile
-from .linear_logprobs import forward as _row_forward
+from ._utils import TL_DTYPE_NAMES, CompileCase, arch_key, fold_sum
+from .logit_epilogues import (CONFIGS as EPILOGUE_CONFIGS, _transform, chunk_rows, raw_logits,
+                              row_stats, stage_rows)
 
 
-def _cfg(r: int, v: int, d: int, warps: int, stages: int, split: int = 8192) -> dict[str, int]:
-    return dict(BLOCK_R=r, BLOCK_V=v, BLOCK_D=d, V_SPLIT=split, num_warps=warps,
-                num_stages=stages)
+def _cfg(r: int, v: int, warps: int, split: int = 8192) -> dict[str, int]:
+    return dict(BLOCK_R=r, BLOCK_V=v, V_SPLIT=split, num_warps=warps, num_stages=1)
 
 
 SEGMENT_BLOCK = 1024  # elements per step of _segment_sum_kernel (pinned: part of the fixed order)
 
 
-# Pinned per architecture and input width, never by R or G.
-CONFIGS: dict[str, dict[str, dict[str, int]]] = {
-    "interpreter": {"16": _cfg(16, 64, 64, 4, 1, split=128), "32": _cfg(16, 64, 64, 4, 1, split=128)},
-    "sm90": {"16": _cfg(64, 128, 64, 8, 3), "32": _cfg(64, 64, 32, 8, 3)},
-    "sm80": {"16": _cfg(64, 128, 32, 8, 3), "32": _cfg(32, 64, 32, 8, 2)},
+# Pinned per architecture, never by R or G. Both kernels stream the float32 chunk (no dot), so
+# the input width does not matter.
+CONFIGS: dict[str, dict[str, int]] = {
+    "interpreter": _cfg(16, 64, 4, split=128),
+    "sm90": _cfg(16, 256, 4),
+    "sm80": _cfg(16, 256, 4),
 }
 
 
 @triton.jit
-def _mixture_kernel(H, W, B, LSE, OFF, MIX, n_rows, vocab, dim, stride_h, stride_w, stride_mix,
-                    scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Pass 2: q_bar's column tile of one group. Program (g, v) sums q = e^(z - LSE) over group
-    g's rows (OFF[g]..OFF[g+1], in blocks of BLOCK_R from the group's own first row) for the
-    vocabulary tile v, recomputing the [BLOCK_R, BLOCK_V] logits from H and W, and writes the mean
-    to MIX[g, tile] (MIX: [G, V] float32). Only this program writes that tile: no atomics."""
+def _chunk_logits(U, B, rows, row_ok, cols, col_ok, stride_u, scale, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """z = cap(s (U + b) / tau) of a [rows, cols] tile of the float32 chunk U (raw products),
+    masked rows and columns read 0 before the transform."""
+    cols64 = cols.to(tl.int64)
+    u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + cols64[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return _transform(u, B, cols64, col_ok, scale, softcap, HAS_BIAS, HAS_CAP)
+
+
+@triton.jit
+def _mixture_kernel(U, B, LSE, OFF, MIX, vocab, stride_u, stride_mix, scale, softcap,
+                    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """Pass 2: the sum over group g's rows (OFF[g]..OFF[g+1] of the chunk, in blocks of BLOCK_R
+    from the group's own first row) of q = e^(z - LSE) on the vocabulary tile of program (g, v),
+    written to MIX[g, tile] (MIX: [G_c, V] float32). Only this program writes that tile."""
     g = tl.program_id(0)
     pid_v = tl.program_id(1)
     lo = tl.load(OFF + g)
@@ -73,15 +94,12 @@ def _mixture_kernel(H, W, B, LSE, OFF, MIX, n_rows, vocab, dim, stride_h, stride
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < hi
-        z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
-                        softcap, HAS_BIAS, HAS_CAP, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
-                        PRECISION)
+        z = _chunk_logits(U, B, rows, row_ok, cols, col_ok, stride_u, scale, softcap, HAS_BIAS,
+                          HAS_CAP)
         lse = tl.load(LSE + rows.to(tl.int64), mask=row_ok, other=0.0)
         q = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
         acc += tl.sum(q, axis=0)
-    mix = acc / tl.maximum(hi - lo, 1).to(tl.float32)
-    ptr = MIX + g.to(tl.int64) * stride_mix + cols
-    tl.store(ptr, mix, mask=col_ok)
+    tl.store(MIX + g.to(tl.int64) * stride_mix + cols, acc, mask=col_ok)
 
 
 @triton.jit
@@ -110,15 +128,13 @@ def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _row_kl_kernel(H, W, B, LSE, GID, LMIX, PK, n_rows, vocab, dim, stride_h, stride_w, stride_mix,
-                   scale, softcap, split_offset, n_tiles, HAS_BIAS: tl.constexpr,
-                   HAS_CAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_D: tl.constexpr, V_SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _row_kl_kernel(U, B, LSE, GID, LMIX, PK, n_rows, vocab, stride_u, stride_mix, scale, softcap,
+                   split_offset, n_tiles, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, V_SPLIT: tl.constexpr):
     """Pass 3: per (row block, vocabulary split), sum_v q_v (log q_v - log q_bar_g,v) over the
-    split's n_tiles tiles of BLOCK_V columns, with q from the recomputed logits and LSE, g = GID[row]
-    and log q_bar read from LMIX ([G, V]); writes the partial sums to PK[split, row] (the splits
-    are folded on the host side in a fixed order)."""
+    split's n_tiles tiles of BLOCK_V columns, q from the chunk U and LSE, g = GID[row] (the
+    chunk's local group) and log q_bar read from LMIX ([G_c, V]); writes the partial sums to
+    PK[split, row] (folded on the host side in a fixed order)."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1) + split_offset
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,9 +146,8 @@ def _row_kl_kernel(H, W, B, LSE, GID, LMIX, PK, n_rows, vocab, dim, stride_h, st
     for i in range(0, n_tiles):
         cols = pid_s * V_SPLIT + i * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab
-        z = _logit_tile(H, W, B, rows, n_rows, cols, col_ok, vocab, dim, stride_h, stride_w, scale,
-                        softcap, HAS_BIAS, HAS_CAP, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, UPCAST,
-                        PRECISION)
+        z = _chunk_logits(U, B, rows, row_ok, cols, col_ok, stride_u, scale, softcap, HAS_BIAS,
+                          HAS_CAP)
         lq = z - lse[:, None]
         lm = tl.load(LMIX + gid[:, None] * stride_mix + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -141,8 +156,154 @@ def _row_kl_kernel(H, W, B, LSE, GID, LMIX, PK, n_rows, vocab, dim, stride_h, st
     tl.store(PK + pid_s.to(tl.int64) * n_rows + rows64, acc, mask=row_ok)
 
 
-def config(device: torch.device, dtype: torch.dtype) -> dict[str, int]:
-    return CONFIGS[arch_key(device)]["32" if dtype == torch.float32 else "16"]
+class _Chunk:
+    """The buffers of one chunk and the steps every path takes on it: stage + GEMM, the row
+    statistics (combined over ranks with a shard), the mixture sums, the row KL terms."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 params: LogitParams, shard, rows: int) -> None:
+        dev, f32 = hidden.device, torch.float32
+        self.hidden, self.weight, self.bias, self.params, self.shard = hidden, weight, bias, params, shard
+        self.vocab = weight.shape[0]
+        self.cfg = CONFIGS[arch_key(dev)]
+        self.stats_cfg = EPILOGUE_CONFIGS[arch_key(dev)]["stats"]
+        self.h_in = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=dev)
+        self.u = torch.empty(rows, self.vocab, dtype=f32, device=dev)
+        self.stats = torch.empty(3, rows, dtype=f32, device=dev)
+        self.no_target = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        self.b_arg = bias if bias is not None else self.u
+
+    def logits(self, r0: int, r1: int) -> None:
+        """Rows r0:r1 of ``hidden`` staged, U = h W^T (one GEMM at the chunk's fixed shape)."""
+        stage_rows(self.hidden, r0, r1, self.h_in)
+        if self.vocab > 0:
+            raw_logits(self.h_in, self.weight, self.u)
+
+    def row_stats(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lse [k], entropy [k]) of the chunk's first k rows, over the whole vocabulary."""
+        dev = self.u.device
+        if self.vocab > 0:
+            row_stats(self.u, self.bias, self.no_target[:k], self.params, self.stats[0],
+                      self.stats[1], self.stats[2], self.stats_cfg)
+            lse, ent = self.stats[0, :k].clone(), self.stats[1, :k].clone()
+        else:
+            lse = torch.full((k,), -math.inf, dtype=torch.float32, device=dev)
+            ent = torch.zeros(k, dtype=torch.float32, device=dev)
+        if self.shard is not None:
+            lse, ent = combine_softmax_stats(self.shard, lse, ent)
+        return lse.contiguous(), ent.contiguous()
+
+    def mixture_sums(self, lse: torch.Tensor, local_off: torch.Tensor, out: torch.Tensor) -> None:
+        """out [G_c, V] = per local group, the sum over its rows of q (pass 2)."""
+        if self.vocab == 0 or out.shape[0] == 0:
+            return
+        grid = (out.shape[0], triton.cdiv(self.vocab, self.cfg["BLOCK_V"]))
+        _mixture_kernel[grid](self.u, self.b_arg, lse, local_off, out, self.vocab, self.u.stride(0),
+                              out.stride(0), self.params.scale, self.params.softcap or 1.0,
+                              **self._consts())
+
+    def row_kl(self, lse: torch.Tensor, local_gid: torch.Tensor, log_mix: torch.Tensor) -> torch.Tensor:
+        """[k] sum_v q_v (log q_v - log q_bar_v) over this slice of the vocabulary (pass 3)."""
+        k, cfg = lse.shape[0], self.cfg
+        if self.vocab == 0:
+            return torch.zeros(k, dtype=torch.float32, device=lse.device)
+        splits = triton.cdiv(self.vocab, cfg["V_SPLIT"])
+        pk = torch.empty(splits, k, dtype=torch.float32, device=lse.device)
+        full_tiles = cfg["V_SPLIT"] // cfg["BLOCK_V"]
+        last_tiles = triton.cdiv(self.vocab - (splits - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
+        for split_offset, count, n_tiles in ((0, splits - 1, full_tiles), (splits - 1, 1, last_tiles)):
+            if count == 0:
+                continue
+            _row_kl_kernel[(triton.cdiv(k, cfg["BLOCK_R"]), count)](
+                self.u, self.b_arg, lse, local_gid, log_mix, pk, k, self.vocab, self.u.stride(0),
+                log_mix.stride(0), self.params.scale, self.params.softcap or 1.0, split_offset,
+                n_tiles, V_SPLIT=cfg["V_SPLIT"], **self._consts())
+        return fold_sum(pk)
+
+    def _consts(self) -> dict:
+        cfg = self.cfg
+        return dict(HAS_BIAS=self.bias is not None, HAS_CAP=self.params.softcap is not None,
+                    BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
+
+
+def plan_chunks(offsets: list[int], rows: int) -> list[tuple[int, int]]:
+    """Group ranges [g0, g1) in order: whole groups packed while their rows fit ``rows``; a group
+    of more than ``rows`` rows alone (streamed). Empty groups join the chunk they fall in."""
+    chunks, g0 = [], 0
+    num = len(offsets) - 1
+    while g0 < num:
+        g1 = g0 + 1
+        if offsets[g1] - offsets[g0] <= rows:
+            while g1 < num and offsets[g1 + 1] - offsets[g0] <= rows:
+                g1 += 1
+        chunks.append((g0, g1))
+        g0 = g1
+    return chunks
+
+
+def _mixture_entropy(mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_v -q_bar log q_bar per row of ``mix`` [G_c, V] in a fixed order, log q_bar)."""
+    g, vocab = mix.shape
+    vocab_offsets = torch.arange(g + 1, device=mix.device, dtype=torch.int64) * vocab
+    ent = segment_sum(-torch.special.xlogy(mix, mix).reshape(-1), vocab_offsets)
+    return ent, mix.clamp_min(torch.finfo(torch.float32).tiny).log_()
+
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             offsets: list[int], params: LogitParams, shard):
+    r, dim = hidden.shape
+    num_groups = len(offsets) - 1
+    dev, f32 = hidden.device, torch.float32
+    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
+                         device=dev)
+    if r == 0:       # every rank holds the same rows: none of them communicates
+        z = torch.zeros(num_groups, dtype=f32, device=dev)
+        e = torch.zeros(0, dtype=f32, device=dev)
+        return e, e.clone(), z, z.clone(), z.clone()
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
+    off = torch.tensor(offsets, dtype=torch.int64, device=dev)
+    sized_for = weight.shape[0] if shard is None else -(-shard.total // shard.world)
+    rows = chunk_rows(sized_for, dim, hidden.dtype, dev, gradient=False)
+    chunk = _Chunk(hidden, weight, bias, params, shard, rows)
+    row_entropy = torch.empty(r, dtype=f32, device=dev)
+    row_kl = torch.empty(r, dtype=f32, device=dev)
+    mixture_entropy = torch.zeros(num_groups, dtype=f32, device=dev)
+    for g0, g1 in plan_chunks(offsets, rows):
+        r0, r1 = offsets[g0], offsets[g1]
+        if r1 - r0 <= rows:          # whole groups: one GEMM, three passes over the chunk
+            chunk.logits(r0, r1)
+            lse, row_entropy[r0:r1] = chunk.row_stats(r1 - r0)
+            mix = torch.zeros(g1 - g0, weight.shape[0], dtype=f32, device=dev)
+            chunk.mixture_sums(lse, (off[g0:g1 + 1] - r0).contiguous(), mix)
+            mix /= sizes[g0:g1].clamp_min(1).to(f32)[:, None]
+            mixture_entropy[g0:g1], log_mix = _mixture_entropy(mix)
+            row_kl[r0:r1] = chunk.row_kl(lse, (gid[r0:r1] - g0).contiguous(), log_mix)
+            continue
+        # one group larger than a chunk: streamed, each pass recomputing its chunks
+        spans = [(c0, min(r1, c0 + rows)) for c0 in range(r0, r1, rows)]
+        lses = []
+        for c0, c1 in spans:
+            chunk.logits(c0, c1)
+            lse, row_entropy[c0:c1] = chunk.row_stats(c1 - c0)
+            lses.append(lse)
+        total = torch.zeros(1, weight.shape[0], dtype=f32, device=dev)
+        part = torch.empty_like(total)
+        for (c0, c1), lse in zip(spans, lses):
+            chunk.logits(c0, c1)
+            part.zero_()
+            chunk.mixture_sums(lse, torch.tensor([0, c1 - c0], dtype=torch.int64, device=dev), part)
+            total += part
+        total /= float(r1 - r0)
+        mixture_entropy[g0:g1], log_mix = _mixture_entropy(total)
+        zeros = torch.zeros(rows, dtype=torch.int32, device=dev)
+        for (c0, c1), lse in zip(spans, lses):
+            chunk.logits(c0, c1)
+            row_kl[c0:c1] = chunk.row_kl(lse, zeros[:c1 - c0], log_mix)
+    if shard is not None:
+        both = rank_sum(shard, torch.cat([row_kl, mixture_entropy]))
+        row_kl, mixture_entropy = both[:r].contiguous(), both[r:].contiguous()
+    return _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off)
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -150,67 +311,11 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """hidden [R, D] sorted by group (contiguous), weight [V, D], offsets: G+1 host ints.
 
     Returns float32 (row_entropy [R], row_kl [R], mixture_entropy [G], mean_entropy [G], js [G]).
-    Extra memory: the [G, V] mixtures, O(R * V / V_SPLIT) split partials.
+    Extra memory: the [C, V] float32 chunk and [C, D] staging, the [G_c, V] mixtures of one
+    chunk, O(C V / V_SPLIT) split partials. GEMM FLOPs: 2 R_pad V D (whole groups), 6 per row of
+    a group larger than a chunk.
     """
-    r, dim = hidden.shape
-    vocab = weight.shape[0]
-    num_groups = len(offsets) - 1
-    dev = hidden.device
-    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
-                         device=dev)
-    if r == 0:
-        z = torch.zeros(num_groups, dtype=torch.float32, device=dev)
-        e = torch.zeros(0, dtype=torch.float32, device=dev)
-        return e, e.clone(), z, z.clone(), z.clone()
-    gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
-    off = torch.tensor(offsets, dtype=torch.int64, device=dev)
-    # pass 1: lse and entropy per row (the SPEC §1 forward; its log-prob output is not used)
-    _, row_entropy, lse = _row_forward(hidden, weight, bias, torch.zeros(r, dtype=torch.long, device=dev),
-                                       params)
-    lse = lse.contiguous()
-    row_kl, mixture_entropy = _mixture_and_kl(hidden, weight, bias, lse, off, gid, params)
-    return _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off)
-
-
-def _mixture_and_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    lse: torch.Tensor, off: torch.Tensor, gid: torch.Tensor, params: LogitParams,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Passes 2 and 3 over ``weight``'s rows given the rows' lse [R]: (sum_v q_iv (log q_iv -
-    log q_bar_g(i),v) [R], sum_v -q_bar_gv log q_bar_gv [G]) over those rows of the vocabulary."""
-    r, dim = hidden.shape
-    vocab = weight.shape[0]
-    num_groups = off.shape[0] - 1
-    dev = hidden.device
-    cfg = config(dev, hidden.dtype)
-    common = dict(HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None,
-                  BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-                  EVEN_D=dim % cfg["BLOCK_D"] == 0, UPCAST=upcast_dots(hidden.dtype),
-                  PRECISION=dot_precision(hidden.dtype), num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
-    b_arg = bias if bias is not None else hidden
-    # pass 2: mixtures
-    mix = torch.empty(num_groups, vocab, dtype=torch.float32, device=dev)
-    if num_groups > 0:
-        grid = (num_groups, triton.cdiv(vocab, cfg["BLOCK_V"]))
-        _mixture_kernel[grid](hidden, weight, b_arg, lse, off, mix, r, vocab, dim,
-                              hidden.stride(0), weight.stride(0), mix.stride(0), params.scale,
-                              params.softcap or 1.0, **common)
-    vocab_offsets = torch.arange(num_groups + 1, device=dev, dtype=torch.int64) * vocab
-    mixture_entropy = segment_sum(-torch.special.xlogy(mix, mix).reshape(-1), vocab_offsets)
-    log_mix = mix.clamp_min_(torch.finfo(torch.float32).tiny).log_()
-    # pass 3: KL(q_i || q_bar_g) per row and vocabulary split
-    splits = triton.cdiv(vocab, cfg["V_SPLIT"])
-    pk = torch.empty(splits, r, dtype=torch.float32, device=dev)
-    full_tiles = cfg["V_SPLIT"] // cfg["BLOCK_V"]
-    last_tiles = triton.cdiv(vocab - (splits - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
-    for split_offset, count, n_tiles in ((0, splits - 1, full_tiles), (splits - 1, 1, last_tiles)):
-        if count == 0:
-            continue
-        _row_kl_kernel[(triton.cdiv(r, cfg["BLOCK_R"]), count)](
-            hidden, weight, b_arg, lse, gid, log_mix, pk, r, vocab, dim, hidden.stride(0),
-            weight.stride(0), log_mix.stride(0), params.scale, params.softcap or 1.0, split_offset,
-            n_tiles, V_SPLIT=cfg["V_SPLIT"], **common)
-    return fold_sum(pk), mixture_entropy
+    return _forward(hidden, weight, bias, offsets, params, None)
 
 
 def _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off):
@@ -222,79 +327,42 @@ def _finish(row_entropy, row_kl, mixture_entropy, sizes, gid, off):
     return row_entropy, row_kl, mixture_entropy, mean_entropy, js
 
 
+
 def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     offsets: list[int], params: LogitParams, shard):
     """:func:`forward` with ``weight`` [V_local, D] this rank's vocabulary slice (possibly empty)
     and ``shard`` its ``_vocab_parallel.VocabShard``; float32 outputs, the same on every rank.
-
-    The same three passes and kernels on the slice: pass 1's per-slice lse and entropy are
-    combined over ranks (``combine_softmax_stats``, one all-gather of [2, R]); passes 2 and 3
-    get the global lse as their argument, so the mixture columns and the KL terms of this slice
-    are exactly those of the unsharded op; the per-row KL and per-group H(q_bar) shares are
-    summed over ranks (one rank sum of [R + G]).
-    """
-    r = hidden.shape[0]
-    vocab = weight.shape[0]
-    num_groups = len(offsets) - 1
-    dev = hidden.device
-    sizes = torch.tensor([offsets[g + 1] - offsets[g] for g in range(num_groups)], dtype=torch.long,
-                         device=dev)
-    if r == 0:       # every rank holds the same rows: none of them communicates
-        z = torch.zeros(num_groups, dtype=torch.float32, device=dev)
-        e = torch.zeros(0, dtype=torch.float32, device=dev)
-        return e, e.clone(), z, z.clone(), z.clone()
-    gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
-    off = torch.tensor(offsets, dtype=torch.int64, device=dev)
-    if vocab > 0:
-        _, ent_l, lse_l = _row_forward(hidden, weight, bias,
-                                       torch.zeros(r, dtype=torch.long, device=dev), params)
-    else:
-        lse_l = torch.full((r,), -math.inf, dtype=torch.float32, device=dev)
-        ent_l = torch.zeros(r, dtype=torch.float32, device=dev)
-    lse, row_entropy = combine_softmax_stats(shard, lse_l, ent_l)
-    lse = lse.contiguous()
-    if vocab > 0:
-        row_kl, mixture_entropy = _mixture_and_kl(hidden, weight, bias, lse, off, gid, params)
-    else:
-        row_kl = torch.zeros(r, dtype=torch.float32, device=dev)
-        mixture_entropy = torch.zeros(num_groups, dtype=torch.float32, device=dev)
-    both = rank_sum(shard, torch.cat([row_kl, mixture_entropy]))
-    return _finish(row_entropy.contiguous(), both[:r].contiguous(), both[r:].contiguous(), sizes,
-                   gid, off)
+    Collectives: one all-gather of [2, C] per chunk (the rows' lse and entropy), one rank sum of
+    [R + G] at the end (see the module docstring)."""
+    return _forward(hidden, weight, bias, offsets, params, shard)
 
 
 def compile_cases(arch: str) -> list[CompileCase]:
-    """The mixture and row-KL kernels at the pinned configurations of ``arch`` (pass 1 is the
-    SPEC §1 forward kernel, compiled with its own module): bf16 plain and with every flag,
-    fp16 and fp32 with every flag."""
+    """The mixture and row-KL kernels at the pinned configuration of ``arch`` (pass 1 is the
+    shared row-statistics epilogue, compiled with ``logit_epilogues``), plain and with every flag
+    (the bias in each head dtype), and the segment sum."""
     cases = []
+    cfg = CONFIGS[arch]
     for dtype, full in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True),
                         (torch.float32, True)):
         t = TL_DTYPE_NAMES[dtype]
-        cfg = CONFIGS[arch]["32" if dtype == torch.float32 else "16"]
-        head = {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "LSE": "*fp32", "GID": "*i32"}
         flags = {"HAS_BIAS": full, "HAS_CAP": full, "BLOCK_R": cfg["BLOCK_R"],
-                 "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"]}
-        tail = {"EVEN_D": not full, "UPCAST": False, "PRECISION": dot_precision(dtype)}
+                 "BLOCK_V": cfg["BLOCK_V"]}
         tag = f"{t}{'-all-flags' if full else ''}"
-        large = dtype == torch.bfloat16
-        div = ("dim", "stride_h", "stride_w", "stride_mix")
-        mix_const = {**flags, **tail}
-        mix_head = {k: v for k, v in head.items() if k != "GID"}
-        mix_sig = {**mix_head, "OFF": "*i64", "MIX": "*fp32", "n_rows": "i32", "vocab": "i32",
-                   "dim": "i32", "stride_h": "i64", "stride_w": "i64",
-                   "stride_mix": "i64", "scale": "fp32", "softcap": "fp32",
-                   **{k: "constexpr" for k in mix_const}}
-        cases.append(CompileCase(f"mixture-{tag}", _mixture_kernel, mix_sig, mix_const,
-                                 cfg["num_warps"], cfg["num_stages"], large_shape_config=large,
+        div = ("vocab", "stride_u", "stride_mix")
+        mix_sig = {"U": "*fp32", "B": f"*{t}", "LSE": "*fp32", "OFF": "*i64", "MIX": "*fp32",
+                   "vocab": "i32", "stride_u": "i64", "stride_mix": "i64", "scale": "fp32",
+                   "softcap": "fp32", **{k: "constexpr" for k in flags}}
+        cases.append(CompileCase(f"mixture-{tag}", _mixture_kernel, mix_sig, flags,
+                                 cfg["num_warps"], cfg["num_stages"], uses_dot=False,
                                  divisible_ints=div))
-        kl_const = {**flags, "V_SPLIT": cfg["V_SPLIT"], **tail}
-        kl_sig = {**head, "LMIX": "*fp32", "PK": "*fp32", "n_rows": "i32", "vocab": "i32",
-                  "dim": "i32", "stride_h": "i64", "stride_w": "i64", "stride_mix": "i64",
-                  "scale": "fp32", "softcap": "fp32", "split_offset": "i32", "n_tiles": "i32",
-                  **{k: "constexpr" for k in kl_const}}
+        kl_const = {**flags, "V_SPLIT": cfg["V_SPLIT"]}
+        kl_sig = {"U": "*fp32", "B": f"*{t}", "LSE": "*fp32", "GID": "*i32", "LMIX": "*fp32",
+                  "PK": "*fp32", "n_rows": "i32", "vocab": "i32", "stride_u": "i64",
+                  "stride_mix": "i64", "scale": "fp32", "softcap": "fp32", "split_offset": "i32",
+                  "n_tiles": "i32", **{k: "constexpr" for k in kl_const}}
         cases.append(CompileCase(f"row_kl-{tag}", _row_kl_kernel, kl_sig, kl_const,
-                                 cfg["num_warps"], cfg["num_stages"], large_shape_config=large,
+                                 cfg["num_warps"], cfg["num_stages"], uses_dot=False,
                                  divisible_ints=div))
     cases.append(CompileCase("segment_sum", _segment_sum_kernel,
                              {"X": "*fp32", "OFF": "*i64", "OUT": "*fp32", "BLOCK": "constexpr"},

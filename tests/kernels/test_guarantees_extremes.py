@@ -403,77 +403,70 @@ def test_index_probe_catches_int32_offsets():
 
 
 @pytestmark_triton
-@pytest.mark.parametrize("kernel", ["logprob_forward", "grad_logits"])
-def test_triton_linear_logprobs_index_arithmetic_beyond_2_31(kernel):
-    """§1 forward at N = 2^26 + 3, V = 2^25 + 17, D = 64 (N*V = 2^51, N*D = 2^32, V*D = 2^31 +
-    1088, split statistics S*N = 2^42); the backward's logit-gradient kernel on an [R, Vc] tile of
-    2^32 elements. The last program of each grid, every flag on."""
+@pytest.mark.parametrize("kernel", ["row_stats", "logit_grad"])
+def test_triton_logit_epilogues_index_arithmetic_beyond_2_31(kernel):
+    """The two epilogues every LM-head op of the triton backend runs over a float32 chunk of raw
+    logits (SPEC §1 forward and backward, the in-forward loss): a chunk of R = 2^16 + 3 rows by
+    V = 2^15 + 17 columns (R*V > 2^31 elements, float32: byte offsets past 2^33), the gradient
+    written into a bf16 copy. The last program of each grid, every flag on."""
     import triton
 
-    from gccpo_kernels.triton import linear_logprobs as L
+    from gccpo_kernels.triton import logit_epilogues as E
 
-    bf = torch.bfloat16
-    if kernel == "logprob_forward":
-        cfg = _interp_cfg(L, "fwd16")
-        n, d, v = 2**26 + 3, 64, 2**25 + 17
-        s = triton.cdiv(v, cfg["V_SPLIT"])
-        assert n * v > 2**31 and n * d > 2**31 and v * d > 2**31
-        bufs = {"H": Virtual(n * d, bf), "W": Virtual(v * d, bf), "B": Virtual(v, bf),
-                "Y": Virtual(n, torch.int64, fill=v - 1), **{k: Virtual(s * n, torch.float32)
-                                                            for k in ("PM", "PS", "PT", "PZ")}}
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), s)
-        probe = IndexProbe(bufs).run(
-            L._logprob_forward_kernel, grid, [(grid[0] - 1, s - 1)],
-            dict(n_rows=n, vocab=v, dim=d, stride_h=d, stride_w=d, scale=1.0, softcap=30.0),
-            dict(HAS_BIAS=True, HAS_CAP=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                 BLOCK_D=cfg["BLOCK_D"], V_SPLIT=cfg["V_SPLIT"], EVEN_D=True, UPCAST=True, PRECISION="tf32"))
+    r, v = 2**16 + 3, 2**15 + 17
+    assert r * v > 2**31
+    f32, bf = torch.float32, torch.bfloat16
+    common = {"U": Virtual(r * v, f32), "B": Virtual(v, bf), "Y": Virtual(r, torch.int64, fill=v - 1),
+              "LSE": Virtual(r, f32), "ENT": Virtual(r, f32)}
+    flags = dict(HAS_BIAS=True, HAS_CAP=True)
+    if kernel == "row_stats":
+        cfg = _interp_cfg(E, "stats")
+        grid = (triton.cdiv(r, cfg["BLOCK_N"]),)
+        probe = IndexProbe({**common, "ZY": Virtual(r, f32)}).run(
+            E._row_stats_kernel, grid, [(grid[0] - 1,)],
+            dict(n_rows=r, vocab=v, stride_u=v, scale=1.0, softcap=30.0, log_vocab=10.0),
+            dict(**flags, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"]))
     else:
-        cfg = _interp_cfg(L, "bwd16")
-        n, d, v = 2**20 + 5, 64, 2**12 + 3
-        assert n * v > 2**31
-        bufs = {"H": Virtual(n * d, bf), "W": Virtual(v * d, bf), "B": Virtual(v, bf),
-                "Y": Virtual(n, torch.int64, fill=v - 1), "LSE": Virtual(n, torch.float32),
-                "ENT": Virtual(n, torch.float32), "GL": Virtual(n, torch.float32, fill=1.0),
-                "GE": Virtual(n, torch.float32, fill=1.0), "G": Virtual(n * v, bf)}
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        probe = IndexProbe(bufs).run(
-            L._grad_logits_kernel, grid, [(grid[0] - 1, grid[1] - 1)],
-            dict(n_rows=n, vocab=v, dim=d, stride_h=d, stride_w=d, stride_g=v, col_offset=0, scale=1.0,
-                 softcap=30.0),
-            dict(HAS_BIAS=True, HAS_CAP=True, HAS_GL=True, HAS_GE=True, BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], EVEN_D=True, UPCAST=True, PRECISION="tf32"))
+        cfg = _interp_cfg(E, "grad")
+        grid = (triton.cdiv(r, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+        probe = IndexProbe({**common, "G": Virtual(r * v, bf), "GL": Virtual(r, f32, fill=1.0),
+                            "GE": Virtual(r, f32, fill=1.0)}).run(
+            E._logit_grad_kernel, grid, [(grid[0] - 1, grid[1] - 1)],
+            dict(n_rows=r, vocab=v, stride_u=v, stride_g=v, scale=1.0, softcap=30.0),
+            dict(**flags, HAS_GE=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"]))
     probe.assert_reaches_every_end()
 
 
 @pytestmark_triton
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_triton_divergence_index_arithmetic_beyond_2_31(kind):
-    """§3 at R = 2^25 + 3, M = 4, D = 64, V = 2^15 + 1: R*V = 2^40, R*M*D = 2^33, split partials
-    S*R*M = 2^35. The statistics kernel (with the L accumulators for JS) and the integrand, each
-    for its last program and the last vocabulary split."""
+    """§3 on one chunk of C = 2^16 + 3 rows, M = 4, V = 2^15 + 1: the chunk's raw products
+    C*V > 2^31 (base) and C*M*V > 2^33 (perturbations) float32 elements, split partials S*C*M.
+    The statistics kernel (with the L accumulators for JS) and the integrand, each for its last
+    program and the last vocabulary split."""
     import triton
 
     from gccpo_kernels.triton import divergence as Dv
 
-    bf = torch.bfloat16
-    r, m, d, v = 2**25 + 3, 4, 64, 2**15 + 1
+    f32, bf = torch.float32, torch.bfloat16
+    r, m, v = 2**16 + 3, 4, 2**15 + 1
+    assert r * v > 2**31
     cfg = Dv.CONFIGS["interpreter"][("16", 4)]
     s = triton.cdiv(v, cfg["V_SPLIT"])
     last_tiles = triton.cdiv(v - (s - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
-    head_bufs = {"H": Virtual(r * d, bf), "DL": Virtual(r * m * d, bf), "W": Virtual(v * d, bf), "B": Virtual(v, bf)}
-    sizes = dict(n_rows=r, vocab=v, dim=d, n_pert=m, stride_h=d, stride_dr=m * d, stride_dm=d, stride_w=d,
+    head_bufs = {"UZ": Virtual(r * v, f32), "UD": Virtual(r * m * v, f32), "B": Virtual(v, bf)}
+    sizes = dict(n_rows=r, vocab=v, n_pert=m, stride_z=v, stride_dr=m * v, stride_dm=v,
                  scale=1.0, softcap=30.0, split_offset=s - 1, n_tiles=last_tiles)
-    consts = dict(HAS_BIAS=True, HAS_CAP=True, MP=4, BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-                  V_SPLIT=cfg["V_SPLIT"], EVEN_D=True, UPCAST=True, PRECISION="tf32")
-    stats = {**head_bufs, "PM": Virtual(s * r, torch.float32), "PS": Virtual(s * r, torch.float32),
-             **{k: Virtual(s * r * m, torch.float32) for k in ("PC", "PK", "PT", "PSH", "PE")}}
+    consts = dict(HAS_BIAS=True, HAS_CAP=True, MP=4, BLOCK_V=cfg["BLOCK_V"], V_SPLIT=cfg["V_SPLIT"])
+    stats = {**head_bufs, "PM": Virtual(s * r, f32), "PS": Virtual(s * r, f32),
+             **{k: Virtual(s * r * m, f32) for k in ("PC", "PK", "PT", "PSH", "PE")}}
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), 1)
     IndexProbe(stats).run(Dv._cf_stats_kernel, grid, [(grid[0] - 1, 0)], sizes,
                           dict(consts, NEED_L=kind != "kl", BLOCK_R=cfg["BLOCK_R"])).assert_reaches_every_end(
-        ["H", "DL", "W", "B", "PM", "PS", "PC", "PK", "PT", *(["PSH", "PE"] if kind != "kl" else [])])
+        ["UZ", "UD", "B", "PM", "PS", "PC", "PK", "PT", *(["PSH", "PE"] if kind != "kl" else [])])
     block_r = cfg["BLOCK_R_JS" if kind == "js" else "BLOCK_R"]
-    integ = {**head_bufs, "LSE": Virtual(r, torch.float32), "SHIFT": Virtual(r * m, torch.float32),
-             "PF": Virtual(s * r * m, torch.float32)}
+    integ = {**head_bufs, "LSE": Virtual(r, f32), "SHIFT": Virtual(r * m, f32),
+             "PF": Virtual(s * r * m, f32)}
     grid = (triton.cdiv(r, block_r), 1)
     IndexProbe(integ).run(Dv._cf_integrand_kernel, grid, [(grid[0] - 1, 0)], sizes,
                           dict(consts, KIND=Dv.KIND_CODES[kind], BLOCK_R=block_r)).assert_reaches_every_end()
@@ -481,37 +474,37 @@ def test_triton_divergence_index_arithmetic_beyond_2_31(kind):
 
 @pytestmark_triton
 def test_triton_group_stats_index_arithmetic_beyond_2_31():
-    """§4 at R = 2^25 + 3 rows, G = 2^17 groups, V = 2^15 + 1: R*V = 2^40, G*V = 2^32 (the [G, V]
-    mixtures), R*D = 2^31+. The mixture kernel for the last group (its rows at the end of the
-    batch), the row-KL kernel for the last rows (of the last group) and last split, the segment
-    sum over the flattened G*V mixture terms for the last group."""
+    """§4 on one chunk of C = 2^16 + 3 rows, G = 2^17 groups, V = 2^15 + 1: C*V > 2^31 float32
+    elements of the chunk, G*V = 2^32 (the [G, V] mixtures). The mixture kernel for the last
+    group (its rows at the end of the chunk), the row-KL kernel for the last rows (of the last
+    group) and last split, the segment sum over the flattened G*V mixture terms for the last
+    group."""
     import triton
 
     from gccpo_kernels.triton import group_stats as Gs
 
-    bf = torch.bfloat16
-    r, d, v, g = 2**25 + 3, 64, 2**15 + 1, 2**17
-    cfg = Gs.CONFIGS["interpreter"]["16"]
+    f32, bf = torch.float32, torch.bfloat16
+    r, v, g = 2**16 + 3, 2**15 + 1, 2**17
+    cfg = Gs.CONFIGS["interpreter"]
     offsets = torch.zeros(g + 1, dtype=torch.int64)
-    offsets[-2:] = torch.tensor([r - 40, r])  # empty groups, a huge group, the last group of 40 rows
-    common = dict(HAS_BIAS=True, HAS_CAP=True, BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"],
-                  BLOCK_D=cfg["BLOCK_D"], EVEN_D=True, UPCAST=True, PRECISION="tf32")
-    head_bufs = {"H": Virtual(r * d, bf), "W": Virtual(v * d, bf), "B": Virtual(v, bf), "LSE": Virtual(r, torch.float32)}
+    offsets[-2:] = torch.tensor([r - 40, r])  # empty groups, a big group, the last group of 40 rows
+    common = dict(HAS_BIAS=True, HAS_CAP=True, BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"])
+    head_bufs = {"U": Virtual(r * v, f32), "B": Virtual(v, bf), "LSE": Virtual(r, f32)}
     n_vt = triton.cdiv(v, cfg["BLOCK_V"])
-    IndexProbe({**head_bufs, "OFF": offsets, "MIX": Virtual(g * v, torch.float32)}).run(
+    IndexProbe({**head_bufs, "OFF": offsets, "MIX": Virtual(g * v, f32)}).run(
         Gs._mixture_kernel, (g, n_vt), [(g - 1, n_vt - 1)],
-        dict(n_rows=r, vocab=v, dim=d, stride_h=d, stride_w=d, stride_mix=v, scale=1.0, softcap=30.0),
+        dict(vocab=v, stride_u=v, stride_mix=v, scale=1.0, softcap=30.0),
         common).assert_reaches_every_end()
     s = triton.cdiv(v, cfg["V_SPLIT"])
     last_tiles = triton.cdiv(v - (s - 1) * cfg["V_SPLIT"], cfg["BLOCK_V"])
-    IndexProbe({**head_bufs, "GID": Virtual(r, torch.int32, fill=g - 1), "LMIX": Virtual(g * v, torch.float32),
-                "PK": Virtual(s * r, torch.float32)}).run(
+    IndexProbe({**head_bufs, "GID": Virtual(r, torch.int32, fill=g - 1), "LMIX": Virtual(g * v, f32),
+                "PK": Virtual(s * r, f32)}).run(
         Gs._row_kl_kernel, (triton.cdiv(r, cfg["BLOCK_R"]), 1), [(triton.cdiv(r, cfg["BLOCK_R"]) - 1, 0)],
-        dict(n_rows=r, vocab=v, dim=d, stride_h=d, stride_w=d, stride_mix=v, scale=1.0, softcap=30.0,
+        dict(n_rows=r, vocab=v, stride_u=v, stride_mix=v, scale=1.0, softcap=30.0,
              split_offset=s - 1, n_tiles=last_tiles),
         dict(common, V_SPLIT=cfg["V_SPLIT"])).assert_reaches_every_end()
     seg = torch.arange(g + 1, dtype=torch.int64) * v
-    IndexProbe({"X": Virtual(g * v, torch.float32), "OFF": seg, "OUT": Virtual(g, torch.float32)}).run(
+    IndexProbe({"X": Virtual(g * v, f32), "OFF": seg, "OUT": Virtual(g, f32)}).run(
         Gs._segment_sum_kernel, (g,), [(g - 1,)], {}, dict(BLOCK=Gs.SEGMENT_BLOCK)).assert_reaches_every_end()
 
 
