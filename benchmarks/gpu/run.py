@@ -15,6 +15,8 @@ What it does, in one run:
    §3 divergence and the §4 group statistics), times every available path with CUDA events
    (median of many repetitions, rotating among several input sets so the L2 cache does not
    flatter anyone), forward and forward+backward, next to the bare GEMM with the same FLOPs;
+   ``ours`` also at each ``--workspaces`` budget (default 1024 MiB besides the 256 MiB default:
+   the chunk GEMMs' size is what issue 18's predictions turn on);
 3. records peak ``torch.cuda.max_memory_allocated`` growth of each path;
 4. writes ``results.json`` under --out and prints one table last.
 
@@ -94,9 +96,28 @@ def _sum_outputs(out):
     return out.sum()
 
 
-def run_case(name, make, n, d, v, dtype, device, reps, sets):
-    """Time every path of one case (forward, and forward+backward where it has one)."""
+def with_workspace(fn: Callable, mb: int) -> Callable:
+    """``fn`` run with ``GCCPO_WORKSPACE_MB=mb`` (read by every op at each call), restored after."""
+    def go(*args):
+        old = os.environ.get("GCCPO_WORKSPACE_MB")
+        os.environ["GCCPO_WORKSPACE_MB"] = str(mb)
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop("GCCPO_WORKSPACE_MB", None)
+            else:
+                os.environ["GCCPO_WORKSPACE_MB"] = old
+    return go
+
+
+def run_case(name, make, n, d, v, dtype, device, reps, sets, workspaces=()):
+    """Time every path of one case (forward, and forward+backward where it has one); ``ours`` also
+    at each extra workspace budget in ``workspaces`` (MiB), as paths ``ours@<MiB>``."""
     inputs, paths, info = make(n, d, v, dtype, device, sets)
+    if "ours" in paths:
+        for mb in workspaces:
+            paths[f"ours@{mb}"] = with_workspace(paths["ours"], mb)
     rows = []
 
     def fwd(fn, args):
@@ -188,6 +209,9 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=151936)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated between reps")
+    parser.add_argument("--workspaces", default="1024",
+                        help="extra GCCPO_WORKSPACE_MB budgets (MiB, comma-separated; '' for none) "
+                             "at which 'ours' is also timed, as paths ours@<MiB>")
     parser.add_argument("--deadline", type=float, default=480,
                         help="seconds after which the remaining cases are skipped (and recorded so)")
     args = parser.parse_args()
@@ -218,7 +242,9 @@ def main() -> None:
             report["rows"].append({"case": name, "n": n, "path": "-",
                                    "error": "skipped: past the --deadline"})
             continue
-        rows = run_case(name, CASES[name], n, args.d, args.v, dtype, device, args.reps, args.sets)
+        workspaces = [int(x) for x in args.workspaces.split(",") if x]
+        rows = run_case(name, CASES[name], n, args.d, args.v, dtype, device, args.reps, args.sets,
+                        workspaces)
         for r in rows:
             r["n"] = n
         report["rows"] += rows
