@@ -84,6 +84,13 @@ class VocabShard:
             t.copy_(buf)
         return t
 
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over the group (one all-reduce of one number): what every rank
+        must use when a loop's trip count depends on a rank's own settings (its vocabulary slice,
+        its ``GCCPO_WORKSPACE_MB``), so every rank runs the same number of collectives."""
+        t = torch.tensor([-int(value)], dtype=torch.float64, device=self.comm_device)
+        return int(-self.all_reduce_(t, "max").item())
+
     def logsumexp(self, lse_local: torch.Tensor) -> torch.Tensor:
         """Global log-sum-exp from each rank's local log-sum-exp (any shape; -inf for an empty
         slice): two all-reduces (MAX, then SUM of exp(local - max)). Exact up to one rounding

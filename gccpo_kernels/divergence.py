@@ -237,8 +237,8 @@ def counterfactual_divergence(hidden: torch.Tensor, weight: torch.Tensor, deltas
     Accuracy (float32): |error| <= 2e-3 * KL + 2e-8 at realistic KL 1e-6..1e-4 (SPEC §3): Delta is
     formed from W delta, KL = log1p(E_q[exp(Delta - c) - 1 - (Delta - c)]) with c = E_q[Delta].
 
-    Cost: 2(M+1)RVD FLOPs per pass over W; the torch backend makes one pass (a chunk's whole
-    vocabulary is in its workspace), the triton backend two (statistics, then integrands). Memory:
+    Cost: 2(M+1)RVD FLOPs, one pass over W on both fast backends (a chunk's whole vocabulary is
+    in the workspace; on triton the statistics and integrand kernels read that chunk). Memory:
     O(R*M) outputs plus a bounded workspace; never R x V (only the reference backend materializes).
     """
     if process_group is not None:

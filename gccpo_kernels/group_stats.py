@@ -146,9 +146,10 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
             on every rank). Each rank keeps the mixture columns of its own tokens ([G, V_local]).
             Costs one all-reduce of 3P ints (the slice sizes, the backends and the ranks'
             argument checks: a rank whose checks fail makes every rank raise), one all-gather of
-            [2, R] (lse and entropy) and one of [R + G] (the KL and mixture-entropy shares), never
-            R x V; the fast backends make one more pass over the slice than unsharded (the
-            mixtures need the global normalizers). Raises ValueError when torch.distributed is not initialised.
+            [2, R] (lse and entropy; on triton one of [2, C] per chunk, and one all-reduce of
+            the chunk size) and one of [R + G] (the KL and mixture-entropy shares), never R x V;
+            the torch backend makes one more pass over the slice than unsharded (the mixtures
+            need the global normalizers), the triton backend the same passes. Raises ValueError when torch.distributed is not initialised.
             This path calls the backend directly, not through the ``gccpo::group_distribution_stats``
             custom op (an op cannot take a process group), behind ``torch.compiler.disable``: a
             compiled caller graph-breaks there and runs it eagerly.
@@ -159,8 +160,9 @@ def group_distribution_stats(hidden: torch.Tensor, weight: torch.Tensor, *,
     Forward-only: runs under ``torch.no_grad()``; inputs that require grad are read detached and
     the outputs never carry a graph.
 
-    Cost: the torch backend makes two passes over W (4RVD FLOPs), the triton backend three (row
-    statistics, mixtures, KL: 6RVD). Memory: the [G, V] mixtures plus a bounded workspace (and a
+    Cost: the torch backend makes two passes over W (4RVD FLOPs), the triton backend one (2RVD:
+    one GEMM per chunk of whole groups, its three passes over the chunk; a group larger than a
+    chunk takes two passes over W). Memory: the [G, V] mixtures plus a bounded workspace (and a
     sorted copy of hidden when group_ids are not sorted); never R x V.
     """
     if process_group is not None:

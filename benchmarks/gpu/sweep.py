@@ -6,8 +6,9 @@ CONFIGS: "stats", the row statistics of the forward; "grad", the logit gradient 
 Nothing autotunes at run time, so that a row's result never depends on the batch around it. This
 script is how the pinned sm_90 entries are chosen: it times the whole forward and the whole
 backward for each candidate, next to the bare GEMMs with the same FLOPs, checks that every
-candidate gives the same numbers as the pinned one (an elementwise kernel's block shape changes
-no arithmetic: the difference must be 0), and writes ``sweep.json`` under --out.
+candidate gives the same numbers as the pinned one (the gradient kernel's block shape changes no
+arithmetic: 0 difference; the statistics kernel's BLOCK_V changes the order of its row sums:
+float32 rounding), and writes ``sweep.json`` under --out.
 
     python benchmarks/gpu/sweep.py --out "$OUT"              # on the GPU machine
     python benchmarks/gpu/sweep.py --dry --out /tmp/sweep     # here, interpreter, tiny shapes

@@ -76,9 +76,10 @@ def _cfg(r: int, v: int, warps: int, stages: int, r_js: int | None = None,
 # Pinned per architecture and padded perturbation count MP, never by R; at most MAX_MP
 # perturbations per launch. The kernels stream the float32 chunk (no dot), so one table serves
 # every input width ("16" and "32" keys kept for the callers): the epilogue holds several
-# [BLOCK_R, MP, BLOCK_V] float32 temporaries, so BLOCK_R * MP * BLOCK_V is 2048 (1024 for the JS
-# integrand, whose integrand needs the most registers) with no software pipelining: the largest
-# tiles that compile without spills on sm_90 and sm_80 (python -m gccpo_kernels.triton._aot).
+# [BLOCK_R, MP, BLOCK_V] float32 temporaries, so BLOCK_R * MP * BLOCK_V is at most 2048 (1024 for
+# MP = 1 and for the JS integrand, whose integrand needs the most registers), with no software
+# pipelining: the largest tiles that compile without spills on sm_90 and sm_80
+# (python -m gccpo_kernels.triton._aot).
 MAX_MP = 4
 
 
@@ -496,8 +497,8 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     and ``shard`` its ``_vocab_parallel.VocabShard`` (None: the whole head) -> [R, M] float32,
     the same on every rank. Collectives per chunk and block of MAX_MP perturbations: one MAX
     all-reduce of [C, 1+M] and two rank sums ([C, 1+2M], [C, M]) for KL; one more ([C, 2M]) for
-    JS and TV. Every rank runs the same chunks: with a shard, C is sized for ceil(V / world)
-    columns. ``kind`` must name a registry entry with a ``triton_code`` (ValueError otherwise).
+    JS and TV; and once per call the smallest C over the ranks (each sizes it for its own slice
+    and budget), so every rank runs the same chunks. ``kind`` must name a registry entry with a ``triton_code`` (ValueError otherwise).
 
     Per chunk: the C latents and their C M perturbations are staged into one [C (M + 1), D]
     buffer (rows past the chunk's end zeroed), ``U = X W^T`` by one GEMM with a float32 result
@@ -510,8 +511,9 @@ def forward_sharded(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     out = torch.empty(r, m_pert, dtype=torch.float32, device=hidden.device)
     if r == 0 or m_pert == 0:
         return out
-    sized_for = vocab if shard is None else -(-shard.total // shard.world)
-    rows = chunk_rows(sized_for, m_pert, dim, hidden.dtype, hidden.device)
+    rows = chunk_rows(vocab, m_pert, dim, hidden.dtype, hidden.device)
+    if shard is not None:  # every rank runs the same chunks (the same collectives)
+        rows = shard.agree_min(rows)
     x = torch.empty(rows * (m_pert + 1), dim, dtype=hidden.dtype, device=hidden.device)
     u = torch.empty(rows * (m_pert + 1), vocab, dtype=torch.float32, device=hidden.device)
     uz, ud = u[:rows], u[rows:].view(rows, m_pert, vocab)

@@ -21,14 +21,15 @@ H(q_bar) and the group means are segmented sums in ``_segment_sum_kernel`` (one 
 segment, blocks aligned to the segment's start: a fixed order, unlike torch's shape-dependent
 reductions); the vocabulary splits of pass 3 are merged by a left fold (``_utils.fold_sum``).
 
-A group of more than C rows cannot share a chunk's single GEMM with its own mixture: it is
-streamed alone in chunks of C rows from its first row, with the three passes each recomputing
-the chunk (3 GEMM passes over W for that group only; the mixture's sums add chunk by chunk in a
-fixed order). Which path a group takes depends only on its own size (batch invariance).
+A group of more than C rows cannot have its row KLs from the GEMM that gave its mixture: it is
+streamed alone in chunks of C rows from its first row, the row statistics and mixture sums of a
+chunk from one GEMM, the row KLs from a second (2 passes over W for that group only; the
+mixture's sums add chunk by chunk in a fixed order). Which path a group takes depends only on its
+own size (batch invariance). Chunks of empty groups only cost nothing.
 
 Vocabulary parallelism (:func:`forward_sharded`, W a slice of the head's rows): the same chunks
-and kernels on the slice (C sized for ceil(V / world) columns, so every rank runs the same
-chunks); each chunk's per-slice lse and entropy are combined over ranks
+and kernels on the slice (C: the smallest over the ranks of what each one's slice and budget
+allow, one all-reduce per call, so every rank runs the same chunks); each chunk's per-slice lse and entropy are combined over ranks
 (``combine_softmax_stats``: one all-gather of [2, C] per chunk) before passes 2 and 3, which then
 see the global lse, so the mixture columns and KL terms of this slice are exactly those of the
 unsharded op; the per-row KL and per-group H(q_bar) shares are summed over ranks at the end (one
@@ -193,8 +194,13 @@ class _Chunk:
             lse, ent = combine_softmax_stats(self.shard, lse, ent)
         return lse.contiguous(), ent.contiguous()
 
+    def new_mixtures(self, groups: int) -> torch.Tensor:
+        """A [groups, V] float32 buffer for :meth:`mixture_sums` (which writes every element)."""
+        return torch.empty(groups, self.vocab, dtype=torch.float32, device=self.u.device)
+
     def mixture_sums(self, lse: torch.Tensor, local_off: torch.Tensor, out: torch.Tensor) -> None:
-        """out [G_c, V] = per local group, the sum over its rows of q (pass 2)."""
+        """out [G_c, V] = per local group, the sum over its rows of q (pass 2); every element is
+        written (0 for an empty group)."""
         if self.vocab == 0 or out.shape[0] == 0:
             return
         grid = (out.shape[0], triton.cdiv(self.vocab, self.cfg["BLOCK_V"]))
@@ -263,35 +269,37 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return e, e.clone(), z, z.clone(), z.clone()
     gid = torch.repeat_interleave(torch.arange(num_groups, device=dev, dtype=torch.int32), sizes)
     off = torch.tensor(offsets, dtype=torch.int64, device=dev)
-    sized_for = weight.shape[0] if shard is None else -(-shard.total // shard.world)
-    rows = chunk_rows(sized_for, dim, hidden.dtype, dev, gradient=False)
+    rows = chunk_rows(weight.shape[0], dim, hidden.dtype, dev, gradient=False)
+    if shard is not None:  # every rank runs the same chunks (the same collectives)
+        rows = shard.agree_min(rows)
     chunk = _Chunk(hidden, weight, bias, params, shard, rows)
     row_entropy = torch.empty(r, dtype=f32, device=dev)
     row_kl = torch.empty(r, dtype=f32, device=dev)
     mixture_entropy = torch.zeros(num_groups, dtype=f32, device=dev)
     for g0, g1 in plan_chunks(offsets, rows):
         r0, r1 = offsets[g0], offsets[g1]
+        if r1 == r0:                 # empty groups only: zeros, no GEMM
+            continue
         if r1 - r0 <= rows:          # whole groups: one GEMM, three passes over the chunk
             chunk.logits(r0, r1)
             lse, row_entropy[r0:r1] = chunk.row_stats(r1 - r0)
-            mix = torch.zeros(g1 - g0, weight.shape[0], dtype=f32, device=dev)
+            mix = chunk.new_mixtures(g1 - g0)
             chunk.mixture_sums(lse, (off[g0:g1 + 1] - r0).contiguous(), mix)
             mix /= sizes[g0:g1].clamp_min(1).to(f32)[:, None]
             mixture_entropy[g0:g1], log_mix = _mixture_entropy(mix)
             row_kl[r0:r1] = chunk.row_kl(lse, (gid[r0:r1] - g0).contiguous(), log_mix)
             continue
-        # one group larger than a chunk: streamed, each pass recomputing its chunks
+        # one group larger than a chunk, streamed: its row statistics and mixture sums from one
+        # GEMM per chunk (the chunk's lse is known before its mixture pass), its row KLs from a
+        # second (they need the whole group's mixture): 2 passes over W for this group
         spans = [(c0, min(r1, c0 + rows)) for c0 in range(r0, r1, rows)]
         lses = []
+        total = torch.zeros(1, weight.shape[0], dtype=f32, device=dev)
+        part = chunk.new_mixtures(1)
         for c0, c1 in spans:
             chunk.logits(c0, c1)
             lse, row_entropy[c0:c1] = chunk.row_stats(c1 - c0)
             lses.append(lse)
-        total = torch.zeros(1, weight.shape[0], dtype=f32, device=dev)
-        part = torch.empty_like(total)
-        for (c0, c1), lse in zip(spans, lses):
-            chunk.logits(c0, c1)
-            part.zero_()
             chunk.mixture_sums(lse, torch.tensor([0, c1 - c0], dtype=torch.int64, device=dev), part)
             total += part
         total /= float(r1 - r0)
@@ -312,8 +320,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Returns float32 (row_entropy [R], row_kl [R], mixture_entropy [G], mean_entropy [G], js [G]).
     Extra memory: the [C, V] float32 chunk and [C, D] staging, the [G_c, V] mixtures of one
-    chunk, O(C V / V_SPLIT) split partials. GEMM FLOPs: 2 R_pad V D (whole groups), 6 per row of
-    a group larger than a chunk.
+    chunk, O(C V / V_SPLIT) split partials. GEMM FLOPs: 2 C V D per chunk of whole groups, 4 C V D
+    per chunk of a group larger than a chunk.
     """
     return _forward(hidden, weight, bias, offsets, params, None)
 

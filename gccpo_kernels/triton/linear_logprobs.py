@@ -99,16 +99,20 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n, dim = hidden.shape
     vocab = weight.shape[0]
     device, dtype, f32 = hidden.device, hidden.dtype, torch.float32
-    dw = torch.zeros(vocab, dim, dtype=weight.dtype, device=device) if need_w else None
     db = torch.zeros(vocab, dtype=f32, device=device) if need_b else None
     dh_type = dh_dtype or dtype
     if n == 0 or not (need_h or need_w or need_b) or (grad_logp is None and grad_entropy is None):
         dh = torch.zeros(n, dim, dtype=dh_type, device=device) if need_h else None
+        dw = torch.zeros(vocab, dim, dtype=weight.dtype, device=device) if need_w else None
         return dh, dw, None if db is None else db.to(bias.dtype)
+    sixteen = dtype != f32
+    # a 16-bit d weight is written slice by slice (copied from the float32 slice accumulator);
+    # a float32 one accumulates in place
+    dw = (torch.empty if sixteen else torch.zeros)(vocab, dim, dtype=weight.dtype,
+                                                    device=device) if need_w else None
     cfg = CONFIGS[arch_key(device)]["grad"]
     rows, cols = slice_tile(vocab, dim, dtype, device)
     n_pad = -(-n // rows) * rows
-    sixteen = dtype != f32
     u = torch.empty(rows, cols, dtype=f32, device=device)             # recomputed logits, then G
     g16 = torch.empty(rows, cols, dtype=dtype, device=device) if sixteen else None
     h_in = torch.empty(rows, dim, dtype=dtype, device=device)

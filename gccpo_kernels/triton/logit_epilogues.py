@@ -72,7 +72,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 
 ROW_CHUNK = 8192  # at most this many rows per chunk (d weight's read-modify-write: once per chunk)
 ROW_POW2_FROM = 64  # from this many rows on, chunks are rounded down to a power of two
-SLICE_ROWS = 1024   # rows per chunk of a vocabulary-slice backward (GEMMs of >= 1024 rows)
+SLICE_ROWS_MAX = 4096  # rows per chunk of a vocabulary-slice backward, at most (see slice_tile)
 MIN_SLICE_COLS = 256
 V_BLOCK = 4096     # CPU only: vocabulary columns per GEMM (MKL keeps large packing buffers)
 
@@ -186,17 +186,27 @@ def pow2_rows(rows: int) -> int:
 def slice_tile(vocab: int, dim: int, dtype: torch.dtype, device: torch.device,
                budget: int | None = None) -> tuple[int, int]:
     """(R, Vc): the [R, Vc] chunk of a backward that walks vocabulary slices outside and row
-    chunks inside (the SPEC §1 primitive's). R = SLICE_ROWS rows when Vc can be at least
-    MIN_SLICE_COLS columns (fewer rows, a power of two, under a small budget), Vc = as many
-    columns as fit the budget with the float32 chunk, its 16-bit gradient copy, and the float32
-    [Vc, D] d-weight slice accumulator of a 16-bit head, a multiple of MIN_SLICE_COLS, at most V.
-    Like :func:`chunk_rows`, a function of V, D, the dtype, the device and the budget only."""
+    chunks inside (the SPEC §1 primitive's). Each row chunk reads and writes the float32 [Vc, D]
+    d-weight slice once (8 V D bytes per row chunk over the whole vocabulary) and each slice reads
+    and writes the float32 d hidden once (8 N D bytes per slice), so R and Vc are balanced: R is
+    the largest power of two up to SLICE_ROWS_MAX for which Vc >= min(R, V) columns fit the
+    budget with the float32 chunk, its 16-bit gradient copy and the [Vc, D] slice accumulator of
+    a 16-bit head (e.g. R = 4096 with Vc = 26112 at the 1 GiB CUDA default, Vc = 6400 at
+    256 MiB, V = 152k, D = 4096, bf16); Vc a multiple of MIN_SLICE_COLS, at most V. Under a tiny
+    budget: MIN_SLICE_COLS columns and as many rows as fit. Like :func:`chunk_rows`, a function of V, D, the dtype, the device and the budget only
+    (never N: batch invariance)."""
     budget = workspace_bytes(device) if budget is None else budget
     elem = torch.finfo(dtype).bits // 8
     copy = elem if dtype != torch.float32 else 0
     acc = 4 * dim if dtype != torch.float32 else 0
-    rows = SLICE_ROWS
-    cols = budget // (rows * (4 + copy) + acc)
+
+    def fit_cols(rows: int) -> int:
+        return budget // (rows * (4 + copy) + acc)
+
+    rows = SLICE_ROWS_MAX
+    while rows > ROW_POW2_FROM and fit_cols(rows) < min(rows, vocab):
+        rows //= 2
+    cols = fit_cols(rows)
     if cols < MIN_SLICE_COLS:
         cols = min(vocab, MIN_SLICE_COLS)
         rows = pow2_rows(max(1, (budget - acc * cols) // max(1, cols * (4 + copy))))
@@ -252,7 +262,7 @@ def raw_logits(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     """u = h W^T ([R, D] x [D, V] -> float32 [R, V]): one GEMM on CUDA, V_BLOCK-column GEMMs on
     the CPU (always the same blocks: the shapes stay fixed)."""
     vocab = w.shape[0]
-    step = vocab if u.is_cuda else V_BLOCK
+    step = max(vocab, 1) if u.is_cuda else V_BLOCK
     for v0 in range(0, vocab, step):
         mm_f32(h, w[v0:v0 + step].T, out=u[:, v0:v0 + step])
     return u
@@ -260,7 +270,8 @@ def raw_logits(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tenso
 
 def compile_cases(arch: str) -> list[CompileCase]:
     """Both kernels at the pinned configuration of ``arch``: bias-free / uncapped / no entropy
-    term, and every flag on with a bf16, fp16 and fp32 bias and (bf16) a 16-bit gradient output."""
+    term, and every flag on with a bf16, fp16 and fp32 bias; the gradient kernel with a float32
+    output and, for 16-bit heads, with the 16-bit copy as its output."""
     cases = []
     scfg, gcfg = CONFIGS[arch]["stats"], CONFIGS[arch]["grad"]
     for dtype, full in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True),
@@ -276,14 +287,17 @@ def compile_cases(arch: str) -> list[CompileCase]:
         cases.append(CompileCase(f"row_stats-{tag}", _row_stats_kernel, st_sig, st_const,
                                  scfg["num_warps"], scfg["num_stages"], uses_dot=False,
                                  divisible_ints=("vocab", "stride_u")))
-        out = t if dtype == torch.bfloat16 else "fp32"
         gr_const = {**flags, "HAS_GE": full, "BLOCK_N": gcfg["BLOCK_N"],
                     "BLOCK_V": gcfg["BLOCK_V"]}
-        gr_sig = {"U": "*fp32", "G": f"*{out}", "B": f"*{t}", "Y": "*i64", "LSE": "*fp32",
-                  "ENT": "*fp32", "GL": "*fp32", "GE": "*fp32", "n_rows": "i32", "vocab": "i32",
-                  "stride_u": "i64", "stride_g": "i64", "scale": "fp32", "softcap": "fp32",
-                  **{k: "constexpr" for k in gr_const}}
-        cases.append(CompileCase(f"logit_grad-{tag}", _logit_grad_kernel, gr_sig, gr_const,
-                                 gcfg["num_warps"], gcfg["num_stages"], uses_dot=False,
-                                 divisible_ints=("vocab", "stride_u", "stride_g")))
+        # the gradient's output: in place (float32), or the 16-bit copy the GEMMs read (bf16 for
+        # the loss and the primitive, fp16 for the primitive)
+        for out in ("fp32", t) if dtype != torch.float32 else ("fp32",):
+            gr_sig = {"U": "*fp32", "G": f"*{out}", "B": f"*{t}", "Y": "*i64", "LSE": "*fp32",
+                      "ENT": "*fp32", "GL": "*fp32", "GE": "*fp32", "n_rows": "i32",
+                      "vocab": "i32", "stride_u": "i64", "stride_g": "i64", "scale": "fp32",
+                      "softcap": "fp32", **{k: "constexpr" for k in gr_const}}
+            cases.append(CompileCase(f"logit_grad-{tag}-out-{out}", _logit_grad_kernel, gr_sig,
+                                     gr_const, gcfg["num_warps"], gcfg["num_stages"],
+                                     uses_dot=False,
+                                     divisible_ints=("vocab", "stride_u", "stride_g")))
     return cases

@@ -39,7 +39,7 @@ zeros, its gradient rows zeroed), chunks in a fixed order, configurations pinned
 architecture, no atomics. So a row's logp, entropy and d hidden are bitwise the same whatever
 other rows share the call (d weight and d bias sum over rows by definition). The price: a call
 with fewer than R kept rows still runs full-chunk GEMMs (R = min(8192, workspace / (V bytes))
-rows, e.g. 256 at V = 152k and 256 MiB with a bf16 head); the Triton kernels only visit the
+rows, e.g. 1024 at V = 152k and the 1 GiB CUDA default with a bf16 head); the Triton kernels only visit the
 kept rows.
 """
 

@@ -35,3 +35,30 @@ def test_writes_a_strided_column_block():
     mm_f32(a, b, out=buf[:, 10:40])
     torch.testing.assert_close(buf[:, 10:40], a.float() @ b.float())
     assert not buf[:, :10].any() and not buf[:, 40:].any()
+
+
+def test_float32_cuda_products_ignore_the_process_tf32_switch():
+    """A trainer's ``allow_tf32 = True`` must not turn our float32 chunk GEMMs into TF32 (|z|·2^-11
+    per logit): inside the guard the switch is off, after it the process's value is back; for
+    other dtypes and devices the guard changes nothing. (The guard looks at ``is_cuda`` and
+    ``dtype`` only, so a stand-in operand tests it without a GPU.)"""
+    from types import SimpleNamespace
+
+    from gccpo_kernels._gemm import _ieee_fp32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        with _ieee_fp32(SimpleNamespace(is_cuda=True, dtype=torch.float32)):
+            assert matmul.allow_tf32 is False
+        assert matmul.allow_tf32 is True
+        for other in (SimpleNamespace(is_cuda=True, dtype=torch.bfloat16),
+                      SimpleNamespace(is_cuda=False, dtype=torch.float32)):
+            with _ieee_fp32(other):
+                assert matmul.allow_tf32 is True
+        with pytest.raises(RuntimeError), _ieee_fp32(SimpleNamespace(is_cuda=True, dtype=torch.float32)):
+            raise RuntimeError("a failing GEMM")
+        assert matmul.allow_tf32 is True
+    finally:
+        matmul.allow_tf32 = before

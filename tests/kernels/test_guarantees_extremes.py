@@ -219,8 +219,8 @@ def test_a_single_row(backend):
 @pytest.mark.slow
 def test_torch_backend_beyond_2_31_logits(monkeypatch):
     """N = 2^16 + 1 rows, V = 2^15 + 1, D = 8: N * V = 2^31 + 98305 logits, never held at once
-    (a 128 MiB workspace, half the CUDA default). Forward and backward run through; rows around
-    the flat index 2^31 match the float64 reference, every row is finite and in range. Measured
+    (a 128 MiB workspace, an eighth of the CUDA default). Forward and backward run through; rows
+    around the flat index 2^31 match the float64 reference, every row is finite and in range. Measured
     25-60 s forward + backward on 2 shared CPU cores (load-dependent); memory O(N + V*D) plus the
     workspace."""
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "128")

@@ -1,10 +1,10 @@
 """The triton backend's SPEC §4 group statistics as issue 18 designs it (gccpo_kernels/triton/
 group_stats.py): whole groups packed into chunks, one GEMM per chunk (one read of W), the row
 statistics, mixture and row-KL passes over the float32 chunk; a group larger than a chunk
-streamed alone.
+streamed alone (two passes over W).
 
-Checked here: how groups are packed; the GEMM FLOPs (2 C V D per chunk of packed groups, 6 C V D
-per chunk of a streamed group); float64 agreement with packed, empty and streamed groups, bias
+Checked here: how groups are packed; the GEMM FLOPs (2 C V D per chunk of packed groups, 4 C V D
+per chunk of a streamed group, none for empty groups); float64 agreement with packed, empty and streamed groups, bias
 and soft cap, fp32 and bf16; bitwise batch invariance of a group's statistics across chunk
 layouts (alone, after other groups, streamed or not).
 """
@@ -53,7 +53,25 @@ def test_flops_one_gemm_per_packed_chunk(monkeypatch):
         gk.group_distribution_stats(h, w, group_offsets=torch.tensor(OFFSETS, device=DEVICE), bias=b,
                                     backend="triton")
     streamed_chunks = -(-25 // rows)
-    assert f.flops == 2 * rows * V * D * (2 + 3 * streamed_chunks), f.flops / (2 * rows * V * D)
+    assert f.flops == 2 * rows * V * D * (2 + 2 * streamed_chunks), f.flops / (2 * rows * V * D)
+
+
+def test_empty_groups_cost_no_gemm(monkeypatch):
+    """Chunks holding only empty groups (before, between or after a streamed group) run no GEMM,
+    and their groups' statistics are zeros."""
+    rows = _rows_for(monkeypatch, torch.float32)
+    h, w, b = lm_head(30, D, V)
+    counts = []
+    for cuts in ([0, 30], [0, 0, 30], [0, 0, 0, 30, 30]):
+        with GemmFlops() as f:
+            out = gk.group_distribution_stats(h, w, group_offsets=torch.tensor(cuts, device=DEVICE),
+                                              bias=b, backend="triton")
+        counts.append(f.flops)
+        sizes = torch.tensor(cuts).diff()
+        for per_group in out[2:]:
+            assert torch.equal(per_group[(sizes == 0).to(per_group.device)].cpu(),
+                               torch.zeros(int((sizes == 0).sum())))
+    assert counts == [2 * rows * V * D * 2 * -(-30 // rows)] * 3, counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

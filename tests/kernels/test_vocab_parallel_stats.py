@@ -261,9 +261,42 @@ def _worker(rank: int, world: int, sizes: list[int], expected) -> None:
         assert torch.equal(theirs, every[0]), f"rank {r}'s outputs differ from rank 0's"
 
 
+def _worker_small_chunks(rank: int, world: int, sizes: list[int], expected) -> None:
+    """The triton backend with a workspace so small that the chunks hold 1-4 rows, and a
+    different ``GCCPO_WORKSPACE_MB`` on every rank: the ranks must agree on one chunk size (else
+    they would run different numbers of collectives and hang, which the spawn's deadline turns
+    into a failure), the §4 group of 5 rows is streamed, and every result still matches the
+    unsharded op's (computed at the default budget, one chunk)."""
+    import os
+
+    os.environ["GCCPO_WORKSPACE_MB"] = repr(0.002 + 0.0005 * rank)
+    offset = sum(sizes[:rank])
+    cut = slice(offset, offset + sizes[rank])
+    local = dict(w_slice=lambda w: w[cut], b_slice=lambda b: b[cut], process_group=True)
+    div_expected, stats_expected = expected
+    ran = 0
+    for i, (case, (exp, _)) in enumerate(zip(_div_cases(), div_expected)):
+        if case[0] != "triton" or case[1] != torch.float32 or case[4] == "far":
+            continue
+        _close(_run_div(case, i, **local), exp, 1e-4, 1e-9, f"P={world} rank {rank} div {i}")
+        ran += 1
+    for i, (case, (exp, _)) in enumerate(zip(_stats_cases(), stats_expected)):
+        if case[0] != "triton" or case[1] != torch.float32:
+            continue
+        for a, b in zip(_run_stats(case, 100 + i, **local), exp):
+            _close(a, b, 2e-6, 2e-6, f"P={world} rank {rank} stats {i}")
+        ran += 1
+    assert ran > 0
+
+
 @pytest.fixture(scope="module")
 def expected():
     return _expected()
+
+
+@pytest.mark.skipif("triton" not in available_backends(), reason="triton not importable here")
+def test_sharded_triton_small_chunks_agree_on_one_chunk_size(expected):
+    run_gloo(_worker_small_chunks, 2, LAYOUTS[2], expected)
 
 
 @pytest.mark.parametrize("world", [2, 4])
