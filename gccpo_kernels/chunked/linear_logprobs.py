@@ -1,11 +1,14 @@
-"""Chunked torch backend for SPEC §1: log-probs and entropy from hidden states, [C, V] at a time.
+"""Chunked torch backend for SPEC §1: log-probs and entropy from hidden states, [rows, Vc] at a time.
 
-Work is tiled [rows, Vc]: up to 8192 rows by as many vocabulary columns as the workspace budget
-allows for the live tiles (``gccpo_kernels._workspace``). The forward folds each tile into per-row
-online log-sum-exp statistics (2NVD FLOPs in all); the backward recomputes each tile and does the
-two gradient GEMMs (6NVD), so forward + backward is 8NVD, the floor for a method that does not
-store logits. Tiling rows widely keeps the dW read-modify-write to one per 8192 rows. Arithmetic runs in
-float32 for 16/32-bit inputs (the weight is upcast once, O(V*D)) and float64 for float64 inputs.
+Work is tiled [rows, Vc] (``gccpo_kernels._workspace.recompute_tile``): on a GPU as many rows
+(up to 8192) and vocabulary columns as the workspace budget allows; on the CPU 512 x 512 float32
+tiles whatever the budget (cache-sized tiles cost no speed there and keep memory below PyTorch's
+chunked linear_cross_entropy). The forward folds each tile into per-row online log-sum-exp
+statistics (2NVD FLOPs in all); the backward recomputes each tile, forms the logit gradient over
+it in place (``_common.logit_grad_``, shared with the in-forward loss gradient) and does the two
+gradient GEMMs (6NVD), so forward + backward is 8NVD, the floor for a method that does not store
+logits. Arithmetic runs in float32 for 16/32-bit inputs (the weight is upcast once, O(V*D)) and
+float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .._logits import LogitParams
-from .._workspace import tile_shape
-from ._common import compute_operands, tile_logits
+from .._workspace import recompute_tile
+from ._common import compute_operands, logit_grad_, tile_logits
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -44,7 +47,7 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     lse = torch.empty_like(z_target)
     if n == 0:
         return z_target, entropy, lse
-    rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, hidden.device, buffers=2)
+    rows, cols = recompute_tile(n, vocab, torch.finfo(cd).bits // 8, hidden.device, buffers=2)
     zbuf = torch.empty(rows, cols, dtype=cd, device=hidden.device)
     ebuf = torch.empty_like(zbuf)
     for r0 in range(0, n, rows):
@@ -92,8 +95,10 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     g_z = g_logp (onehot - p) - g_ent p (z - (lse - H)); with a cap g_u = g_z (1 - (z/c)^2);
     dh = (s/tau) g_u W, dW = (s/tau) g_u^T h, db = (s/tau) sum_n g_u. Per tile: one GEMM to
-    recompute z, four elementwise passes, two GEMMs. dW and db accumulate in float32 (float64 for
-    float64 inputs) and are returned in the weight's dtype.
+    recompute z, the gradient written over z (in place for a log-prob-only gradient: one tile of
+    workspace; with an entropy gradient or a soft cap two more tile-sized scratch buffers), two
+    GEMMs. dW and db accumulate in float32 (float64 for float64 inputs) and are returned in the
+    weight's dtype.
     """
     need_h, need_w, need_b = needs
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -104,45 +109,32 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     db = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
     if n == 0 or not (need_h or need_w or need_b) or (grad_logp is None and grad_entropy is None):
         return _finish(dh, dw, db, hidden, weight, bias, dh_dtype)
-    buffers = 3 if params.softcap is not None else 2
-    rows, cols = tile_shape(n, vocab, torch.finfo(cd).bits // 8, device, buffers=buffers)
-    gbuf = torch.empty(rows, cols, dtype=cd, device=device)
-    zbuf = torch.empty_like(gbuf)
-    dbuf = torch.empty_like(gbuf) if params.softcap is not None else None
-    scale = params.scale
-    one = torch.ones((), dtype=cd, device=device)
+    elem = torch.finfo(cd).bits // 8
+    # the gradient is formed over the tile's logits, in place for a log-prob-only gradient; an
+    # entropy gradient or a soft cap needs two tile-sized scratch buffers
+    scratch = grad_entropy is not None or params.softcap is not None
+    rows, cols = recompute_tile(n, vocab, elem, device, buffers=3 if scratch else 1)
+    zbuf = torch.empty(rows, cols, dtype=cd, device=device)
+    tmp = torch.empty_like(zbuf) if scratch else None
+    tmp2 = torch.empty_like(tmp) if scratch else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h = hidden[r0:r1].to(cd)
         y = targets[r0:r1].long()
-        gl = grad_logp[r0:r1] if grad_logp is not None else None
-        # g_u = scale * (g_logp onehot - p * (g_logp + g_ent (z - mu))): the row constants fold
-        # into one addcmul, coef = z * (-s g_ent) + s (g_ent mu - g_logp), then g = p * coef
-        if grad_entropy is not None:
-            ge = grad_entropy[r0:r1]
-            mu = lse[r0:r1] - entropy[r0:r1]
-            const = (ge * mu if gl is None else ge * mu - gl) * scale
-            slope = ge * -scale
+        gl = grad_logp[r0:r1] if grad_logp is not None else torch.zeros(r1 - r0, dtype=cd, device=device)
+        ge = grad_entropy[r0:r1] if grad_entropy is not None else None
+        row_lse = lse[r0:r1, None]
+        row_ent = entropy[r0:r1, None] if ge is not None else None
         for v0 in range(0, vocab, cols):
             v1 = min(vocab, v0 + cols)
             z = tile_logits(h, w[v0:v1], None if b is None else b[v0:v1], params,
-                             zbuf[: r1 - r0, : v1 - v0])
-            if dbuf is not None:
-                # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, taken before z is overwritten
-                dcap = torch.addcmul(one, z, z, value=-1.0 / params.softcap ** 2,
-                                     out=dbuf[: r1 - r0, : v1 - v0])
-            g = torch.sub(z, lse[r0:r1, None], out=gbuf[: r1 - r0, : v1 - v0]).exp_()  # p
-            if grad_entropy is not None:
-                g.mul_(torch.addcmul(const[:, None], z, slope[:, None], out=z))
-            elif gl is not None:
-                g.mul_((gl * -scale)[:, None])
-            if gl is not None:
-                local = y - v0
-                inside = (local >= 0) & (local < v1 - v0)
-                g.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None],
-                               torch.where(inside, gl * scale, 0)[:, None])
-            if dbuf is not None:
-                g.mul_(dcap)
+                            zbuf[: r1 - r0, : v1 - v0])
+            local = y - v0
+            inside = (local >= 0) & (local < v1 - v0)
+            local = local.clamp(0, v1 - v0 - 1)[:, None]
+            zy = z.gather(1, local) if params.softcap is not None else None
+            g = logit_grad_(z, row_lse, row_ent, zy, torch.where(inside, gl, 0), gl, ge, local,
+                            params, tmp, tmp2, cols)
             if need_h:
                 dh[r0:r1].addmm_(g, w[v0:v1])
             if need_w:

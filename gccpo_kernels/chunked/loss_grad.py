@@ -28,6 +28,7 @@ from .._gemm import addmm_f32_, mm_f32
 from .._logits import LogitParams
 from .._validation import out_dtype_for
 from .._workspace import workspace_bytes
+from ._common import BLOCK_BYTES, logit_grad_
 
 # (row slice start, end, logp [rows], entropy [rows]) -> (d loss / d logp, d loss / d entropy | None)
 TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor],
@@ -105,7 +106,7 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         logp[r0:r1] = (zy - lse).squeeze(1)
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
-        g = _logit_grad_(z, lse, ent, zy, torch.where(inside[:, 0], gl, 0.0), gl, ge, y, params,
+        g = logit_grad_(z, lse, ent, zy, torch.where(inside[:, 0], gl, 0.0), gl, ge, y, params,
                          tmp, tmp2, cols)
         if need_b:
             db.add_(g.sum(dim=0))
@@ -120,7 +121,6 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return logp, entropy, dh, dw, db
 
 
-BLOCK_BYTES = 1 << 20  # CPU: a [rows, cols] column block of the elementwise passes stays in cache
 V_BLOCK = 4096         # vocabulary columns per logits / d weight GEMM
 
 
@@ -160,40 +160,3 @@ def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int
     log_s = torch.log(s)
     ent = (log_s - t / s).clamp_(min=0.0, max=math.log(vocab))
     return m + log_s, ent
-
-
-def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, zy: torch.Tensor,
-                 g_onehot: torch.Tensor, gl: torch.Tensor, ge: torch.Tensor | None,
-                 y: torch.Tensor, params: LogitParams, tmp: torch.Tensor, tmp2: torch.Tensor,
-                 cols: int) -> torch.Tensor:
-    """d l / d u written over ``z`` [rows, V] (returned), one read and one write of z a column
-    block at a time: g = s/tau (g_logp (onehot - p) - g_H p (z - mu)) times 1 - (z/c)^2 under a
-    soft cap c, with p = e^{z - lse}, mu = lse - H; ``zy`` [rows, 1] is z at the targets and
-    ``g_onehot`` [rows] the one-hot term's weight (g_logp; 0 for an out-of-range target)."""
-    rows, vocab = z.shape
-    scale = params.scale
-    gl = gl.to(z.dtype)[:, None]
-    if ge is not None:
-        # -s p (g_logp + g_H (z - mu)) = p * (z * (-s g_H) + s (g_H mu - g_logp))
-        ge = ge.to(z.dtype)[:, None]
-        const, slope = (ge * (lse - ent) - gl) * scale, ge * -scale
-    else:
-        factor = gl * -scale
-    cap = params.softcap
-    for c0 in range(0, vocab, cols):
-        zb = z[:, c0:c0 + cols]
-        k = zb.shape[1]
-        p = torch.sub(zb, lse, out=tmp[:rows, :k]).exp_()
-        if cap is not None:  # d z / d u = 1 - tanh^2 = 1 - (z / c)^2, read before z is overwritten
-            p.mul_(torch.addcmul(torch.ones((), dtype=z.dtype, device=z.device), zb, zb,
-                                 value=-1.0 / cap ** 2, out=tmp2[:rows, :k]))
-        if ge is not None:
-            p.mul_(torch.addcmul(const, zb, slope, out=tmp2[:rows, :k]))
-            zb.copy_(p)
-        else:
-            torch.mul(p, factor, out=zb)
-    onehot = g_onehot.to(z.dtype)[:, None] * scale  # 0 for a target outside [0, V)
-    if cap is not None:  # the one-hot term carries the cap's derivative at the target too
-        onehot = onehot * (1.0 - (zy / cap) ** 2)
-    z.scatter_add_(1, y, onehot)
-    return z
