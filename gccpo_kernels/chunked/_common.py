@@ -53,9 +53,10 @@ def logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor | None,
     slice). ``zy`` [rows, 1] (z at the targets, read before the call) is needed under a soft cap
     only, ``ent`` only with ``ge``. ``gl`` [rows] is d l / d logp, ``ge`` [rows] | None d l / d H.
 
-    Scratch: ``tmp`` and ``tmp2``, [rows, >= cols] blocks of z's dtype, one each when the loss
-    reads the entropy or the logits are capped; without either (a log-prob-only loss) the
-    gradient is formed in place, g = -s/tau g_logp e^{z - lse}, and neither is read (None is fine).
+    Work goes a column block of ``cols`` at a time. Scratch: ``tmp`` and ``tmp2``, [rows, >= cols]
+    blocks of z's dtype, used when the loss reads the entropy or the logits are capped; without
+    either (a log-prob-only loss) the gradient is formed in place, g = -s/tau g_logp e^{z - lse},
+    and neither is read (None is fine).
     """
     rows, vocab = z.shape
     scale = params.scale
@@ -63,7 +64,9 @@ def logit_grad_(z: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor | None,
     cap = params.softcap
     onehot = g_onehot.to(z.dtype)[:, None] * scale  # 0 for a target outside the slice
     if ge is None and cap is None:
-        z.sub_(lse).exp_().mul_(gl * -scale)
+        factor = gl * -scale
+        for c0 in range(0, vocab, cols):  # the three passes over a block while it is in cache
+            z[:, c0:c0 + cols].sub_(lse).exp_().mul_(factor)
         return z.scatter_add_(1, y, onehot)
     if ge is not None:
         # -s p (g_logp + g_H (z - mu)) = p * (z * (-s g_H) + s (g_H mu - g_logp))
