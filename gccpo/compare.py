@@ -52,7 +52,7 @@ ARMS: dict[str, list[str]] = {
     "sibling": ["--algo", "gccpo", "--reward.perturbation", "sibling"],  # sibling, not gaussian, perturbations
     # the episode-reward formulations (gccpo/formulations.py, docs/formulations.md)
     **{name: ["--algo", "gccpo", "--reward.formulation", name] for name in FORMULATIONS},
-    # SPEC §5 with each term standardized over its question's episodes (the default spec is raw)
+    # SPEC §5 with each term standardized over its question's episodes (spec's terms are raw)
     "spec_group": ["--algo", "gccpo", "--reward.formulation", "spec", "--reward.term_norm", "group"],
 }
 BASELINE = "grpo"

@@ -303,10 +303,11 @@ class RewardConfig:
         readout: ``"probe"`` (append ``probe_text`` after each episode and read the next-token
             distribution at its last token) or ``"boundary"`` (read it at the episode's last token).
         probe_text: the probe (default ``"\\nAnswer:"``).
-        formulation: the episode reward, by name (:mod:`gccpo.formulations`): ``"spec"`` (SPEC §5:
-            robustness + effectiveness), ``"paper"`` (our reading of the paper: stability under the
-            perturbations + the answer block's share of the latent's energy + the outcome split
-            over episodes, truncated-mean group normalization), ``"info_gain"``
+        formulation: the episode reward, by name (:mod:`gccpo.formulations`): ``"paper"`` (the
+            default since issue 21's study, docs/RESULTS.md; our reading of the paper: stability
+            under the perturbations + the answer block's share of the latent's energy + the
+            outcome split over episodes, truncated-mean group normalization), ``"spec"`` (SPEC §5:
+            robustness + effectiveness), ``"info_gain"``
             (log q_k(a*) - log q_{k-1}(a*)) or ``"mi_floor"`` (robustness + a hinge penalty where
             the question-answer mutual information at an episode index falls below
             ``mi_threshold``).
@@ -363,7 +364,7 @@ class RewardConfig:
     readout: Literal["probe", "boundary"] = "probe"
     probe_text: str = "\nAnswer:"
     align_probe: bool = True
-    formulation: Formulation = "spec"
+    formulation: Formulation = "paper"
     term_norm: Literal["auto", "group", "none"] = "auto"
     trim: float = 0.1
     answer_readout: Literal["first_token", "sequence"] = "first_token"
