@@ -50,7 +50,7 @@ def _triton_impl():
 
 
 #: The pass over the logits, by backend: ``forward_with_grad(h, w, b, y, params, token_grads,
-#: needs) -> (logp, entropy, dh, dw, db)``. No reference form: the reference backend composes.
+#: needs, reads_entropy=) -> (logp, entropy, dh, dw, db)``. No reference form: the reference backend composes.
 IMPLEMENTATIONS = OpBackends("the in-forward loss gradient", ("forward_with_grad",),
                              triton=_triton_impl, torch=torch_impl)
 BACKENDS = IMPLEMENTATIONS.names  # the backends with an in-forward gradient pass
@@ -174,7 +174,7 @@ def fused_loss_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
     logp_v, ent_v, dh_v, dw, db = IMPLEMENTATIONS.load(backend).forward_with_grad(
         h, weight.detach(), None if bias is None else bias.detach(), targets, params, token_grads,
-        needs)
+        needs, reads_entropy=w_ent is not None)
     logp = _scatter(logp_v, rows, b * t).reshape(shape)
     entropy = _scatter(ent_v, rows, b * t).reshape(shape)
     check_outputs_finite("fused_linear_policy_loss", (logp_v, ent_v), validate)

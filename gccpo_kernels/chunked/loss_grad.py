@@ -45,6 +45,7 @@ def rows_per_tile(n: int, vocab: int, elem: int, device: torch.device, buffers: 
 def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, params: LogitParams, token_grads: TokenGrads,
                       needs: tuple[bool, bool, bool], budget: int | None = None,
+                      reads_entropy: bool = True,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                  torch.Tensor | None, torch.Tensor | None]:
     """(logp [N], entropy [N], d hidden [N, D] | None, d weight [V, D] | None, d bias [V] | None).
@@ -53,8 +54,10 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     out-of-range id (its logit reads 0 and it gets no one-hot gradient; no ignored rows: the
     caller drops them). ``token_grads(r0, r1, logp, entropy)`` returns the loss's derivatives for
     rows r0:r1 (float tensors of [r1 - r0]; the entropy one None when the loss does not read the
-    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. Everything is
-    returned in float32 (float64 for float64 inputs): the caller scales the gradients by the
+    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. ``reads_entropy``
+    False promises that token_grads gives no entropy gradient: the statistics pass then leaves
+    e^{z - m} in the buffer and the gradient costs one multiply per logit instead of a second
+    exp (without a soft cap). Everything is returned in float32 (float64 for float64 inputs): the caller scales the gradients by the
     upstream gradient before casting them to the parameters' dtypes.
 
     Per row chunk: z = transform(h W^T + b) (one GEMM), m = max z, p = exp(z - lse), H = lse -
@@ -93,6 +96,9 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
     gbuf = torch.empty(rows, vocab, dtype=w.dtype, device=device) if sixteen else None
     tmp = torch.empty(rows, cols, dtype=cd, device=device)    # cache-sized column blocks
+    # a loss that does not read the entropy (and no soft cap): the statistics pass leaves
+    # e^{z - m_block} in the buffer and the gradient is one multiply per logit (no second exp)
+    from_exp = not reads_entropy and params.softcap is None
     tmp2 = torch.empty_like(tmp)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -101,13 +107,18 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         inside = (y >= 0) & (y < vocab)     # -1 / V: an out-of-range target (validate=False)
         y = y.clamp(0, vocab - 1)
         z = _logits(h, w, b, params, zbuf)
-        lse, ent = _row_stats(z, tmp, tmp2, cols)
         zy = torch.where(inside, z.gather(1, y), 0.0)
+        lse, ent, maxima = _row_stats(z, tmp, tmp2, cols, keep_exp=from_exp)
         logp[r0:r1] = (zy - lse).squeeze(1)
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
-        g = logit_grad_(z, lse, ent, zy, torch.where(inside[:, 0], gl, 0.0), gl, ge, y, params,
-                         tmp, tmp2, cols)
+        onehot_w = torch.where(inside[:, 0], gl, 0.0)
+        if from_exp:
+            if ge is not None:
+                raise RuntimeError("token_grads gave an entropy gradient with reads_entropy=False")
+            g = _grad_from_exp_(z, lse, maxima, onehot_w, gl, y, params.scale, cols)
+        else:
+            g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2, cols)
         if need_b:
             db.add_(g.sum(dim=0))
         if sixteen:  # the GEMM operand in the head's dtype (what a bf16 backward rounds anyway)
@@ -139,24 +150,42 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: Lo
 
 
 def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse, entropy), each [rows, 1], of the softmax over the rows of ``z`` [rows, V]: one read
-    of z, a column block at a time (online max, sum of e^{z-m} and of e^{z-m} (z - m))."""
+               keep_exp: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(lse, entropy, maxima): lse and entropy [rows, 1] of the softmax over the rows of ``z``
+    [rows, V], in one read of z, a column block at a time (online max, sum of e^{z-m} and of
+    e^{z-m} (z - m)); ``maxima`` holds each block's running max m_j [rows, 1]. ``keep_exp``:
+    write e^{z - m_j} over each block of z (then p = z exp(m_j - lse), see _grad_from_exp_)."""
     rows, vocab = z.shape
     m = torch.full((rows, 1), torch.finfo(z.dtype).min, dtype=z.dtype, device=z.device)
     s = torch.zeros_like(m)
     t = torch.zeros_like(m)
+    maxima = []
     for c0 in range(0, vocab, cols):
         zb = z[:, c0:c0 + cols]
         k = zb.shape[1]
         m_new = torch.maximum(m, zb.amax(dim=1, keepdim=True))
         zc = torch.sub(zb, m_new, out=tmp[:rows, :k])            # <= 0: no overflow
-        e = torch.exp(zc, out=tmp2[:rows, :k])
+        e = torch.exp(zc, out=zb if keep_exp else tmp2[:rows, :k])
         alpha = torch.exp(m - m_new)
         s_blk = e.sum(dim=1, keepdim=True)
         t = alpha * (t + s * (m - m_new)) + zc.mul_(e).sum(dim=1, keepdim=True)  # zc is spent
         s = alpha * s + s_blk
         m = m_new
+        maxima.append(m_new)
     log_s = torch.log(s)
     ent = (log_s - t / s).clamp_(min=0.0, max=math.log(vocab))
-    return m + log_s, ent
+    return m + log_s, ent, maxima
+
+
+def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: list[torch.Tensor],
+                    g_onehot: torch.Tensor, gl: torch.Tensor, y: torch.Tensor, scale: float,
+                    cols: int) -> torch.Tensor:
+    """The logit gradient of a log-prob-only loss, written over ``e`` [rows, V] (returned), whose
+    column block j holds e^{z - m_j} (``_row_stats(keep_exp=True)``): p = e exp(m_j - lse) <= 1,
+    so g = s/tau g_logp (onehot - p) is one multiply per logit; ``g_onehot`` [rows] is g_logp
+    where the target is in [0, V), else 0."""
+    neg = gl.to(e.dtype)[:, None] * -scale
+    for j, c0 in enumerate(range(0, e.shape[1], cols)):
+        e[:, c0:c0 + cols].mul_(neg * torch.exp(maxima[j] - lse))
+    return e.scatter_add_(1, y, g_onehot.to(e.dtype)[:, None] * scale)

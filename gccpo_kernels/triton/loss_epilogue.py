@@ -63,6 +63,7 @@ TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor],
 def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, params: LogitParams, token_grads: TokenGrads,
                       needs: tuple[bool, bool, bool], budget: int | None = None,
+                      reads_entropy: bool = True,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                  torch.Tensor | None, torch.Tensor | None]:
     """(logp [N], entropy [N], d hidden [N, D] | None, d weight [V, D] | None, d bias [V] | None),
@@ -73,7 +74,8 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     reads 0, no one-hot gradient; ignored rows are dropped by the caller). ``token_grads(r0, r1,
     logp, entropy)`` gives the loss's derivatives for rows r0:r1 (the entropy one None when the
     loss does not read the entropy); ``needs`` says which of (hidden, weight, bias) get a
-    gradient. ``budget``: workspace bytes (default ``GCCPO_WORKSPACE_MB``).
+    gradient. ``budget``: workspace bytes (default ``GCCPO_WORKSPACE_MB``). ``reads_entropy``: part
+    of the contract, unused here (the Triton gradient kernel reads the logits once either way).
 
     Never materialized: anything of N x V; the workspace is [R, V] with R from
     :func:`chunk_rows`. GEMM FLOPs: 2 N_pad V D (logits) + 2 N_pad V D (d hidden, when needed) +

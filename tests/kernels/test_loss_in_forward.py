@@ -244,14 +244,22 @@ def test_kernel_chunks_equal_one_chunk():
             torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-15)
 
 
-def test_many_vocabulary_blocks_float64(monkeypatch):
+@pytest.mark.parametrize("softcap,cfg", [(30.0, CONFIGS[3]), (None, CONFIGS[3]),
+                                         (None, CONFIGS[-2])], ids=["cap", "logp-only", "entropy"])
+def test_many_vocabulary_blocks_float64(softcap, cfg, monkeypatch):
     """V above the GEMM block (4096) and a workspace small enough for several row chunks and
-    column blocks: still equal to the composed path to 1e-12."""
+    column blocks: still equal to the composed path to 1e-12 (without a cap and an entropy term,
+    the gradient from the statistics pass's exponentials, each block at its own running max)."""
+    from gccpo_kernels.chunked import loss_grad
+
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
+    monkeypatch.setattr(loss_grad, "BLOCK_BYTES", 4096)  # 256-column blocks: 36 per row chunk
     x = _inputs(b=4, t=9, d=8, v=9000)
-    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, softcap=30.0)
+    x["b"].data += torch.linspace(-12, 12, 9000, dtype=F64)  # each block's running max higher
+    a = _run(x, cfg, in_forward=True, monkeypatch=monkeypatch, softcap=softcap)
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
-    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, softcap=30.0)
+    monkeypatch.setattr(loss_grad, "BLOCK_BYTES", 4096)
+    c = _run(x, cfg, in_forward=False, monkeypatch=monkeypatch, softcap=softcap)
     for got, want in zip(a[:6], c[:6]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
