@@ -320,8 +320,10 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             docstring); False: TRL's own loss on this library's log-prob + entropy kernel.
         gccpo_causal_reward: add the GCCPO causal reward and token-level advantages.
         gccpo_reward: a :class:`gccpo.config.RewardConfig` (eta, weights, readout, perturbations,
-            divergence, effectiveness, process gate, token-advantage options); default
-            ``RewardConfig()``. ``answer_tokens="digits"`` restricts the answer distribution to
+            divergence, effectiveness, process gate, token-advantage options) with formulation
+            ``"spec"`` or ``"mi_floor"`` (the ones TRL's batch carries what they read); default
+            ``RewardConfig(formulation="spec")`` (gccpo-train's default, ``"paper"``, needs each
+            row's outcome reward inside the causal reward). ``answer_tokens="digits"`` restricts the answer distribution to
             digit and minus tokens; ``"auto"`` and ``"full"`` use the whole vocabulary.
         gccpo_episodes: a :class:`gccpo.episodes.EpisodeConfig` (default: blank-line episodes).
         gccpo_backend: the kernels' backend (None: automatic).
@@ -345,7 +347,7 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             from gccpo.config import RewardConfig
             from gccpo.episodes import EpisodeConfig
 
-            gccpo_reward = RewardConfig() if gccpo_reward is None else gccpo_reward
+            gccpo_reward = RewardConfig(formulation="spec") if gccpo_reward is None else gccpo_reward
             gccpo_episodes = EpisodeConfig() if gccpo_episodes is None else gccpo_episodes
             if not isinstance(gccpo_reward, RewardConfig):
                 raise TypeError(f"gccpo_reward must be a gccpo.config.RewardConfig, got {type(gccpo_reward).__name__}")

@@ -230,6 +230,9 @@ def test_trainer_option_errors(model_dir, tmp_path):
         with pytest.raises(ValueError, match="computes 'spec' and 'mi_floor'"):
             _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path, "dapo", 0.0), gccpo_causal_reward=True,
                      gccpo_reward=RewardConfig(formulation=name))
+    # without a RewardConfig the integration runs spec (the trainer's default, paper, is refused)
+    trainer = _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path, "dapo", 0.0), gccpo_causal_reward=True)
+    assert trainer.gccpo_reward.formulation == "spec"
 
 
 def test_drop_in_fused_lm_head_matches_trl(model_dir):
@@ -315,9 +318,10 @@ def test_causal_reward_token_advantages(model_dir, tmp_path, monkeypatch):
 
     episodes = EpisodeConfig(delimiter="tokens", tokens_per_episode=3)
     seen = {}
-    for name, reward in (("eta0", RewardConfig(eta=0.0, readout="boundary")),
-                         ("probe", RewardConfig(eta=1.0, readout="probe", probe_text="=?", process_gate="none")),
-                         ("boundary", RewardConfig(eta=1.0, readout="boundary", perturbation="sibling")),
+    spec = dict(formulation="spec")  # gccpo-train's default, paper, is refused here (see above)
+    for name, reward in (("eta0", RewardConfig(eta=0.0, readout="boundary", **spec)),
+                         ("probe", RewardConfig(eta=1.0, readout="probe", probe_text="=?", process_gate="none", **spec)),
+                         ("boundary", RewardConfig(eta=1.0, readout="boundary", perturbation="sibling", **spec)),
                          ("mi_floor", RewardConfig(eta=1.0, readout="boundary", formulation="mi_floor",
                                                    mi_threshold=10.0, process_gate="none"))):
         trainer = _trainer(GCCPOGRPOTrainer, model_dir, _args(tmp_path / name, "grpo", 0.0),
