@@ -247,5 +247,7 @@ def test_nll_forward_backward(benchmark):
     print(info)
     if DEVICE.type == "cpu" and (N, D, V) == (2048, 512, 32000) and _torch_lce_available():
         assert info["ratio_vs_torch_linear_ce"] < 1.0, info
+        # one fresh-process sample each: these peaks repeat to ~0.2 MiB (68.1-68.3 against
+        # 71.5-71.6 MiB in every run so far), a margin of ~3 MiB
         growth = info["peak_rss_growth_mib"]
         assert growth["ours"] < growth["torch_linear_ce"], info

@@ -59,9 +59,9 @@ def tile_shape(n: int, vocab: int, elem: int, device: torch.device, buffers: int
                max_rows: int = ROW_CHUNK) -> tuple[int, int]:
     """(rows, columns) of a [rows, columns] tile such that ``buffers`` of them fit the budget.
 
-    Rows come first, up to ``max_rows`` (ROW_CHUNK) (the backward pays one read-modify-write of dW per row chunk,
-    8VD bytes in float32, so wide row chunks are what make it cheap), then as many vocabulary
-    columns as fit, rounded to ``multiple``; under a tiny budget the rows shrink instead.
+    Rows come first, up to ``max_rows`` (ROW_CHUNK) (the backward pays one read-modify-write of dW
+    per row chunk, 8VD bytes in float32, so wide row chunks are what make it cheap), then as many
+    vocabulary columns as fit, rounded to ``multiple``; under a tiny budget the rows shrink instead.
     """
     budget = workspace_bytes(device) if budget is None else budget
     rows = max(1, min(n, max_rows))
@@ -76,12 +76,12 @@ def tile_shape(n: int, vocab: int, elem: int, device: torch.device, buffers: int
     return rows, cols
 
 
-# The CPU tile of the primitive's forward and recompute backward (issue 18), whatever the budget:
-# 512 rows x 1 MiB per buffer (512 x 512 float32). Each tile runs three GEMMs (the logits and the
-# two gradient products); at 2048 x 512 x 32000 they cost within ~5-10 % of 16 MiB tiles on one
-# thread, and the per-token NLL's forward + backward then grows RSS by 68.3 MiB against PyTorch's
-# linear_cross_entropy's 71.5 (its 32-row chunks; BLAS keeps packing buffers that grow with the
-# GEMMs' rows, ~3 MiB at 512 rows against ~8 at 2048).
+# The CPU tile of the primitive's forward and recompute backward (issue 18), within the budget:
+# at most 512 rows and 1 MiB per buffer (512 x 512 in float32, 512 x 256 in float64). Each tile
+# runs three GEMMs (the logits and the two gradient products); at 2048 x 512 x 32000 they cost
+# ~5 % more than with 16 MiB tiles, and the per-token NLL's forward + backward then grows RSS by
+# 68.1-68.3 MiB against PyTorch's linear_cross_entropy's 71.5-71.6 (its 32-row chunks; BLAS keeps
+# packing buffers that grow with the GEMMs' rows, ~3 MiB at 512 rows against ~8 at 2048).
 CPU_TILE_ROWS = 512
 CPU_TILE_BYTES = 1 << 20
 

@@ -50,7 +50,8 @@ def _triton_impl():
 
 
 #: The pass over the logits, by backend: ``forward_with_grad(h, w, b, y, params, token_grads,
-#: needs, reads_entropy=) -> (logp, entropy, dh, dw, db)``. No reference form: the reference backend composes.
+#: needs, reads_entropy=) -> (logp, entropy, dh, dw, db)``. No reference form: the reference
+#: backend composes.
 IMPLEMENTATIONS = OpBackends("the in-forward loss gradient", ("forward_with_grad",),
                              triton=_triton_impl, torch=torch_impl)
 BACKENDS = IMPLEMENTATIONS.names  # the backends with an in-forward gradient pass

@@ -1,14 +1,14 @@
-"""Chunked torch backend for SPEC §1: log-probs and entropy from hidden states, [rows, Vc] at a time.
+"""Chunked torch backend for SPEC §1: log-probs and entropy from hidden states, tile by tile.
 
 Work is tiled [rows, Vc] (``gccpo_kernels._workspace.recompute_tile``): on a GPU as many rows
-(up to 8192) and vocabulary columns as the workspace budget allows; on the CPU 512 x 512 float32
-tiles whatever the budget (cache-sized tiles: ~5 % slower there than 16 MiB ones, and memory below PyTorch's
-chunked linear_cross_entropy). The forward folds each tile into per-row online log-sum-exp
-statistics (2NVD FLOPs in all); the backward recomputes each tile, forms the logit gradient over
-it in place (``_common.logit_grad_``, shared with the in-forward loss gradient) and does the two
-gradient GEMMs (6NVD), so forward + backward is 8NVD, the floor for a method that does not store
-logits. Arithmetic runs in float32 for 16/32-bit inputs (the weight is upcast once, O(V*D)) and
-float64 for float64 inputs.
+(up to 8192) and vocabulary columns as the workspace budget allows; on the CPU at most 512 rows
+and 1 MiB per tile buffer (512 x 512 in float32; the budget stays an upper bound): ~5 % slower
+there than 16 MiB tiles, and memory below PyTorch's chunked linear_cross_entropy. The forward
+folds each tile into per-row online log-sum-exp statistics (2NVD FLOPs in all); the backward
+recomputes each tile, forms the logit gradient over it in place (``_common.logit_grad_``, shared
+with the in-forward loss gradient) and does the two gradient GEMMs (6NVD), so forward + backward
+is 8NVD, the floor for a method that does not store logits. Arithmetic runs in float32 for
+16/32-bit inputs (the weight is upcast once, O(V*D)) and float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                              zbuf[: r1 - r0, : v1 - v0])
             local = y - v0
             inside = (local >= 0) & (local < v1 - v0)
-            zy += torch.where(inside, z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0)
+            picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            zy += torch.where(inside, picked, 0)
             m_new = torch.maximum(m, z.amax(dim=1))
             zc = z.sub_(m_new[:, None])  # <= 0: exp cannot overflow, no cancellation in E[z - m]
             e = torch.exp(zc, out=ebuf[: r1 - r0, : v1 - v0])
@@ -121,7 +122,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         r1 = min(n, r0 + rows)
         h = hidden[r0:r1].to(cd)
         y = targets[r0:r1].long()
-        gl = grad_logp[r0:r1] if grad_logp is not None else torch.zeros(r1 - r0, dtype=cd, device=device)
+        gl = (grad_logp[r0:r1] if grad_logp is not None
+              else torch.zeros(r1 - r0, dtype=cd, device=device))
         ge = grad_entropy[r0:r1] if grad_entropy is not None else None
         row_lse = lse[r0:r1, None]
         row_ent = entropy[r0:r1, None] if ge is not None else None

@@ -8,13 +8,14 @@ logit gradient, then d hidden and d weight, and are never computed again. GEMM F
 the logits, 2NVD for d hidden, 2NVD for d weight, 6NVD in all, where the composed path
 (forward, then a backward that recomputes the logits) does 8NVD.
 
-Work is tiled [rows, V]: a row chunk holds its whole vocabulary (the row's log-sum-exp must be
-final before its gradient exists) in ONE [rows, V] buffer of the compute dtype, as many rows as
-the workspace budget allows (``gccpo_kernels._workspace``). The elementwise work reads that
-buffer twice and writes it once, a cache-sized column block at a time (two small [rows, cols]
-scratch blocks): the row statistics in one online pass, then the logit gradient written over
-the logits. d weight accumulates in float32 (float64 for float64 inputs) with one
-read-modify-write per row chunk.
+Work is tiled [rows, V]: a row chunk holds its whole vocabulary (the row's log-sum-exp must be final
+before its gradient exists) in ONE [rows, V] buffer of the compute dtype, as many rows as the
+workspace budget allows (``gccpo_kernels._workspace``). The elementwise work goes a cache-sized
+column block at a time (two small [rows, cols] scratch blocks): the row statistics in one online
+pass, then the logit gradient written over the logits (a read and a write). For a loss that does not
+read the entropy (and no soft cap) the statistics pass also writes e^{z - m_block} over the logits
+and the gradient is one multiply per logit (one scratch block). d weight accumulates in float32
+(float64 for float64 inputs) with one read-modify-write per row chunk.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """(logp [N], entropy [N], d hidden [N, D] | None, d weight [V, D] | None, d bias [V] | None).
 
     hidden [N, D], weight [V, D], bias [V] | None, targets [N] in [0, V), or -1 / V for an
-    out-of-range id (its logit reads 0 and it gets no one-hot gradient; no ignored rows: the
-    caller drops them). ``token_grads(r0, r1, logp, entropy)`` returns the loss's derivatives for
-    rows r0:r1 (float tensors of [r1 - r0]; the entropy one None when the loss does not read the
-    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. ``reads_entropy``
-    False promises that token_grads gives no entropy gradient: the statistics pass then leaves
-    e^{z - m} in the buffer and the gradient costs one multiply per logit instead of a second
-    exp (without a soft cap). Everything is returned in float32 (float64 for float64 inputs): the caller scales the gradients by the
-    upstream gradient before casting them to the parameters' dtypes.
+    out-of-range id (its logit reads 0 and it gets no one-hot gradient; no ignored rows: the caller
+    drops them). ``token_grads(r0, r1, logp, entropy)`` returns the loss's derivatives for rows
+    r0:r1 (float tensors of [r1 - r0]; the entropy one None when the loss does not read the
+    entropy). ``needs`` says which of (hidden, weight, bias) get a gradient. ``reads_entropy`` False
+    promises that token_grads gives no entropy gradient: the statistics pass then leaves e^{z - m}
+    in the buffer and the gradient costs one multiply per logit instead of a second exp (without a
+    soft cap). Everything is returned in float32 (float64 for float64 inputs): the caller scales the
+    gradients by the upstream gradient before casting them to the parameters' dtypes.
 
     Per row chunk: z = transform(h W^T + b) (one GEMM), m = max z, p = exp(z - lse), H = lse -
     sum p z, logp = z_y - lse, then g = d l / d z = g_logp (onehot - p) - g_H p (z - mu) with
@@ -87,8 +88,12 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     # bytes per [rows, V] element: the logits / gradient buffer, plus its 16-bit copy (the
     # gradient GEMMs' operand) for 16-bit inputs
     per_elem = elem + (torch.finfo(w.dtype).bits // 8 if sixteen else 0)
-    if device.type == "cuda":  # whole-row scratch blocks (below): two more [rows, V] buffers
-        per_elem += 2 * elem
+    # a loss that does not read the entropy (and no soft cap): the statistics pass leaves
+    # e^{z - m_block} in the buffer and the gradient is one multiply per logit (no second exp),
+    # with one scratch block instead of two
+    from_exp = not reads_entropy and params.softcap is None
+    if device.type == "cuda":  # whole-row scratch blocks (below): one or two more [rows, V]
+        per_elem += (1 if from_exp else 2) * elem
     rows = rows_per_tile(n, vocab, per_elem, device, 1, budget)
     # column blocks: cache-sized on the CPU; the whole row on a GPU (streaming passes, where
     # every block would cost a launch per op)
@@ -96,10 +101,7 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
     gbuf = torch.empty(rows, vocab, dtype=w.dtype, device=device) if sixteen else None
     tmp = torch.empty(rows, cols, dtype=cd, device=device)    # cache-sized column blocks
-    # a loss that does not read the entropy (and no soft cap): the statistics pass leaves
-    # e^{z - m_block} in the buffer and the gradient is one multiply per logit (no second exp)
-    from_exp = not reads_entropy and params.softcap is None
-    tmp2 = torch.empty_like(tmp)
+    tmp2 = None if from_exp else torch.empty_like(tmp)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h = hidden[r0:r1]
@@ -113,9 +115,9 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
         onehot_w = torch.where(inside[:, 0], gl, 0.0)
+        if ge is not None and not reads_entropy:
+            raise RuntimeError("token_grads gave an entropy gradient with reads_entropy=False")
         if from_exp:
-            if ge is not None:
-                raise RuntimeError("token_grads gave an entropy gradient with reads_entropy=False")
             g = _grad_from_exp_(z, lse, maxima, onehot_w, gl, y, params.scale, cols)
         else:
             g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2, cols)
@@ -149,13 +151,14 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: Lo
     return params.apply_(z)
 
 
-def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor, cols: int,
+def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor | None, cols: int,
                keep_exp: bool = False,
                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(lse, entropy, maxima): lse and entropy [rows, 1] of the softmax over the rows of ``z``
     [rows, V], in one read of z, a column block at a time (online max, sum of e^{z-m} and of
     e^{z-m} (z - m)); ``maxima`` holds each block's running max m_j [rows, 1]. ``keep_exp``:
-    write e^{z - m_j} over each block of z (then p = z exp(m_j - lse), see _grad_from_exp_)."""
+    write e^{z - m_j} over each block of z (then p = z exp(m_j - lse), see _grad_from_exp_;
+    ``tmp2`` is then not read)."""
     rows, vocab = z.shape
     m = torch.full((rows, 1), torch.finfo(z.dtype).min, dtype=z.dtype, device=z.device)
     s = torch.zeros_like(m)

@@ -54,7 +54,8 @@ class GemmFlops(_Watch):
 
 class Creations(_Watch):
     """``with Creations() as c: ...; c.tensors`` -> [(shape, bytes)] of every tensor an aten op
-    created (a new storage: views and in-place or ``out=`` results are not creations)."""
+    created (a new storage: views, in-place and ``out=`` results are not creations, nor an output
+    sharing an input's storage; an ``out=`` buffer an op grows is not seen)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +65,10 @@ class Creations(_Watch):
         schema = func._schema
         if schema.is_mutable or any(a.alias_info is not None for a in schema.returns):
             return  # in place, out= or a view: no new storage
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in inputs:  # an unannotated alias of an input (_unsafe_view, ...)
+                    continue
                 self.tensors.append((tuple(t.shape), t.untyped_storage().nbytes()))

@@ -321,38 +321,44 @@ def test_torch_backend_memory_is_bounded():
     assert growth < budget, f"peak RSS grew by {growth / 2**20:.0f} MiB (budget {budget / 2**20:.0f})"
 
 
-@pytest.mark.parametrize("entropy", [False, True])
-def test_torch_backend_cpu_tiles_are_cache_sized(entropy):
-    """Issue 18: on the CPU the torch backend's primitive works in 512 x 512 float32 tiles whatever
-    the budget (default 32 MiB), one tile in the log-prob-only backward (the gradient formed over
-    the logits in place), two more for an entropy gradient. Besides its outputs (d hidden [N, D],
-    d weight [V, D]) no tensor it creates exceeds one tile: the per-token NLL then needs less
-    memory than PyTorch's linear_cross_entropy (benchmarks/test_bench_linear_logprobs.py)."""
-    from gccpo_kernels._workspace import CPU_TILE_BYTES, workspace_bytes
+@pytest.mark.parametrize("entropy,softcap", [(False, None), (True, None), (False, 20.0)])
+def test_torch_backend_cpu_tiles_are_cache_sized(entropy, softcap, monkeypatch):
+    """Issue 18: on the CPU the torch backend's primitive works in 512 x 512 float32 tiles at the
+    default budget (32 MiB), one tile in the log-prob-only backward (the gradient formed over the
+    logits in place), two more for an entropy gradient or a soft cap. Besides its outputs (d hidden
+    [N, D], d weight [V, D]) no tensor it creates exceeds one tile: the per-token NLL then needs
+    less memory than PyTorch's linear_cross_entropy (benchmarks/test_bench_linear_logprobs.py).
+    The gradients (with a bias, and a soft cap) against the float64 reference."""
+    from gccpo_kernels._workspace import recompute_tile, workspace_bytes
     from tests.kernels._flops import Creations
 
+    monkeypatch.delenv("GCCPO_WORKSPACE_MB", raising=False)
     dev = torch.device("cpu")
-    assert workspace_bytes(dev) > 8 * CPU_TILE_BYTES
+    tile = 512 * 512 * 4
+    assert workspace_bytes(dev) > 8 * tile
     n, d, v = 1100, 64, 3000          # 3 row tiles (512, 512, 76), 6 vocabulary tiles
+    assert recompute_tile(n, v, 4, dev, 1) == (512, 512)
+    assert recompute_tile(n, v, 8, dev, 1) == (512, 256)     # float64: 1 MiB per buffer
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).requires_grad_()
     w = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.3).requires_grad_()
     y = torch.randint(0, v, (n,), generator=g)
+    kw = dict(bias=b, softcap=softcap, temperature=0.9)
     with Creations() as fwd:
-        out = fused_linear_logprobs(h, w, y, return_entropy=entropy, backend="torch")
+        out = fused_linear_logprobs(h, w, y, return_entropy=entropy, backend="torch", **kw)
     loss = out[0].sum() + (out[1].sum() if entropy else 0)
     with Creations() as bwd:
         loss.backward()
-    tile = 512 * 512 * 4
     outputs = {(n, d), (v, d)}
-    big = [(s, b) for s, b in fwd.tensors + bwd.tensors if b > 64 * 1024 and s not in outputs]
-    assert big and max(b for _, b in big) <= tile, big
-    tiles = [s for s, b in bwd.tensors if b == tile]
-    assert len(tiles) == (3 if entropy else 1), bwd.tensors
-    assert tile <= CPU_TILE_BYTES
+    big = [(s, nb) for s, nb in fwd.tensors + bwd.tensors if nb > 64 * 1024 and s not in outputs]
+    assert big and max(nb for _, nb in big) <= tile, big
+    tiles = [s for s, nb in bwd.tensors if nb == tile]
+    assert len(tiles) == (3 if entropy or softcap else 1), bwd.tensors
     # and the gradients are right (float64 reference)
-    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    lp, ent = ref.linear_logprobs(hd, wd, y)
+    ref_in = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    lp, ent = ref.linear_logprobs(ref_in[0], ref_in[1], y, bias=ref_in[2], softcap=softcap,
+                                  temperature=0.9)
     (lp.sum() + (ent.sum() if entropy else 0)).backward()
-    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-6)
+    for got, want in zip((h, w, b), ref_in):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)

@@ -256,7 +256,12 @@ def test_many_vocabulary_blocks_float64(softcap, cfg, monkeypatch):
     monkeypatch.setattr(loss_grad, "BLOCK_BYTES", 4096)  # 256-column blocks: 36 per row chunk
     x = _inputs(b=4, t=9, d=8, v=9000)
     x["b"].data += torch.linspace(-12, 12, 9000, dtype=F64)  # each block's running max higher
+    from_exp = []
+    real = loss_grad._grad_from_exp_
+    monkeypatch.setattr(loss_grad, "_grad_from_exp_", lambda *a: from_exp.append(1) or real(*a))
     a = _run(x, cfg, in_forward=True, monkeypatch=monkeypatch, softcap=softcap)
+    # the gradient from the statistics pass's exponentials exactly when the loss reads no entropy
+    assert bool(from_exp) == (softcap is None and cfg.entropy_coef == 0)
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
     monkeypatch.setattr(loss_grad, "BLOCK_BYTES", 4096)
     c = _run(x, cfg, in_forward=False, monkeypatch=monkeypatch, softcap=softcap)
