@@ -8,8 +8,8 @@ no-grad forward to the final hidden states (old log-probs from the fused kernel;
 at the probe "\\nAnswer:" appended after every episode, all in the same forward) -> causal reward
 (SPEC §5's formulation, robustness under latent perturbations + effectiveness across the batch,
 each term standardized over its question's episodes: `gccpo-train --reward.formulation spec
---reward.term_norm group`; gccpo-train's default is `paper`, gccpo/formulations.py) -> token advantages ->
-fused clipped policy loss from hidden states and the LM head weight -> AdamW. The full trainer
+--reward.term_norm group`; gccpo-train's default is `paper`, gccpo/formulations.py) -> token
+advantages -> fused clipped policy loss from hidden states and the LM head weight -> AdamW. The full trainer
 (`gccpo-train`, gccpo/trainer.py) adds evaluation, micro-batching, checkpoints, logging.
 """
 
@@ -50,7 +50,8 @@ def main() -> None:
     W = model.get_output_embeddings().weight          # the LM head weight [V, D]; never called on the batch
     scale, cap = logit_params(model.config)            # model's logit scaling / soft cap, for every kernel
     digits = answer_token_ids(tok).to(device)          # answer distribution over digit and minus tokens
-    reward_config = RewardConfig(eta=args.eta, formulation="spec", term_norm="group")  # what this file computes
+    # what this file computes: SPEC §5's terms, standardized (the trainer's default is "paper")
+    reward_config = RewardConfig(eta=args.eta, formulation="spec", term_norm="group")
     probe = probe_token_ids(tok, reward_config)         # "\nAnswer:" ending where the answer starts
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -76,7 +76,8 @@ def main() -> None:
         from gccpo.config import RewardConfig
         from gccpo.episodes import EpisodeConfig
 
-        extra = dict(gccpo_causal_reward=True, gccpo_reward=RewardConfig(eta=0.5, readout="boundary", formulation="spec"),
+        reward = RewardConfig(eta=0.5, readout="boundary", formulation="spec")  # TRL: spec or mi_floor
+        extra = dict(gccpo_causal_reward=True, gccpo_reward=reward,
                      gccpo_episodes=EpisodeConfig(delimiter="tokens", tokens_per_episode=4))
     trainer = GCCPOGRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=dataset,
                                processing_class=tokenizer, gccpo_fused_loss=not opts.logprobs_only, **extra)

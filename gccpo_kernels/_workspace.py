@@ -6,8 +6,8 @@ SPEC §0 allows a logits-sized tile whose size does not grow with N. The budget 
 (8VD bytes) per row chunk, so wide row chunks matter more than wide vocabulary chunks. The budget
 is an upper bound: on the CPU the primitive's tiles stay at 512 x 512 (``recompute_tile``), where
 its GEMMs run nearly as fast (~5 % slower in the benchmark) and BLAS's packing buffers stay
-small; the ops that need whole-vocabulary
-rows (the in-forward loss gradient, divergence, group statistics) use the budget.
+small; the ops that need whole-vocabulary rows (the in-forward loss gradient, divergence, group
+statistics) use the budget.
 """
 
 from __future__ import annotations

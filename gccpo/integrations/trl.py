@@ -323,8 +323,8 @@ class GCCPOGRPOTrainer(GRPOTrainer):
             divergence, effectiveness, process gate, token-advantage options) with formulation
             ``"spec"`` or ``"mi_floor"`` (the ones TRL's batch carries what they read); default
             ``RewardConfig(formulation="spec")`` (gccpo-train's default, ``"paper"``, needs each
-            row's outcome reward inside the causal reward). ``answer_tokens="digits"`` restricts the answer distribution to
-            digit and minus tokens; ``"auto"`` and ``"full"`` use the whole vocabulary.
+            row's outcome reward inside the causal reward). ``answer_tokens="digits"`` restricts
+            the answer distribution to digit and minus tokens; ``"auto"`` and ``"full"`` use the whole vocabulary.
         gccpo_episodes: a :class:`gccpo.episodes.EpisodeConfig` (default: blank-line episodes).
         gccpo_backend: the kernels' backend (None: automatic).
         gccpo_on_unsupported: ``"fallback"`` (TRL's own loss, with a warning) or ``"error"``
