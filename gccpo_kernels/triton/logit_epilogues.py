@@ -127,11 +127,14 @@ def _row_stats_kernel(U, B, Y, LSE, ENT, ZY, n_rows, vocab, stride_u, scale, sof
 @triton.jit
 def _logit_grad_kernel(U, G, B, Y, LSE, ENT, GL, GE, n_rows, vocab, stride_u, stride_g, scale,
                        softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                       HAS_GE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                       HAS_GE: tl.constexpr, KEEP_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
     """d l / d u of a [BLOCK_N, BLOCK_V] tile of U (raw products) into G (U itself, or a 16-bit
-    copy): g = s/tau (g_logp (onehot - p) - g_H p (z - mu)) (1 - (z/c)^2). Grid
+    copy): g = s/tau (g_logp (onehot - p) - g_H p (z - mu)) (1 - (z/c)^2). ``KEEP_F32`` (G a
+    16-bit copy): g is also written over U in float32, for the bias gradient's column sums (a
+    sum of the rounded copy would carry its 2^-9 relative error per term). Grid
     (cdiv(n_rows, BLOCK_N), cdiv(vocab, BLOCK_V)); each element is read once and written once
-    by one program (in place is safe)."""
+    (twice with KEEP_F32) by one program (in place is safe)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,6 +162,8 @@ def _logit_grad_kernel(U, G, B, Y, LSE, ENT, GL, GE, n_rows, vocab, stride_u, st
         g = g * (1.0 - zc * zc)
     g = g * scale
     tl.store(G + rows64[:, None] * stride_g + cols64[None, :], g.to(G.dtype.element_ty), mask=ok)
+    if KEEP_F32:
+        tl.store(U + rows64[:, None] * stride_u + cols64[None, :], g, mask=ok)
 
 
 def chunk_rows(vocab: int, dim: int, dtype: torch.dtype, device: torch.device,
@@ -242,17 +247,21 @@ def row_stats(u: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, param
 
 def logit_grad_(u: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                  lse: torch.Tensor, ent: torch.Tensor, gl: torch.Tensor, ge: torch.Tensor | None,
-                 params: LogitParams, cfg: dict[str, int]) -> torch.Tensor:
+                 params: LogitParams, cfg: dict[str, int], keep_f32: bool = False
+                 ) -> torch.Tensor:
     """The logit gradient of the first k = len(y) rows of ``u`` written into ``g`` (``u`` itself:
     in place; or its 16-bit copy); rows k: of ``g`` are zeroed (they enter the fixed-shape
-    gradient GEMMs). Returns ``g``."""
+    gradient GEMMs). ``keep_f32`` (``g`` a 16-bit copy): the first k rows of ``u`` also receive
+    the gradient in float32 (what the bias gradient sums; one more [k, V] float32 write). Returns
+    ``g``."""
     k, vocab = y.shape[0], u.shape[1]
+    keep_f32 = keep_f32 and g.data_ptr() != u.data_ptr()
     grid = (triton.cdiv(k, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
     _logit_grad_kernel[grid](
         u, g, bias if bias is not None else u, y, lse, ent, gl, ge if ge is not None else gl,
         k, vocab, u.stride(0), g.stride(0), params.scale, params.softcap or 1.0,
         HAS_BIAS=bias is not None, HAS_CAP=params.softcap is not None, HAS_GE=ge is not None,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **_launch(cfg))
+        KEEP_F32=keep_f32, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **_launch(cfg))
     if k < g.shape[0]:
         g[k:].zero_()
     return g
@@ -287,11 +296,12 @@ def compile_cases(arch: str) -> list[CompileCase]:
         cases.append(CompileCase(f"row_stats-{tag}", _row_stats_kernel, st_sig, st_const,
                                  scfg["num_warps"], scfg["num_stages"], uses_dot=False,
                                  divisible_ints=("vocab", "stride_u")))
-        gr_const = {**flags, "HAS_GE": full, "BLOCK_N": gcfg["BLOCK_N"],
-                    "BLOCK_V": gcfg["BLOCK_V"]}
         # the gradient's output: in place (float32), or the 16-bit copy the GEMMs read (bf16 for
-        # the loss and the primitive, fp16 for the primitive)
+        # the loss and the primitive, fp16 for the primitive), then with its float32 twin kept
+        # over U for a bias gradient (every flag on)
         for out in ("fp32", t) if dtype != torch.float32 else ("fp32",):
+            gr_const = {**flags, "HAS_GE": full, "KEEP_F32": full and out != "fp32",
+                        "BLOCK_N": gcfg["BLOCK_N"], "BLOCK_V": gcfg["BLOCK_V"]}
             gr_sig = {"U": "*fp32", "G": f"*{out}", "B": f"*{t}", "Y": "*i64", "LSE": "*fp32",
                       "ENT": "*fp32", "GL": "*fp32", "GE": "*fp32", "n_rows": "i32",
                       "vocab": "i32", "stride_u": "i64", "stride_g": "i64", "scale": "fp32",

@@ -23,13 +23,15 @@ Steps 1, 2 and 4 are the shared epilogues of :mod:`.logit_epilogues`.
    p = e^{z - lse}, mu = lse - H, written in place over U (float32; float16 heads too, whose
    gradient GEMMs run in float32 so small gradients are not flushed before the loss scale
    arrives), or into a bfloat16 copy for bfloat16 heads (the operand cuBLAS reads; what a bf16
-   backward rounds anyway).
+   backward rounds anyway). With a bias gradient the float32 G is also kept over U.
 5. ``dh = G W`` (``mm_f32``), ``dW += G^T h`` (``addmm_f32_`` into a float32 accumulator),
-   ``db += sum_rows G``.
+   ``db += sum_rows G`` (of the float32 G: a sum of the rounded copy would carry 2^-9 relative
+   error per row, which cancelling rows do not average away).
 
 Costs per row chunk (R rows, V, D): GEMMs 2RVD + 2RVD + 2RVD = 6RVD FLOPs (the composed path
 recomputes the logits: 8RVD); the kernels read the [R, V] workspace twice and write it once
-(12 RV bytes, 14 RV with the bf16 copy), and touch O(R) row vectors. Extra memory: the [R, V]
+(12 RV bytes, 14 RV with the bf16 copy, 18 RV with the bf16 copy and a bias gradient, whose
+column sums read the float32 G once more), and touch O(R) row vectors. Extra memory: the [R, V]
 float32 workspace (+ its [R, V] bf16 copy for bf16 heads), [R, D] staging buffers, a float32
 [V, D] accumulator for d weight (+ a float32 copy of a float16 head).
 
@@ -120,9 +122,10 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
         gl = gl.to(f32).contiguous()
         ge = None if ge is None else ge.to(f32).contiguous()
-        g = logit_grad_(u, g16 if sixteen else u, bias, y, lse, ent, gl, ge, params, gcfg)
-        if need_b:
-            db.add_(g.sum(dim=0, dtype=f32))
+        g = logit_grad_(u, g16 if sixteen else u, bias, y, lse, ent, gl, ge, params, gcfg,
+                        keep_f32=need_b)
+        if need_b:  # from the float32 gradient (kept over u), not its rounded 16-bit copy
+            db.add_(u[:k].sum(dim=0))
         if need_h:
             dh[r0:r1] = mm_f32(g, w_grad, out=dh_out)[:k]
         if need_w:

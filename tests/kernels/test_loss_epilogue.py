@@ -268,6 +268,23 @@ def test_pass_computes_only_what_is_needed():
         assert torch.equal(part[0], full[0]) and torch.equal(part[1], full[1])
 
 
+def test_pass_bias_gradient_sums_the_float32_gradient():
+    """A bf16 head's gradient GEMMs read the kernel's bf16 copy of G, but d bias sums the float32
+    G (kept over the workspace): it equals the torch pass's (float32 G, the same float32 logits)
+    to float32 rounding, where a sum of the rounded copy is off by ~2^-9 per term (~1e-3 of the
+    largest entry here, with rows that cancel)."""
+    h, w, b, y, gl, _ = _pass_inputs(n=40, seed=9)
+    h, w, b = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    gl = gl.float()
+    grads = lambda r0, r1, lp, ent: (gl[r0:r1], None)  # noqa: E731
+    needs = (False, False, True)
+    want = torch_forward_with_grad(h, w, b, y, LogitParams(), grads, needs)[4]
+    got = _epilogue().forward_with_grad(h, w, b, y, LogitParams(), grads, needs,
+                                        budget=16 * (291 * 6 + 24 * 6))[4]
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), err
+
+
 def test_pass_on_no_rows():
     h, w, b, y, _, _ = _pass_inputs()
     h, y = h[:0], y[:0]

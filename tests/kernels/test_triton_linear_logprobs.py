@@ -131,6 +131,31 @@ def test_no_float32_head_sized_accumulator(monkeypatch, dtype):
     assert biggest <= max(rows * cols, -(-h.shape[0] // rows) * rows * D, cols * D), biggest
 
 
+def test_bias_gradient_sums_the_float32_gradient(monkeypatch):
+    """bf16 head and bias: d bias is the column sum of the float32 logit gradient (kept over the
+    workspace by the gradient kernel), not of the bf16 copy the GEMMs read. With upstream
+    gradients that cancel across rows, a sum of rounded terms would be off by far more than the
+    final bf16 rounding of d bias; the float32 sum stays within it."""
+    L, _ = _mods()
+    _small_budget(monkeypatch, torch.bfloat16)
+    h, w, b, y = _problem(torch.bfloat16, n=140, seed=4)
+    y = y.clamp_min(0)
+    params = LogitParams.of(1.0, 1.0, None)
+    gl = torch.ones(h.shape[0], device=h.device)
+    gl[1::2] = -1.0  # pairs of rows whose gradients nearly cancel in the column sums
+    logp, ent, lse = L.forward(h, w, b, y, params)
+    _, _, db = L.backward(h, w, b, y, lse, ent, gl, None, params, (False, False, True))
+    # float64 reference from the same operands and the same float32 lse
+    z = h.double() @ w.double().T + b.double()
+    p = torch.exp(z - lse.double()[:, None])
+    g = -gl.double()[:, None] * p
+    g[torch.arange(h.shape[0]), y] += gl.double()
+    want = g.sum(0)
+    err = (db.double() - want).abs()
+    assert db.dtype == torch.bfloat16
+    assert bool((err <= 2.0 ** -8 * want.abs() + 1e-6 * want.abs().max()).all()), err.max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_d_hidden_rows_are_batch_invariant(monkeypatch, dtype):
     """A row's logp, entropy and d hidden are bitwise the same alone, in a slice, or permuted,
