@@ -408,7 +408,8 @@ def test_triton_logit_epilogues_index_arithmetic_beyond_2_31(kernel):
     """The two epilogues every LM-head op of the triton backend runs over a float32 chunk of raw
     logits (SPEC §1 forward and backward, the in-forward loss): a chunk of R = 2^16 + 3 rows by
     V = 2^15 + 17 columns (R*V > 2^31 elements, float32: byte offsets past 2^33), the gradient
-    written into a bf16 copy. The last program of each grid, every flag on."""
+    written into a bf16 copy and kept over U in float32 (a bias gradient's sums). The last
+    program of each grid, every flag on."""
     import triton
 
     from gccpo_kernels.triton import logit_epilogues as E
@@ -433,7 +434,8 @@ def test_triton_logit_epilogues_index_arithmetic_beyond_2_31(kernel):
                             "GE": Virtual(r, f32, fill=1.0)}).run(
             E._logit_grad_kernel, grid, [(grid[0] - 1, grid[1] - 1)],
             dict(n_rows=r, vocab=v, stride_u=v, stride_g=v, scale=1.0, softcap=30.0),
-            dict(**flags, HAS_GE=True, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"]))
+            dict(**flags, HAS_GE=True, KEEP_F32=True, BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_V=cfg["BLOCK_V"]))
     probe.assert_reaches_every_end()
 
 
