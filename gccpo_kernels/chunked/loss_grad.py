@@ -152,43 +152,45 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: Lo
 
 
 def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor | None, cols: int,
-               keep_exp: bool = False,
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+               keep_exp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, entropy, maxima): lse and entropy [rows, 1] of the softmax over the rows of ``z``
-    [rows, V], in one read of z, a column block at a time (online max, sum of e^{z-m} and of
-    e^{z-m} (z - m)); ``maxima`` holds each block's running max m_j [rows, 1]. ``keep_exp``:
-    write e^{z - m_j} over each block of z (then p = z exp(m_j - lse), see _grad_from_exp_;
-    ``tmp2`` is then not read)."""
+    [rows, V], in one read of z, a column block at a time. Each block j keeps its own max m_j
+    and the sums s_j = sum e^{z-m_j}, t_j = sum e^{z-m_j} (z - m_j) (six ops on the block, all
+    writing into preallocated [blocks, rows] rows); the blocks are combined once at the end
+    (m = max_j m_j, s = sum_j e^{m_j-m} s_j, t = sum_j e^{m_j-m} (t_j + s_j (m_j - m))), where
+    an online running max would cost nine more small ops per block. ``maxima`` [blocks, rows]
+    holds the m_j. ``keep_exp``: write e^{z - m_j} over each block of z (then p = z exp(m_j -
+    lse), see _grad_from_exp_; ``tmp2`` is then not read)."""
     rows, vocab = z.shape
-    m = torch.full((rows, 1), torch.finfo(z.dtype).min, dtype=z.dtype, device=z.device)
-    s = torch.zeros_like(m)
-    t = torch.zeros_like(m)
-    maxima = []
-    for c0 in range(0, vocab, cols):
+    blocks = -(-vocab // cols)
+    maxima, sums, tsums = torch.empty(3, blocks, rows, dtype=z.dtype, device=z.device).unbind(0)
+    for j, c0 in enumerate(range(0, vocab, cols)):
         zb = z[:, c0:c0 + cols]
         k = zb.shape[1]
-        m_new = torch.maximum(m, zb.amax(dim=1, keepdim=True))
-        zc = torch.sub(zb, m_new, out=tmp[:rows, :k])            # <= 0: no overflow
+        m_j = torch.amax(zb, dim=1, out=maxima[j])[:, None]
+        zc = torch.sub(zb, m_j, out=tmp[:rows, :k])              # <= 0: no overflow
         e = torch.exp(zc, out=zb if keep_exp else tmp2[:rows, :k])
-        alpha = torch.exp(m - m_new)
-        s_blk = e.sum(dim=1, keepdim=True)
-        t = alpha * (t + s * (m - m_new)) + zc.mul_(e).sum(dim=1, keepdim=True)  # zc is spent
-        s = alpha * s + s_blk
-        m = m_new
-        maxima.append(m_new)
+        torch.sum(e, dim=1, out=sums[j])
+        torch.sum(zc.mul_(e), dim=1, out=tsums[j])               # zc is spent
+    m = maxima.amax(dim=0)
+    shift = maxima - m                                           # <= 0
+    alpha = torch.exp(shift)
+    s = (sums * alpha).sum(dim=0)
+    t = ((tsums + sums * shift) * alpha).sum(dim=0)
     log_s = torch.log(s)
     ent = (log_s - t / s).clamp_(min=0.0, max=math.log(vocab))
-    return m + log_s, ent, maxima
+    return (m + log_s)[:, None], ent[:, None], maxima
 
 
-def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: list[torch.Tensor],
+def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
                     g_onehot: torch.Tensor, gl: torch.Tensor, y: torch.Tensor, scale: float,
                     cols: int) -> torch.Tensor:
     """The logit gradient of a log-prob-only loss, written over ``e`` [rows, V] (returned), whose
-    column block j holds e^{z - m_j} (``_row_stats(keep_exp=True)``): p = e exp(m_j - lse) <= 1,
-    so g = s/tau g_logp (onehot - p) is one multiply per logit; ``g_onehot`` [rows] is g_logp
-    where the target is in [0, V), else 0."""
-    neg = gl.to(e.dtype)[:, None] * -scale
+    column block j holds e^{z - m_j} (``_row_stats(keep_exp=True)``, ``maxima`` [blocks, rows]):
+    p = e exp(m_j - lse) <= 1, so g = s/tau g_logp (onehot - p) is one multiply per logit, by a
+    factor per (block, row) formed for all blocks at once; ``g_onehot`` [rows] is g_logp where
+    the target is in [0, V), else 0."""
+    factor = torch.exp(maxima - lse[:, 0]).mul_(gl.to(e.dtype) * -scale)  # [blocks, rows]
     for j, c0 in enumerate(range(0, e.shape[1], cols)):
-        e[:, c0:c0 + cols].mul_(neg * torch.exp(maxima[j] - lse))
+        e[:, c0:c0 + cols].mul_(factor[j][:, None])
     return e.scatter_add_(1, y, g_onehot.to(e.dtype)[:, None] * scale)

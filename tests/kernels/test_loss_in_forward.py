@@ -246,16 +246,18 @@ def test_kernel_chunks_equal_one_chunk():
 
 @pytest.mark.parametrize("softcap,cfg", [(30.0, CONFIGS[3]), (None, CONFIGS[3]),
                                          (None, CONFIGS[-2])], ids=["cap", "logp-only", "entropy"])
-def test_many_vocabulary_blocks_float64(softcap, cfg, monkeypatch):
+@pytest.mark.parametrize("direction", [1.0, -1.0], ids=["rising", "falling"])
+def test_many_vocabulary_blocks_float64(softcap, cfg, direction, monkeypatch):
     """V above the GEMM block (4096) and a workspace small enough for several row chunks and
     column blocks: still equal to the composed path to 1e-12 (without a cap and an entropy term,
-    the gradient from the statistics pass's exponentials, each block at its own running max)."""
+    the gradient from the statistics pass's exponentials, each block at its own max, the blocks
+    combined at the end), with block maxima rising or falling by e^24 across the vocabulary."""
     from gccpo_kernels.chunked import loss_grad
 
     monkeypatch.setenv("GCCPO_WORKSPACE_MB", "0.5")
     monkeypatch.setattr(loss_grad, "BLOCK_BYTES", 4096)  # 256-column blocks: 36 per row chunk
     x = _inputs(b=4, t=9, d=8, v=9000)
-    x["b"].data += torch.linspace(-12, 12, 9000, dtype=F64)  # each block's running max higher
+    x["b"].data += torch.linspace(-12, 12, 9000, dtype=F64) * direction  # block maxima apart
     from_exp = []
     real = loss_grad._grad_from_exp_
     monkeypatch.setattr(loss_grad, "_grad_from_exp_", lambda *a: from_exp.append(1) or real(*a))
