@@ -90,6 +90,17 @@ def test_equals_the_composed_path_float64(cfg, softcap, monkeypatch):
         torch.testing.assert_close(a[6][k], c[6][k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+@pytest.mark.parametrize("scale", [1.0, -1.0, 0.0])
+def test_upstream_gradient_of_one_and_others(scale, monkeypatch):
+    """loss.backward() (an upstream gradient of exactly 1, whose scaling pass is skipped on the
+    CPU), -1 and 0: the composed path's gradients to 1e-12."""
+    x = _inputs()
+    a = _run(x, CONFIGS[3], in_forward=True, monkeypatch=monkeypatch, scale=scale)
+    c = _run(x, CONFIGS[3], in_forward=False, monkeypatch=monkeypatch, scale=scale)
+    for got, want in zip(a[1:4], c[1:4]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_matches_materialized_float64_logits(monkeypatch):
     """Against the textbook loss on full float64 logits, through policy_loss's autograd."""
     cfg = dataclasses.replace(CONFIGS[3], entropy_coef=0.01)
