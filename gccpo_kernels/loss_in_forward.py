@@ -109,8 +109,10 @@ class _InForwardLoss(torch.autograd.Function):
                 "call fused_linear_policy_loss again")
         grads, ctx.grads = ctx.grads, None  # handed out once: ours alone, scaled in place
         # an upstream gradient of exactly 1 (loss.backward()) leaves them as they are (x * 1 == x
-        # bitwise): read on the CPU only, where it costs no device sync; saves a pass over V x D
-        unit = grad.device.type == "cpu" and bool(grad == 1)
+        # bitwise): read on the CPU only, where it costs no device sync, and not while a compiler
+        # traces the backward (a value-dependent branch); saves a pass over V x D
+        unit = (grad.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool(grad == 1))
         out = [None if g is None else (g if unit else g.mul_(grad.to(g.dtype))).to(dt)
                for g, dt in zip(grads, ctx.dtypes)]
         del grads

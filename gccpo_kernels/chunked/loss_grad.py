@@ -11,8 +11,8 @@ the logits, 2NVD for d hidden, 2NVD for d weight, 6NVD in all, where the compose
 Work is tiled [rows, V]: a row chunk holds its whole vocabulary (the row's log-sum-exp must be final
 before its gradient exists) in ONE [rows, V] buffer of the compute dtype, as many rows as the
 workspace budget allows (``gccpo_kernels._workspace``). The elementwise work goes a cache-sized
-column block at a time (two small [rows, cols] scratch blocks): the row statistics in one online
-pass, then the logit gradient written over the logits (a read and a write). For a loss that does not
+column block at a time (two small [rows, cols] scratch blocks): the row statistics in one pass
+(each block's own max and sums, combined once at the end), then the logit gradient written over the logits (a read and a write). For a loss that does not
 read the entropy (and no soft cap) the statistics pass also writes e^{z - m_block} over the logits
 and the gradient is one multiply per logit (one scratch block). d weight accumulates in float32
 (float64 for float64 inputs) with one read-modify-write per row chunk.

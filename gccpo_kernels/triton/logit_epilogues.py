@@ -280,7 +280,8 @@ def raw_logits(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tenso
 def compile_cases(arch: str) -> list[CompileCase]:
     """Both kernels at the pinned configuration of ``arch``: bias-free / uncapped / no entropy
     term, and every flag on with a bf16, fp16 and fp32 bias; the gradient kernel with a float32
-    output and, for 16-bit heads, with the 16-bit copy as its output."""
+    output and, for 16-bit heads, with the 16-bit copy as its output (with every flag on, also
+    keeping the float32 gradient over U: ``KEEP_F32``, what a bias gradient needs)."""
     cases = []
     scfg, gcfg = CONFIGS[arch]["stats"], CONFIGS[arch]["grad"]
     for dtype, full in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True),

@@ -29,9 +29,10 @@ Steps 1, 2 and 4 are the shared epilogues of :mod:`.logit_epilogues`.
    error per row, which cancelling rows do not average away).
 
 Costs per row chunk (R rows, V, D): GEMMs 2RVD + 2RVD + 2RVD = 6RVD FLOPs (the composed path
-recomputes the logits: 8RVD); the kernels read the [R, V] workspace twice and write it once
-(12 RV bytes, 14 RV with the bf16 copy, 18 RV with the bf16 copy and a bias gradient, whose
-column sums read the float32 G once more), and touch O(R) row vectors. Extra memory: the [R, V]
+recomputes the logits: 8RVD); the kernels read the [R, V] workspace twice and write the gradient
+once: 12 RV bytes in place (float32), 10 RV into the bf16 copy, 14 RV with the copy and a bias
+gradient (the float32 G also kept over U; its column sums then read 4 RV more); plus O(R) row
+vectors. Extra memory: the [R, V]
 float32 workspace (+ its [R, V] bf16 copy for bf16 heads), [R, D] staging buffers, a float32
 [V, D] accumulator for d weight (+ a float32 copy of a float16 head).
 

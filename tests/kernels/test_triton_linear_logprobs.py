@@ -134,15 +134,16 @@ def test_no_float32_head_sized_accumulator(monkeypatch, dtype):
 def test_bias_gradient_sums_the_float32_gradient(monkeypatch):
     """bf16 head and bias: d bias is the column sum of the float32 logit gradient (kept over the
     workspace by the gradient kernel), not of the bf16 copy the GEMMs read. With upstream
-    gradients that cancel across rows, a sum of rounded terms would be off by far more than the
-    final bf16 rounding of d bias; the float32 sum stays within it."""
+    gradients of alternating sign, some columns' sums are small against their terms, and a sum of
+    rounded terms is off there by more than the final bf16 rounding of d bias (checked: the old
+    sum fails this test); the float32 sum stays within it."""
     L, _ = _mods()
     _small_budget(monkeypatch, torch.bfloat16)
     h, w, b, y = _problem(torch.bfloat16, n=140, seed=4)
     y = y.clamp_min(0)
     params = LogitParams.of(1.0, 1.0, None)
     gl = torch.ones(h.shape[0], device=h.device)
-    gl[1::2] = -1.0  # pairs of rows whose gradients nearly cancel in the column sums
+    gl[1::2] = -1.0  # alternating signs: the column sums cancel in part
     logp, ent, lse = L.forward(h, w, b, y, params)
     _, _, db = L.backward(h, w, b, y, lse, ent, gl, None, params, (False, False, True))
     # float64 reference from the same operands and the same float32 lse
