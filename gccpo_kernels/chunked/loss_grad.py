@@ -12,10 +12,11 @@ Work is tiled [rows, V]: a row chunk holds its whole vocabulary (the row's log-s
 before its gradient exists) in ONE [rows, V] buffer of the compute dtype, as many rows as the
 workspace budget allows (``gccpo_kernels._workspace``). The elementwise work goes a cache-sized
 column block at a time (two small [rows, cols] scratch blocks): the row statistics in one pass
-(each block's own max and sums, combined once at the end), then the logit gradient written over the logits (a read and a write). For a loss that does not
-read the entropy (and no soft cap) the statistics pass also writes e^{z - m_block} over the logits
-and the gradient is one multiply per logit (one scratch block). d weight accumulates in float32
-(float64 for float64 inputs) with one read-modify-write per row chunk.
+(each block's own max and sums, combined once at the end), then the logit gradient written over
+the logits (a read and a write). For a loss that does not read the entropy (and no soft cap) the
+statistics pass also writes e^{z - m_block} over the logits and the gradient is one multiply per
+logit (one scratch block). d weight accumulates in float32 (float64 for float64 inputs) with one
+read-modify-write per row chunk (one GEMM over the whole vocabulary).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return logp, entropy, dh, dw, db
 
 
-V_BLOCK = 4096  # vocabulary columns per logits GEMM (and per d weight GEMM of a 16-bit G on the CPU)
+V_BLOCK = 4096  # vocabulary columns per logits GEMM (and per d weight GEMM of a CPU 16-bit G)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, params: LogitParams,

@@ -17,9 +17,9 @@ into its gradient). d bias sums the float32 G (kept over U beside the 16-bit cop
 gradient is needed), never the rounded copy. With several row chunks, a chunk's rows are staged
 again for every slice (one [R, D] copy per three [R, Vc, D] GEMMs: under 0.5 % of the time at
 Vc = 26112); a single chunk is staged once. So nothing of size V x D exists in float32 besides
-the gradient itself, where the previous design held a V x D float32 accumulator for the whole call (2.4 GiB of a 2.9 GiB peak
-at V D = 622M). 6 N_pad V D FLOPs (recompute, d hidden, d weight): forward + backward 8NVD, the
-floor for a method that does not store logits.
+the gradient itself, where the previous design held a V x D float32 accumulator for the whole
+call (2.4 GiB of a 2.9 GiB peak at V D = 622M). 6 N_pad V D FLOPs (recompute, d hidden,
+d weight): forward + backward 8NVD, the floor for a method that does not store logits.
 
 Deterministic and batch-invariant: every GEMM runs at a fixed shape ([R, D] staging, [R, V] or
 [R, Vc] workspace), slices and chunks in a fixed order, no atomics; a row's logp, entropy and

@@ -32,9 +32,9 @@ Costs per row chunk (R rows, V, D): GEMMs 2RVD + 2RVD + 2RVD = 6RVD FLOPs (the c
 recomputes the logits: 8RVD); the kernels read the [R, V] workspace twice and write the gradient
 once: 12 RV bytes in place (float32), 10 RV into the bf16 copy, 14 RV with the copy and a bias
 gradient (the float32 G also kept over U; its column sums then read 4 RV more); plus O(R) row
-vectors. Extra memory: the [R, V]
-float32 workspace (+ its [R, V] bf16 copy for bf16 heads), [R, D] staging buffers, a float32
-[V, D] accumulator for d weight (+ a float32 copy of a float16 head).
+vectors. Extra memory: the [R, V] float32 workspace (+ its [R, V] bf16 copy for bf16 heads),
+[R, D] staging buffers, a float32 [V, D] accumulator for d weight (+ a float32 copy of a float16
+head).
 
 Deterministic and batch-invariant: every GEMM runs at the same shape on the same buffers
 ([R, D] staging in, [R, V] workspace, [R, D] staging out; the last chunk's missing rows are
