@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .. import _native
 from .._gemm import addmm_f32_, mm_f32
 from .._logits import LogitParams
 from .._validation import out_dtype_for
@@ -101,7 +102,14 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cols = vocab if device.type == "cuda" else min(vocab, max(256, BLOCK_BYTES // (rows * elem)))
     zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
     gbuf = torch.empty(rows, vocab, dtype=w.dtype, device=device) if sixteen else None
-    tmp = torch.empty(rows, cols, dtype=cd, device=device)    # cache-sized column blocks
+    # the compiled row statistics (float32 on the CPU, csrc/row_stats.c): one call per chunk
+    # with a whole-row max, in place of the torch passes per column block
+    native = _native.usable_for(zbuf)
+    # ... and then, for a log-prob-only loss, G = diag(f) E + onehot terms with E = e^{z - m}
+    # left unscaled in the buffer: f goes onto the [rows, D] side of the GEMMs and the one-hot
+    # terms are rank-1 row updates, so no pass over [rows, V] forms G (float32 operands only)
+    deferred = native and from_exp and not sixteen and w_grad.dtype == cd
+    tmp = None if native and from_exp else torch.empty(rows, cols, dtype=cd, device=device)
     tmp2 = None if from_exp else torch.empty_like(tmp)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -111,17 +119,26 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         y = y.clamp(0, vocab - 1)
         z = _logits(h, w, b, params, zbuf)
         zy = torch.where(inside, z.gather(1, y), 0.0)
-        lse, ent, maxima = _row_stats(z, tmp, tmp2, cols, keep_exp=from_exp)
+        if native:
+            lse, ent, maxima = _native.row_stats(z, write_exp=from_exp)
+        else:
+            lse, ent, maxima = _row_stats(z, tmp, tmp2, cols, keep_exp=from_exp)
         logp[r0:r1] = (zy - lse).squeeze(1)
         entropy[r0:r1] = ent.squeeze(1)
         gl, ge = token_grads(r0, r1, logp[r0:r1], entropy[r0:r1])
         onehot_w = torch.where(inside[:, 0], gl, 0.0)
         if ge is not None and not reads_entropy:
             raise RuntimeError("token_grads gave an entropy gradient with reads_entropy=False")
+        if deferred:
+            _deferred_grads_(z, lse, maxima[0], onehot_w, gl, y[:, 0], params.scale, h, w_grad,
+                             dh[r0:r1] if need_h else None, dw, db)
+            continue
         if from_exp:
-            g = _grad_from_exp_(z, lse, maxima, onehot_w, gl, y, params.scale, cols)
+            g = _grad_from_exp_(z, lse, maxima, onehot_w, gl, y, params.scale,
+                                vocab if native else cols)
         else:
-            g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2, cols)
+            g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2,
+                            vocab if native else cols)
         if need_b:
             db.add_(g.sum(dim=0))
         if sixteen:  # the GEMM operand in the head's dtype (what a bf16 backward rounds anyway)
@@ -199,3 +216,32 @@ def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
     for j, c0 in enumerate(range(0, e.shape[1], cols)):
         e[:, c0:c0 + cols].mul_(factor[j][:, None])
     return e.scatter_add_(1, y, g_onehot.to(e.dtype)[:, None] * scale)
+
+
+def _deferred_grads_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
+                     g_onehot: torch.Tensor, gl: torch.Tensor, y: torch.Tensor, scale: float,
+                     h: torch.Tensor, w: torch.Tensor, dh: torch.Tensor | None,
+                     dw: torch.Tensor | None, db: torch.Tensor | None) -> None:
+    """The gradients of a log-prob-only loss from ``e`` [rows, V] = e^{z - m} (a whole-row max
+    ``maxima`` [rows]: ``_native.row_stats(write_exp=True)``), without forming the logit
+    gradient. G = diag(f) E + C with f = -s/tau g_logp e^{m - lse} [rows] and C the one-hot
+    terms c_r = s/tau g_onehot_r at (r, y_r), so
+
+        dh = f * (E W) + c * W[y]        dW += E^T (f * h) + (c * h) scattered to rows y
+        db += E^T f + c scattered to y
+
+    the same 2NVD + 2NVD GEMM FLOPs as with G, plus O(rows D) work, and no [rows, V] pass (the
+    scaling and the one-hot scatter it replaces). ``dh`` [rows, D] is written, ``dw`` [V, D] and
+    ``db`` [V] accumulate (each None when not needed); ``y`` [rows] is clamped into [0, V) and
+    ``g_onehot`` is 0 where the target was out of range."""
+    f = torch.exp(maxima - lse[:, 0]).mul_(gl.to(e.dtype) * -scale)
+    c = g_onehot.to(e.dtype) * scale
+    if dh is not None:
+        mm_f32(e, w, out=dh)
+        dh.mul_(f[:, None]).add_(w.index_select(0, y).mul_(c[:, None]))
+    if dw is not None:
+        addmm_f32_(dw, e.T, h * f[:, None])
+        dw.index_add_(0, y, h * c[:, None])
+    if db is not None:
+        db.addmv_(e.T, f)
+        db.index_add_(0, y, c)

@@ -1,0 +1,218 @@
+"""csrc/row_stats.c through gccpo_kernels._native: the row statistics and the in-place
+exponentials against float64, the edges (tails under 16 columns, strided rows, underflow, NaN,
+thread splits), the switch; and the fused loss's CPU pass that uses them (native statistics, and
+for a log-prob-only loss the per-row scale folded into the GEMMs) against float64 autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gccpo_kernels import _native
+from gccpo_kernels._logits import LogitParams
+from gccpo_kernels.chunked import loss_grad
+from tests._strict import STRICT
+
+F64 = torch.float64
+ULP = 2.0 ** -23
+FLUSHED = math.exp(-87.3) * 1.0001  # the largest e^x the kernel writes as 0 (x < -87.3)
+
+needs_native = pytest.mark.skipif(
+    not _native.available(),
+    reason="the compiled row statistics (csrc/row_stats.c) are not built: `pip install -e .` "
+           "with a C compiler builds them")
+
+
+def test_built_under_the_test_command():
+    """tests/run.sh installs the package with a C compiler present: the library must load (else
+    every float32 CPU loss would quietly take the slower torch passes)."""
+    if not STRICT:
+        pytest.skip("tested on Linux under tests/run.sh (GCCPO_TEST_STRICT=1)")
+    assert _native.available(), "gccpo_kernels._row_stats did not build or load"
+    assert _native.isa() in _native.ISA_NAMES.values()
+
+
+def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 lse, entropy and max of each row of the float32 ``z``."""
+    zd = z.double()
+    m = zd.amax(dim=1)
+    lse = torch.logsumexp(zd, dim=1)
+    p = torch.softmax(zd, dim=1)
+    ent = -(p * torch.log_softmax(zd, dim=1)).nan_to_num(0.0).sum(dim=1)
+    return lse, ent, m
+
+
+@needs_native
+@pytest.mark.parametrize("rows,vocab,pad", [(1, 1, 0), (3, 15, 0), (5, 17, 3), (7, 1024, 0),
+                                            (9, 1041, 5), (4, 32000, 0), (2, 5000, 64)])
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_row_stats_match_float64(rows, vocab, pad, spread):
+    """lse and entropy within float32 rounding of float64 (tails under 16 columns, strided rows),
+    and the written e^{z - m} within 4 ulp of float64's exp of the same float32 difference."""
+    g = torch.Generator().manual_seed(rows * 131 + vocab)
+    base = torch.randn(rows, vocab + pad, generator=g) * spread
+    z = base[:, :vocab]
+    lse_ref, ent_ref, m_ref = _reference(z)
+    lse, ent, m = _native.row_stats(z.clone(), write_exp=False)
+    torch.testing.assert_close(m[0], m_ref.float(), rtol=0, atol=0)
+    tol = 4 * ULP * (1 + lse_ref.abs())
+    assert ((lse[:, 0].double() - lse_ref).abs() <= tol).all()
+    assert ((ent[:, 0].double() - ent_ref).abs() <= 2e-6 * (1 + ent_ref)).all()
+    assert (ent >= 0).all() and (ent <= math.log(vocab) + 1e-6).all()
+
+    padded = base.clone()
+    lse2, ent2, m2 = _native.row_stats(padded[:, :vocab], write_exp=True)
+    assert torch.equal(lse2, lse) and torch.equal(ent2, ent) and torch.equal(m2, m)
+    d = (z - m[0][:, None]).double()  # the same float32 difference the kernel forms
+    want = torch.exp(d)
+    got = padded[:, :vocab].double()
+    assert ((got - want).abs() <= 4 * ULP * want + FLUSHED).all()
+    assert torch.equal(padded[:, vocab:], base[:, vocab:])  # the padding is untouched
+
+
+@needs_native
+def test_exponential_over_its_whole_range():
+    """e^x on a dense grid of [-87.3, 0]: within 2 ulp of float64; 0 below -87.3 (no
+    subnormals); a NaN row gives NaN statistics, a -inf entry gives 0."""
+    x = torch.cat([torch.linspace(-87.3, 0.0, 200_001), torch.tensor([-1e-30, -0.3465736, -87.29,
+                                                                      -87.31, -88.0, -103.0])])
+    row = torch.cat([torch.zeros(1), x])[None].clone()  # max 0: e = exp(x) exactly as written
+    _native.row_stats(row, write_exp=True)
+    e, want = row[0, 1:].double(), torch.exp(x.double())
+    normal = x >= -87.3
+    assert ((e[normal] - want[normal]).abs() <= 2 * ULP * want[normal]).all()
+    assert (e[~normal] == 0).all()
+
+    z = torch.randn(3, 40)
+    z[1, 7] = float("nan")
+    z[2, :39] = float("-inf")
+    only = float(z[2, 39])
+    lse, ent, m = _native.row_stats(z, write_exp=True)
+    assert torch.isnan(lse[1]).all() and torch.isnan(ent[1]).all() and torch.isnan(m[0, 1])
+    assert torch.isfinite(lse[[0, 2]]).all()
+    assert lse[2, 0] == only and ent[2, 0] == 0 and (z[2, :39] == 0).all() and z[2, 39] == 1
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_each_row_is_the_same_bits_whatever_the_thread_split(threads):
+    z = torch.randn(13, 2049, generator=torch.Generator().manual_seed(5)) * 4
+    one = _native.row_stats(z.clone(), write_exp=False, threads=1)
+    many = _native.row_stats(z.clone(), write_exp=False, threads=threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    lone, lmany = z.clone(), z.clone()
+    _native.row_stats(lone, write_exp=True, threads=1)
+    _native.row_stats(lmany, write_exp=True, threads=threads)
+    assert torch.equal(lone, lmany)
+
+
+@needs_native
+def test_what_it_refuses_and_the_switch(monkeypatch):
+    assert _native.usable_for(torch.zeros(4, 8))
+    for bad in (torch.zeros(4, 8, dtype=F64), torch.zeros(8, 4).T, torch.zeros(4, 0),
+                torch.zeros(2, 3, 4), torch.zeros(4, 8, dtype=torch.bfloat16)):
+        assert not _native.usable_for(bad)
+        with pytest.raises(RuntimeError, match="float32 CPU matrix"):
+            _native.row_stats(bad)
+    lse, ent, m = _native.row_stats(torch.zeros(0, 8))
+    assert lse.shape == (0, 1) and ent.shape == (0, 1) and m.shape == (1, 0)
+    monkeypatch.setenv(_native.ENV_VAR, "0")
+    assert not _native.available() and not _native.usable_for(torch.zeros(4, 8))
+    assert _native.isa() is None
+
+
+# --- the fused loss's CPU pass with the compiled statistics ---------------------------------
+
+def _problem(n=37, d=12, v=1500, *, seed=0, bias=True, wdtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=F64)
+    w = torch.randn(v, d, generator=g, dtype=F64) * 1.5 / math.sqrt(d)
+    b = 0.5 * torch.randn(v, generator=g, dtype=F64) if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[3], y[11] = -1, v  # out-of-range ids (validate=False): no one-hot term
+    a = torch.randn(n, generator=g, dtype=F64)   # d loss / d logp
+    c = torch.randn(n, generator=g, dtype=F64)   # d loss / d entropy
+    return h, w, b, y, a, c
+
+
+def _float64_truth(h, w, b, y, a, c, params, with_entropy):
+    """Gradients of sum a_i logp_i (+ sum c_i H_i) through float64 autograd on full logits."""
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    u = (h @ w.T + (0 if b is None else b)) * params.scale
+    zz = u if params.softcap is None else params.softcap * torch.tanh(u / params.softcap)
+    logq = torch.log_softmax(zz, dim=1)
+    inside = (y >= 0) & (y < w.shape[0])
+    logp = torch.where(inside, logq.gather(1, y.clamp(0, w.shape[0] - 1)[:, None])[:, 0]
+                       + torch.logsumexp(zz, 1) - torch.logsumexp(zz, 1), -torch.logsumexp(zz, 1))
+    ent = -(logq.exp() * logq).sum(1)
+    loss = (a * logp).sum() + ((c * ent).sum() if with_entropy else 0)
+    loss.backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["logp-only", "logp-only-nobias", "entropy", "softcap",
+                                  "scaled", "float16-head", "one-row-chunks"])
+def test_loss_pass_with_native_statistics_matches_float64(case, monkeypatch):
+    """forward_with_grad at float32 on the CPU with the compiled statistics: logp, entropy and
+    every gradient within float32 rounding of float64 autograd, for each way through the pass
+    (the folded per-row scale for a log-prob-only loss; the torch gradient pass after native
+    statistics for an entropy-reading or soft-capped loss); and the native pieces are the ones
+    that ran."""
+    h, w, b, y, a, c = _problem(bias=case != "logp-only-nobias")
+    params = {"softcap": LogitParams(1.0, 1.0, 3.0), "scaled": LogitParams(0.7, 1.3, None)
+              }.get(case, LogitParams())
+    with_entropy = case == "entropy"
+    wdtype = torch.float16 if case == "float16-head" else torch.float32
+    if case == "float16-head":  # the truth of the inputs the pass actually reads
+        h, w = h.half().double(), w.half().double()
+    budget = 1500 * 4 if case == "one-row-chunks" else None
+    calls = {"stats": 0, "deferred": 0}
+    real_stats, real_deferred = _native.row_stats, loss_grad._deferred_grads_
+    monkeypatch.setattr(_native, "row_stats",
+                        lambda *x, **k: calls.__setitem__("stats", calls["stats"] + 1)
+                        or real_stats(*x, **k))
+    monkeypatch.setattr(loss_grad, "_deferred_grads_",
+                        lambda *x: calls.__setitem__("deferred", calls["deferred"] + 1)
+                        or real_deferred(*x))
+    grads = lambda r0, r1, lp, en: (a[r0:r1].float(),  # noqa: E731
+                                    c[r0:r1].float() if with_entropy else None)
+    out = loss_grad.forward_with_grad(
+        h.to(wdtype), w.to(wdtype), None if b is None else b.float(), y, params, grads,
+        (True, True, b is not None), budget=budget, reads_entropy=with_entropy)
+    want = _float64_truth(h, w, b, y, a, c, params, with_entropy)
+    for name, got, ref in zip(("logp", "entropy", "dh", "dw", "db"), out, want):
+        if ref is None:
+            assert got is None, name
+            continue
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err <= 2e-6, (name, float(err))
+    assert calls["stats"] == (37 if budget else 1)
+    assert calls["deferred"] == (calls["stats"] if case not in ("entropy", "softcap") else 0)
+
+
+@needs_native
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_folded_scale_for_each_gradient_alone(needs):
+    """The folded path gives each of d hidden, d weight, d bias alone (the others None), equal
+    to the torch passes' result to float32 rounding."""
+    h, w, b, y, a, _ = _problem(seed=4)
+    grads = lambda r0, r1, lp, en: (a[r0:r1].float(), None)  # noqa: E731
+    args = (h.float(), w.float(), b.float(), y, LogitParams(), grads, needs)
+    got = loss_grad.forward_with_grad(*args, reads_entropy=False)
+    import os
+    old = os.environ.get(_native.ENV_VAR)
+    os.environ[_native.ENV_VAR] = "0"
+    try:
+        want = loss_grad.forward_with_grad(*args, reads_entropy=False)
+    finally:
+        os.environ.pop(_native.ENV_VAR) if old is None else os.environ.__setitem__(_native.ENV_VAR, old)
+    for k, (x, ref) in enumerate(zip(got, want)):
+        if ref is None:
+            assert x is None, k
+        else:
+            assert ((x - ref).abs().max() / ref.abs().max()) <= 2e-6, k
