@@ -106,6 +106,14 @@ def explain() -> str:
         lines.append("triton: not importable")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
     lines.append(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}")
+    from . import _native
+
+    isa = _native.isa()
+    lines.append("compiled CPU row statistics (csrc/row_stats.c, the fused loss's float32 CPU "
+                 "pass): " + (f"loaded ({isa})" if isa else
+                              f"switched off ({_native.ENV_VAR}=0)" if not _native.enabled() else
+                              "not built (the torch passes run; `pip install .` with a C "
+                              "compiler builds it)"))
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
