@@ -32,9 +32,13 @@ def _library() -> ctypes.CDLL | None:
     if spec is None or not spec.origin:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+        return bind(ctypes.CDLL(spec.origin))
+    except (OSError, AttributeError):
         return None
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures on a loaded row_stats library (returned)."""
     lib.gccpo_row_stats.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -78,11 +82,17 @@ def row_stats(z: torch.Tensor, write_exp: bool = False, threads: int | None = No
     if not usable_for(z):
         raise RuntimeError("row_stats needs the compiled library and a float32 CPU matrix with "
                            "unit column stride (see gccpo_kernels._native.usable_for)")
+    return call(_library(), z, write_exp, threads)
+
+
+def call(lib: ctypes.CDLL, z: torch.Tensor, write_exp: bool, threads: int | None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``row_stats`` through a given (``bind``-declared) library, ``z`` already checked."""
     rows, vocab = z.shape
     out = torch.empty(3, rows, dtype=torch.float32)
     if rows:
         ld = z.stride(0) if rows > 1 else vocab
-        rc = _library().gccpo_row_stats(z.data_ptr(), rows, vocab, ld, int(write_exp),
+        rc = lib.gccpo_row_stats(z.data_ptr(), rows, vocab, ld, int(write_exp),
                                         out[0].data_ptr(), out[1].data_ptr(),
                                         out[2].data_ptr(),
                                         threads or torch.get_num_threads())

@@ -5,7 +5,13 @@ for a log-prob-only loss the per-row scale folded into the GEMMs) against float6
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sysconfig
 
 import pytest
 import torch
@@ -122,6 +128,30 @@ def test_what_it_refuses_and_the_switch(monkeypatch):
     monkeypatch.setenv(_native.ENV_VAR, "0")
     assert not _native.available() and not _native.usable_for(torch.zeros(4, 8))
     assert _native.isa() is None
+
+
+@needs_native
+def test_the_build_without_openmp_gives_the_same_bits(tmp_path):
+    """setup.py falls back to POSIX threads where the compiler has no OpenMP: that build (made
+    here with the compiler that built the extension) gives every row the same bits."""
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    src = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "row_stats.c"
+    out = tmp_path / "row_stats_pthreads.so"
+    subprocess.run([*cc, "-O3", "-Wno-psabi", "-shared", "-fPIC", "-pthread",
+                    f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(out), "-lm"],
+                   check=True, capture_output=True)
+    lib = _native.bind(ctypes.CDLL(str(out)))
+    assert not any("gomp" in line for line in
+                   subprocess.run(["ldd", str(out)], capture_output=True, text=True).stdout
+                   .splitlines())
+    z = torch.randn(11, 3001, generator=torch.Generator().manual_seed(2)) * 6
+    for write in (False, True):
+        a, b = z.clone(), z.clone()
+        want = _native.row_stats(a, write_exp=write, threads=3)
+        got = _native.call(lib, b, write, 3)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+        assert torch.equal(a, b)
 
 
 # --- the fused loss's CPU pass with the compiled statistics ---------------------------------
