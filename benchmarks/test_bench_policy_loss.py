@@ -15,8 +15,8 @@ would favour us: we skip their matmuls, the others do not).
 
 Targets: ours <= 0.8x naive time and <= 0.6x Liger's (issue 18), <= 12% of naive's peak-memory
 growth, faster than the composed path.
-Timings on a shared machine are noisy: the ratios come from one run, interleaved (3 rounds, 7 when
-the first 3 miss a target: see test_bench_policy_loss).
+Timings on a shared machine are noisy: the ratios come from one run, the medians of 5 interleaved
+rounds.
 """
 
 from __future__ import annotations
@@ -158,31 +158,17 @@ def test_bench_policy_loss(benchmark):
     mem = _measure_memory()
     fused, naive, composed = make_fused(), make_naive(), make_composed()
     liger = make_liger() if HAS_LIGER else None
-    repeats = int(os.environ.get("GCCPO_BENCH_REPEATS", "3"))
+    # 5 interleaved rounds (3 before issue 18's 0.6x was asserted): the ratios sit ~4 % inside
+    # their targets, about the spread of a 3-round median on this shared 2-core machine
+    rounds = int(os.environ.get("GCCPO_BENCH_REPEATS", "5"))
     # interleave the contenders so a noisy neighbour slows all of them alike
     runs = {"fused": fused, "naive": naive, "composed": composed, "liger": liger}
     times: dict[str, list[float]] = {k: [] for k in runs}
-
-    def measure(rounds: int) -> dict[str, float | None]:
-        for _ in range(rounds):
-            for name, run in runs.items():
-                if run is not None:
-                    times[name].append(median_time(run, repeats=1,
-                                                   warmup=1 if not times[name] else 0))
-        return {k: sorted(v)[len(v) // 2] if v else None for k, v in times.items()}
-
-    def misses(med: dict[str, float | None]) -> bool:
-        return (med["fused"] > 0.8 * med["naive"] or med["fused"] >= med["composed"]
-                or (med["liger"] is not None and med["fused"] > 0.6 * med["liger"]))
-
-    med = measure(repeats)
-    rounds = repeats
-    if misses(med):
-        # the ratios sit ~4 % inside their targets, about the spread of one 3-round median on
-        # this shared 2-core machine: a miss gets 4 more interleaved rounds, and the median of
-        # all 7 decides (a larger sample, not a fresh draw: the first rounds still count)
-        med = measure(4)
-        rounds += 4
+    for _ in range(rounds):
+        for name, run in runs.items():
+            if run is not None:
+                times[name].append(median_time(run, repeats=1, warmup=1 if not times[name] else 0))
+    med = {k: sorted(v)[len(v) // 2] if v else None for k, v in times.items()}
     benchmark.pedantic(fused, rounds=1, iterations=1)
 
     info = {"shape": f"B*T={B * T} D={D} V={V} float32 cpu", "seconds": med, "rounds": rounds,

@@ -9,11 +9,15 @@
  *     lse[r] = m + log s,  ent[r] = clamp(log s - t / s, 0, log V),  mx[r] = m
  *   and, when write_exp != 0, z[r, v] = e^{z[r, v] - m} in place (softmax p = z e^{m - lse}).
  *   Two reads of each row (the max; then the sums while the row is in the core's cache) and, with
- *   write_exp, one write: ~3 flops + one exp per element. Rows are split over `threads` POSIX
- *   threads (the caller passes torch's intra-op thread count). Returns 0, or -1 on bad arguments.
+ *   write_exp, one write: ~3 flops + one exp per element. Rows are split over `threads` threads
+ *   (the caller passes torch's intra-op thread count): OpenMP's when built with -fopenmp (setup.py
+ *   does; then, on a torch that ships GNU OpenMP, torch's own workers: see below), else POSIX
+ *   threads started per call. A row's result is the same bits whatever the split. Returns 0, or
+ *   -1 on bad arguments. A row of all -inf gives NaN (as the torch passes do).
  *
  * int gccpo_row_stats_isa(void): the instruction set the dispatcher picked on this CPU:
  *   2 AVX-512 (F, DQ, BW, VL), 1 AVX2 + FMA, 0 generic.
+ * int gccpo_row_stats_force_isa(int isa): use a lower one (tests), -1 for the best again.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* only for the module init below: setuptools builds this as an extension */
@@ -25,6 +29,7 @@
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
 #define LANES 16
 #define SUM_BLOCK 1024 /* columns per float32 partial sum (64 terms per lane) */
 #define INLINE static inline __attribute__((always_inline))
@@ -57,20 +62,27 @@ static inline float max_nan(float a, float m) { return (a > m || a != a) ? a : m
 typedef void (*stats_fn)(float *, int64_t, int64_t, int64_t, int64_t, int, float *, float *,
                          float *);
 
-static stats_fn pick(int *isa) {
+/* the best instruction set this CPU runs: 2 AVX-512, 1 AVX2 + FMA, 0 generic */
+static int best_isa(void) {
 #ifdef HAVE_X86_VARIANTS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-        *isa = 2;
-        return stats_rows_avx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        *isa = 1;
-        return stats_rows_avx2;
-    }
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
-    *isa = 0;
+    return 0;
+}
+
+static int forced_isa = -1; /* gccpo_row_stats_force_isa: the tests run every variant */
+
+static stats_fn pick(int *isa) {
+    int best = best_isa();
+    *isa = forced_isa >= 0 && forced_isa < best ? forced_isa : best;
+#ifdef HAVE_X86_VARIANTS
+    if (*isa == 2) return stats_rows_avx512;
+    if (*isa == 1) return stats_rows_avx2;
+#endif
     return stats_rows_generic;
 }
 
@@ -78,6 +90,13 @@ int gccpo_row_stats_isa(void) {
     int isa;
     pick(&isa);
     return isa;
+}
+
+/* Use instruction set `isa` (at most the best this CPU runs) from now on, or the best with -1;
+ * returns the one in use. Process-wide: for tests, not for concurrent callers. */
+int gccpo_row_stats_force_isa(int isa) {
+    forced_isa = isa < 0 ? -1 : isa;
+    return gccpo_row_stats_isa();
 }
 
 #ifdef _OPENMP
@@ -112,9 +131,11 @@ int gccpo_row_stats(float *z, int64_t rows, int64_t V, int64_t ld, int write_exp
     int isa;
     stats_fn fn = pick(&isa);
 #ifdef _OPENMP
-    /* OpenMP: libgomp.so.1 is the runtime torch already loaded (the loader matches the SONAME),
-     * so these are torch's own worker threads, awake and spinning after the GEMM before; threads
-     * of our own would share the cores with them for the length of their spin (~20 ms here) */
+    /* OpenMP: on a torch that ships GNU OpenMP (the PyPI wheels on Linux), libgomp.so.1 is the
+     * runtime torch already loaded (the loader matches the SONAME), so these are torch's own
+     * worker threads, awake and spinning after the GEMM before; threads of our own would share
+     * the cores with them for the length of their spin (~20 ms here). Under another runtime
+     * (Intel's or LLVM's OpenMP) a second pool starts: correct, without that benefit. */
 #pragma omp parallel num_threads(threads)
     {
         int i = omp_get_thread_num(), n = omp_get_num_threads();

@@ -28,7 +28,10 @@ INLINE vf NAME(vexp_clamped)(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    return p * NAME(as_float)((__builtin_convertvector(n, vi) + 127) << 23);
+    /* in unsigned lanes, where the shift is defined for every value (a NaN lane converts to
+     * some integer; its product stays NaN) */
+    vu bits = ((vu)__builtin_convertvector(n, vi) + 127u) << 23;
+    return p * NAME(as_float)((vi)bits);
 }
 
 /* one vector of d = z - m (<= 0): e = e^d, 0 below -87.3 (float32's normal range ends there: no

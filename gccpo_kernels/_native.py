@@ -6,7 +6,7 @@ row (the max, then the sums while the row is in cache) instead of torch's six pa
 block, and with ``write_exp`` it leaves ``e^{z - max}`` over ``z``. Measured at 2048 x 32000 on
 this project's 2-core CPU: ~20 ms against ~40 ms for the torch passes (benchmarks/RESULTS.md).
 Accuracy: e^x within ~1 ulp, float32 partial sums over 1024 columns then double; lse and entropy
-within ~1e-6 of float64 at V = 32000 (tests/test_native.py).
+within ~1e-6 of float64 at V = 32000 (tests/kernels/test_native.py).
 
 The extension is optional (setup.py builds it where a C compiler exists). ``available()`` says
 whether it loaded; ``GCCPO_NATIVE=0`` turns it off (the pure-torch passes run instead, the same
@@ -44,7 +44,19 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.gccpo_row_stats.restype = ctypes.c_int
     lib.gccpo_row_stats_isa.restype = ctypes.c_int
+    lib.gccpo_row_stats_force_isa.argtypes = [ctypes.c_int]
+    lib.gccpo_row_stats_force_isa.restype = ctypes.c_int
     return lib
+
+
+def force_isa(name: str | None) -> str | None:
+    """Run instruction set ``name`` (one of ``ISA_NAMES``' values, at most the best this CPU
+    runs) from now on, or the best with None; returns the one in use. Process-wide, for tests."""
+    lib = _library()
+    if lib is None:
+        return None
+    codes = {v: k for k, v in ISA_NAMES.items()}
+    return ISA_NAMES[lib.gccpo_row_stats_force_isa(-1 if name is None else codes[name])]
 
 
 def enabled() -> bool:
@@ -64,8 +76,11 @@ def isa() -> str | None:
 
 
 def usable_for(z: torch.Tensor) -> bool:
-    """``row_stats`` applies to ``z``: available, a float32 CPU matrix with unit column stride."""
+    """``row_stats`` applies to ``z``: available, a float32 CPU matrix with unit column stride,
+    outside autograd (``write_exp`` writes through the pointer, unseen by autograd's version
+    counter)."""
     return (z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2
+            and not z.requires_grad
             and z.stride(1) == 1 and z.shape[1] > 0
             and (z.shape[0] <= 1 or z.stride(0) >= z.shape[1])
             and available())
@@ -80,7 +95,7 @@ def row_stats(z: torch.Tensor, write_exp: bool = False, threads: int | None = No
     OpenMP workers (default ``torch.get_num_threads()``); each row's result is the same bits
     whatever the split. Cost: ~3 flops and one exp per element, two reads of z."""
     if not usable_for(z):
-        raise RuntimeError("row_stats needs the compiled library and a float32 CPU matrix with "
+        raise RuntimeError("row_stats needs the compiled library and a float32 CPU matrix (no grad) with "
                            "unit column stride (see gccpo_kernels._native.usable_for)")
     return call(_library(), z, write_exp, threads)
 

@@ -102,12 +102,14 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cols = vocab if device.type == "cuda" else min(vocab, max(256, BLOCK_BYTES // (rows * elem)))
     zbuf = torch.empty(rows, vocab, dtype=cd, device=device)  # logits, then their gradient
     gbuf = torch.empty(rows, vocab, dtype=w.dtype, device=device) if sixteen else None
-    # the compiled row statistics (float32 on the CPU, csrc/row_stats.c): one call per chunk
-    # with a whole-row max, in place of the torch passes per column block
+    # the compiled row statistics (csrc/row_stats.c; the CPU's float32 buffer, so for 16- and
+    # 32-bit inputs): one call per chunk with a whole-row max, in place of the torch passes per
+    # column block
     native = _native.usable_for(zbuf)
     # ... and then, for a log-prob-only loss, G = diag(f) E + onehot terms with E = e^{z - m}
     # left unscaled in the buffer: f goes onto the [rows, D] side of the GEMMs and the one-hot
-    # terms are rank-1 row updates, so no pass over [rows, V] forms G (float32 operands only)
+    # terms are rank-1 row updates, so no pass over [rows, V] forms G (float32 / float16 heads;
+    # a bfloat16 head's GEMMs take a bfloat16 copy of G, formed by _grad_from_exp_)
     deferred = native and from_exp and not sixteen and w_grad.dtype == cd
     tmp = None if native and from_exp else torch.empty(rows, cols, dtype=cd, device=device)
     tmp2 = None if from_exp else torch.empty_like(tmp)
@@ -134,11 +136,13 @@ def forward_with_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                              dh[r0:r1] if need_h else None, dw, db)
             continue
         if from_exp:
+            # native statistics: one whole-row max, so one block of the whole vocabulary
             g = _grad_from_exp_(z, lse, maxima, onehot_w, gl, y, params.scale,
                                 vocab if native else cols)
         else:
-            g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2,
-                            vocab if native else cols)
+            # cache-sized blocks of the scratch whatever made the statistics (logit_grad_
+            # reads only lse and H, not the blocks' maxima)
+            g = logit_grad_(z, lse, ent, zy, onehot_w, gl, ge, y, params, tmp, tmp2, cols)
         if need_b:
             db.add_(g.sum(dim=0))
         if sixteen:  # the GEMM operand in the head's dtype (what a bf16 backward rounds anyway)
