@@ -30,8 +30,10 @@
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vh __attribute__((vector_size(32)));  /* half of a vf */
+typedef double vd __attribute__((vector_size(64))); /* 8 doubles */
 #define LANES 16
-#define SUM_BLOCK 1024 /* columns per float32 partial sum (64 terms per lane) */
+#define SUM_VECTORS 4 /* float32 terms per lane before they go into double lanes */
 #define INLINE static inline __attribute__((always_inline))
 
 static inline float max_nan(float a, float m) { return (a > m || a != a) ? a : m; }

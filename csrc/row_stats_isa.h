@@ -44,6 +44,59 @@ INLINE vf NAME(step)(vf d, vf *dc) {
     return NAME(vselect)(under, (vf){0}, NAME(vexp_clamped)(*dc));
 }
 
+/* acc (8 doubles, two vectors) += the 16 float lanes of v */
+INLINE void NAME(add_wide)(vd *acc, vf v) {
+    vh lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    acc[0] += __builtin_convertvector(lo, vd);
+    acc[1] += __builtin_convertvector(hi, vd);
+}
+
+INLINE double NAME(hsum)(const vd *acc) {
+    double x = 0.0;
+    for (int l = 0; l < LANES / 2; ++l) x += acc[0][l] + acc[1][l];
+    return x;
+}
+
+/* s = sum e^{row - m}, t = sum e^{row - m} (row - m) over the row's V columns, writing e^{row - m}
+ * over the row when `write` (a constant at each call: the compiler makes two loops). Each float
+ * lane sums SUM_VECTORS terms, then goes into double lanes: the sums are within a few double
+ * roundings of exact, so lse = m + log s is float32's correctly rounded value but for ties. */
+INLINE void NAME(sums)(float *row, int64_t V, float m, int write, double *s, double *t) {
+    vd s_acc[2] = {{0}, {0}}, t_acc[2] = {{0}, {0}};
+    vf sv = {0}, tv = {0};
+    int k = 0;
+    int64_t u = 0;
+    for (; u + LANES <= V; u += LANES) {
+        vf dc, e = NAME(step)(NAME(vload)(row + u) - m, &dc);
+        sv += e;
+        tv += dc * e;
+        if (write) NAME(vstore)(row + u, e);
+        if (++k == SUM_VECTORS) {
+            NAME(add_wide)(s_acc, sv);
+            NAME(add_wide)(t_acc, tv);
+            sv = tv = (vf){0};
+            k = 0;
+        }
+    }
+    if (u < V) { /* the last < 16 columns, through a padded vector */
+        float buf[LANES];
+        int n = (int)(V - u);
+        for (int l = 0; l < LANES; ++l) buf[l] = l < n ? row[u + l] - m : 0.0f;
+        vf dc, e = NAME(step)(NAME(vload)(buf), &dc);
+        for (int l = 0; l < n; ++l) {
+            sv[l] += e[l];
+            tv[l] += dc[l] * e[l];
+            if (write) row[u + l] = e[l];
+        }
+    }
+    NAME(add_wide)(s_acc, sv);
+    NAME(add_wide)(t_acc, tv);
+    *s = NAME(hsum)(s_acc);
+    *t = NAME(hsum)(t_acc);
+}
+
 /* rows r0 <= r < r1 of z (see gccpo_row_stats in row_stats.c for the contract) */
 static void NAME(stats_rows)(float *z, int64_t r0, int64_t r1, int64_t V, int64_t ld,
                              int write_exp, float *lse, float *ent, float *mx) {
@@ -60,46 +113,10 @@ static void NAME(stats_rows)(float *z, int64_t r0, int64_t r1, int64_t V, int64_
         float m = -INFINITY;
         for (; v < V; ++v) m = max_nan(row[v], m);
         for (int l = 0; l < LANES; ++l) m = max_nan(mv[l], m);
-        /* the sums (second read, from the core's cache), float32 lanes per SUM_BLOCK columns,
-         * then double */
-        double s = 0.0, t = 0.0;
-        for (int64_t c0 = 0; c0 < V; c0 += SUM_BLOCK) {
-            int64_t c1 = c0 + SUM_BLOCK < V ? c0 + SUM_BLOCK : V;
-            vf sv = {0}, tv = {0};
-            int64_t u = c0;
-            if (write_exp) {
-                for (; u + LANES <= c1; u += LANES) {
-                    vf dc, e = NAME(step)(NAME(vload)(row + u) - m, &dc);
-                    sv += e;
-                    tv += dc * e;
-                    NAME(vstore)(row + u, e);
-                }
-            } else {
-                for (; u + LANES <= c1; u += LANES) {
-                    vf dc, e = NAME(step)(NAME(vload)(row + u) - m, &dc);
-                    sv += e;
-                    tv += dc * e;
-                }
-            }
-            if (u < c1) { /* the last < 16 columns, through a padded vector */
-                float buf[LANES];
-                int k = (int)(c1 - u);
-                for (int l = 0; l < LANES; ++l) buf[l] = l < k ? row[u + l] - m : 0.0f;
-                vf dc, e = NAME(step)(NAME(vload)(buf), &dc);
-                for (int l = 0; l < k; ++l) {
-                    sv[l] += e[l];
-                    tv[l] += dc[l] * e[l];
-                    if (write_exp) row[u + l] = e[l];
-                }
-            }
-            float ss = 0.0f, ts = 0.0f;
-            for (int l = 0; l < LANES; ++l) {
-                ss += sv[l];
-                ts += tv[l];
-            }
-            s += ss;
-            t += ts;
-        }
+        /* the sums (second read, from the core's cache) */
+        double s, t;
+        if (write_exp) NAME(sums)(row, V, m, 1, &s, &t);
+        else NAME(sums)(row, V, m, 0, &s, &t);
         double log_s = log(s), h = log_s - t / s;
         h = h < 0.0 ? 0.0 : (h > hmax ? hmax : h); /* a NaN passes through */
         lse[r] = (float)(m + log_s);

