@@ -294,8 +294,12 @@ def test_compiled_training_step_matches_eager(backend, dtype):
     compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
     # on the torch backend eager forms the gradient in the forward (gccpo_kernels.loss_in_forward)
     # and the compiled graph takes the composed path: the same math, other rounding in float32
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-7)
+    # (on the CPU eager's row statistics also come from csrc/row_stats.c, whose exponentials round
+    # unlike torch's): float32 tolerances are relative to each tensor's largest entry, where
+    # both paths' errors sit (~1e-6 of it, against float64), not to entries that cancel
     for name, a, c in zip(("loss", "hidden", "weight", "bias"), eager, compiled):
+        tol = (dict(rtol=1e-12, atol=1e-14) if dtype == F64 else
+               dict(rtol=1e-5, atol=1e-6 * max(1.0, float(a.abs().max()))))
         torch.testing.assert_close(c, a, **tol, msg=name)
     # the same capture as aot_eager, recording AOTAutograd's forward and backward graphs: the
     # forward calls the primitive's op, the backward its backward op
@@ -307,7 +311,8 @@ def test_compiled_training_step_matches_eager(backend, dtype):
                              bw_compiler=lambda gm, ex: make_boxed_func(bw(gm, ex)))
     torch._dynamo.reset()
     recorded = run(torch.compile(step, fullgraph=True, backend=recording))
-    torch.testing.assert_close(recorded[0], eager[0], **tol)
+    loss_tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(recorded[0], eager[0], **loss_tol)
     assert "gccpo.linear_logprobs" in fw.targets(), sorted(fw.targets())
     assert "gccpo.linear_logprobs_backward" in bw.targets(), sorted(bw.targets())
 
