@@ -109,8 +109,8 @@ def explain() -> str:
     from . import _native
 
     isa = _native.isa()
-    lines.append("compiled CPU row statistics (csrc/row_stats.c, the fused loss's float32 CPU "
-                 "pass): " + (f"loaded ({isa})" if isa else
+    lines.append("compiled CPU row statistics (csrc/row_stats.c, the fused loss's pass on the "
+                 "CPU): " + (f"loaded ({isa})" if isa else
                               f"switched off ({_native.ENV_VAR}=0)" if not _native.enabled() else
                               "not built (the torch passes run; `pip install .` with a C "
                               "compiler builds it)"))

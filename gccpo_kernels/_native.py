@@ -95,8 +95,8 @@ def row_stats(z: torch.Tensor, write_exp: bool = False, threads: int | None = No
     OpenMP workers (default ``torch.get_num_threads()``); each row's result is the same bits
     whatever the split. Cost: ~3 flops and one exp per element, two reads of z."""
     if not usable_for(z):
-        raise RuntimeError("row_stats needs the compiled library and a float32 CPU matrix (no grad) with "
-                           "unit column stride (see gccpo_kernels._native.usable_for)")
+        raise RuntimeError("row_stats needs the compiled library and a float32 CPU matrix (no "
+                           "grad) with unit column stride (see gccpo_kernels._native.usable_for)")
     return call(_library(), z, write_exp, threads)
 
 
@@ -108,9 +108,8 @@ def call(lib: ctypes.CDLL, z: torch.Tensor, write_exp: bool, threads: int | None
     if rows:
         ld = z.stride(0) if rows > 1 else vocab
         rc = lib.gccpo_row_stats(z.data_ptr(), rows, vocab, ld, int(write_exp),
-                                        out[0].data_ptr(), out[1].data_ptr(),
-                                        out[2].data_ptr(),
-                                        threads or torch.get_num_threads())
+                                 out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
+                                 threads or torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"gccpo_row_stats failed (code {rc}) on a {tuple(z.shape)} matrix")
     return out[0][:, None], out[1][:, None], out[2][None]

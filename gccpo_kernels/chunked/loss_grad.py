@@ -208,6 +208,14 @@ def _row_stats(z: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor | None, co
     return (m + log_s)[:, None], ent[:, None], maxima
 
 
+def _exp_factor(maxima: torch.Tensor, lse: torch.Tensor, gl: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """-s/tau g_logp e^{m - lse}: what turns e^{z - m} into the softmax part of a log-prob-only
+    loss's logit gradient (g = factor e + the one-hot term); ``maxima`` [blocks, rows] or [rows],
+    ``lse`` [rows, 1], ``gl`` [rows]."""
+    return torch.exp(maxima - lse[:, 0]).mul_(gl.to(lse.dtype) * -scale)
+
+
 def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
                     g_onehot: torch.Tensor, gl: torch.Tensor, y: torch.Tensor, scale: float,
                     cols: int) -> torch.Tensor:
@@ -216,7 +224,7 @@ def _grad_from_exp_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
     p = e exp(m_j - lse) <= 1, so g = s/tau g_logp (onehot - p) is one multiply per logit, by a
     factor per (block, row) formed for all blocks at once; ``g_onehot`` [rows] is g_logp where
     the target is in [0, V), else 0."""
-    factor = torch.exp(maxima - lse[:, 0]).mul_(gl.to(e.dtype) * -scale)  # [blocks, rows]
+    factor = _exp_factor(maxima, lse, gl, scale)  # [blocks, rows]
     for j, c0 in enumerate(range(0, e.shape[1], cols)):
         e[:, c0:c0 + cols].mul_(factor[j][:, None])
     return e.scatter_add_(1, y, g_onehot.to(e.dtype)[:, None] * scale)
@@ -238,7 +246,7 @@ def _deferred_grads_(e: torch.Tensor, lse: torch.Tensor, maxima: torch.Tensor,
     scaling and the one-hot scatter it replaces). ``dh`` [rows, D] is written, ``dw`` [V, D] and
     ``db`` [V] accumulate (each None when not needed); ``y`` [rows] is clamped into [0, V) and
     ``g_onehot`` is 0 where the target was out of range."""
-    f = torch.exp(maxima - lse[:, 0]).mul_(gl.to(e.dtype) * -scale)
+    f = _exp_factor(maxima, lse, gl, scale)
     c = g_onehot.to(e.dtype) * scale
     if dh is not None:
         mm_f32(e, w, out=dh)
